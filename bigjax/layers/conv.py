@@ -1,0 +1,235 @@
+"""Partitioned 2-D convolution: the "Big-Layers" paper's Algorithms 3 (forward) and 4 (backward).
+
+Forward, one pass: for each partition (images, then row bands with halo rows) the input band is sent to
+the compute device, a jitted kernel convolves it and the output band comes back to host memory.
+Backward, one pass: each band's input, output cotangent (and output, for statistics) go to the device;
+the kernel returns the band's input gradient and weight gradient. Weight gradients accumulate on the
+device; input-gradient bands overlap by the halo, and the overlap is added (overlap-add) into the next
+band's gradient while it is still on the device, so only disjoint rows travel back to the host.
+
+Beyond the paper (the fused path used by the Big ResNet): the op may apply ``relu(x * a + b)`` to its
+input band on the device before convolving (a folded BatchNorm + ReLU of the previous layer), and may
+return the per-channel mean and biased variance of its output, accumulated in the same pass
+(see ``moments``). Every big activation then crosses the bus once per direction per pass.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from bigjax.layers import moments
+from bigjax.layers.placement import compute_device, ensure_eager, to_compute, to_host
+from bigjax.layers.plan import ConvGeometry, Footprint, Partition, plan_partitions
+
+__all__ = ["big_conv2d", "big_conv2d_stats", "conv2d"]
+
+_DIMS = ("NHWC", "HWIO", "NHWC")
+
+
+def conv2d(x, kernel, geom: ConvGeometry, pad_rows=None):
+    """Plain convolution with torch's padding; ``pad_rows`` overrides the (top, bottom) padding."""
+    rows = geom.padding[0], geom.padding[0]
+    return lax.conv_general_dilated(
+        x, kernel, window_strides=geom.stride,
+        padding=(pad_rows or rows, (geom.padding[1], geom.padding[1])),
+        rhs_dilation=geom.dilation, dimension_numbers=_DIMS)
+
+
+@dataclass(frozen=True)
+class _Spec:
+    geom: ConvGeometry
+    budget: int
+    stats: bool  # also return the output's per-channel mean and biased variance
+
+
+def _band_forward(x, kernel, bias, a, b, *, geom, pad):
+    """Output band of one input band (halo included): conv(relu(x*a+b) or x) + bias."""
+    z = x if a is None else jax.nn.relu(x * a + b)
+    y = conv2d(z, kernel, geom, pad)
+    return y if bias is None else y + bias
+
+
+@functools.partial(jax.jit, static_argnames=("geom", "pad", "stats"))
+def _forward_kernel(x, kernel, bias, a, b, *, geom, pad, stats):
+    y = _band_forward(x, kernel, bias, a, b, geom=geom, pad=pad)
+    return y, (moments.band_moments(y) if stats else None)
+
+
+@functools.partial(jax.jit, static_argnames=("geom", "pad", "emit", "take"))
+def _backward_kernel(acc, carry, x, kernel, bias, a, b, g, *, geom, pad, emit, take):
+    """Band input gradient (emit rows, carry rows) and accumulated parameter gradients."""
+    _, pull = jax.vjp(lambda *p: _band_forward(*p, geom=geom, pad=pad), x, kernel, bias, a, b)
+    dx, *dparams = pull(g)
+    dx = dx.at[:, : carry.shape[1]].add(carry)  # overlap-add of the previous band's halo
+    out = jnp.pad(dx[:, :take], ((0, 0), (0, emit - take), (0, 0), (0, 0)))
+    return jax.tree.map(jnp.add, acc, tuple(dparams)), out, dx[:, take:]
+
+
+@jax.jit
+def _stats_cotangent(g, y, mean, g_mean, g_var, count):
+    """Cotangent of y from its batch mean and biased variance: g + dmean/M + 2 dvar (y - mean)/M."""
+    return g + (g_mean + 2.0 * g_var * (y - mean)) / count
+
+
+@functools.partial(jax.jit, static_argnames=("rows",))
+def _take_band(x, n0, r0, *, rows):
+    """Rows [r0, r0 + rows) of images [n0, n0 + n) of a host array (dynamic starts: one compile)."""
+    return lax.dynamic_slice_in_dim(lax.dynamic_slice_in_dim(x, n0, rows[0], 0), r0, rows[1], 1)
+
+
+def _band(x, n0, n1, r0, r1):
+    if (n0, r0) == (0, 0) and (n1, r1) == x.shape[:2]:
+        return x
+    return _take_band(x, n0, r0, rows=(n1 - n0, r1 - r0))
+
+
+def _concat_bands(bands: list[tuple[Partition, jax.Array]]) -> jax.Array:
+    """Join output bands (rows within an image chunk, then chunks) on the host."""
+    if len(bands) == 1:
+        return bands[0][1]
+    chunks, rows = [], []
+    for i, (p, band) in enumerate(bands):
+        rows.append(band)
+        if i + 1 == len(bands) or bands[i + 1][0].n0 != p.n0:
+            chunks.append(rows[0] if len(rows) == 1 else jnp.concatenate(rows, axis=1))
+            rows = []
+    return chunks[0] if len(chunks) == 1 else jnp.concatenate(chunks, axis=0)
+
+
+def _footprint(kernel, a, stats, backward) -> Footprint:
+    """Device buffers per partition (in band / out band units), forward or backward.
+
+    Fixed: the kernel (and its gradient accumulator in the backward pass) and a few per-channel
+    vectors (bias, prologue, statistics). The prologue materialises relu(x*a+b) beside the input band.
+    """
+    kh, kw, cin, cout = kernel.shape
+    fixed = (1 + backward) * (kernel.size + 6 * (cin + cout)) * kernel.dtype.itemsize
+    pro = a is not None
+    if backward:
+        return Footprint(in_buffers=2 + pro, out_buffers=2 + stats, fixed_bytes=fixed, carry=True)
+    return Footprint(in_buffers=1 + pro, out_buffers=2, fixed_bytes=fixed)
+
+
+def _plan(spec, x, kernel, a, backward):
+    fp = _footprint(kernel, a, spec.stats, backward)
+    return plan_partitions(x.shape, kernel.shape[-1], spec.geom, fp, spec.budget,
+                           x.dtype.itemsize, "convolution")
+
+
+def _forward(spec, x, kernel, bias, a, b):
+    """Algorithm 3: stream input bands to the device, output bands back to the host."""
+    ensure_eager("big_conv2d", x, kernel, bias, a, b)
+    x = to_host(x)
+    kernel, bias, a, b = (None if v is None else to_compute(v) for v in (kernel, bias, a, b))
+    _plan(spec, x, kernel, a, backward=True)  # fail now, not after the forward, if bwd cannot fit
+    bands, parts = [], []
+    for p in _plan(spec, x, kernel, a, backward=False):
+        xb = to_compute(_band(x, p.n0, p.n1, p.i0, p.i1))
+        yb, mom = _forward_kernel(xb, kernel, bias, a, b, geom=spec.geom,
+                                  pad=(p.pad_top, p.pad_bottom), stats=spec.stats)
+        bands.append((p, to_host(yb)))
+        if spec.stats:
+            parts.append((yb.size // yb.shape[-1], *map(to_host, mom)))
+        del xb, yb
+    y = _concat_bands(bands)
+    if not spec.stats:
+        return y
+    mean, var = moments.merge_moments(parts)
+    return y, to_compute(mean.astype(y.dtype)), to_compute(var.astype(y.dtype))
+
+
+def _row_ends(plan: list[Partition], h: int) -> list[int]:
+    """End row of each band's share of the input gradient: the next band's first input row."""
+    ends = []
+    for k, p in enumerate(plan):
+        nxt = plan[k + 1] if k + 1 < len(plan) else None
+        ends.append(nxt.i0 if nxt is not None and nxt.n0 == p.n0 else h)
+    return ends
+
+
+def _backward(spec, res, cts):
+    """Algorithm 4: per band, input gradient (overlap-added) to the host, weight gradient on device."""
+    x, kernel, bias, a, b, y, mean = res
+    g = cts[0] if spec.stats else cts
+    if spec.stats:
+        count, g_mean, g_var = y.size // y.shape[-1], to_compute(cts[1]), to_compute(cts[2])
+    acc = tuple(None if v is None else jnp.zeros_like(v) for v in (kernel, bias, a, b))
+    plan = _plan(spec, x, kernel, a, backward=True)
+    bands, carry, start = [], None, 0
+    for p, end in zip(plan, _row_ends(plan, x.shape[1])):
+        if p.r0 == 0:  # a new image chunk: nothing to overlap-add yet
+            carry = jnp.zeros((p.n1 - p.n0, 0, *x.shape[2:]), x.dtype, device=compute_device())
+            start = 0
+        gb = to_compute(_band(g, p.n0, p.n1, p.r0, p.r1))
+        if spec.stats:
+            yb = to_compute(_band(y, p.n0, p.n1, p.r0, p.r1))
+            gb = _stats_cotangent(gb, yb, mean, g_mean, g_var, count)
+            del yb
+        xb = to_compute(_band(x, p.n0, p.n1, p.i0, p.i1))
+        acc, out, carry = _backward_kernel(
+            acc, carry, xb, kernel, bias, a, b, gb, geom=spec.geom,
+            pad=(p.pad_top, p.pad_bottom), emit=end - start, take=min(p.i1, end) - start)
+        bands.append((p, to_host(out)))
+        start = end
+        del xb, gb, out
+    return (_concat_bands(bands), *acc)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _conv(spec, x, kernel, bias, a, b):
+    return _forward(spec, x, kernel, bias, a, b)
+
+
+def _conv_fwd(spec, x, kernel, bias, a, b):
+    x = to_host(x)
+    out = _forward(spec, x, kernel, bias, a, b)
+    y, mean = (out[0], out[1]) if spec.stats else (out, None)
+    params = (None if v is None else to_compute(v) for v in (kernel, bias, a, b))
+    return out, (x, *params, y, mean)
+
+
+_conv.defvjp(_conv_fwd, _backward)
+
+
+def _spec(kernel, stride, padding, dilation, budget, stats) -> _Spec:
+    if budget is None or budget <= 0:
+        raise ValueError(f"max_partition_bytes must be a positive number of bytes, got {budget!r}")
+    geom = ConvGeometry.make(kernel.shape[:2], stride, padding, dilation)
+    return _Spec(geom, int(budget), stats)
+
+
+def big_conv2d(x, kernel, bias=None, *, stride=1, padding=0, dilation=1, max_partition_bytes):
+    """Memory-bounded conv2d of an NHWC activation in host memory (Big-Layers Algorithms 3–4).
+
+    Args:
+      x: (N, H, W, Cin) float array, numpy or JAX; kept in (or moved to) host memory.
+      kernel: (KH, KW, Cin, Cout) HWIO weights; bias: optional (Cout,).
+      stride, padding, dilation: ints or (rows, cols) pairs, as ``torch.nn.functional.conv2d``.
+      max_partition_bytes: bound on what one partition puts on the compute device.
+    Returns:
+      (N, OH, OW, Cout) output in host memory; differentiable with ``jax.grad`` outside ``jit``.
+    """
+    spec = _spec(kernel, stride, padding, dilation, max_partition_bytes, stats=False)
+    return _conv(spec, x, kernel, bias, None, None)
+
+
+def big_conv2d_stats(x, kernel, *, pre_scale=None, pre_shift=None, stride=1, padding=0,
+                     dilation=1, max_partition_bytes):
+    """Fused conv: ``y = conv(relu(x * pre_scale + pre_shift))`` plus y's per-channel moments.
+
+    The prologue (a folded BatchNorm + ReLU of the layer before) runs on each input band on the device,
+    and y's mean and biased variance are accumulated in the same pass, so the BatchNorm after this conv
+    needs no pass of its own. Gradients flow through the statistics exactly.
+
+    Returns:
+      (y in host memory, mean (Cout,), biased variance (Cout,)) — the statistics on the compute device.
+    """
+    if (pre_scale is None) != (pre_shift is None):
+        raise ValueError("pre_scale and pre_shift go together (a folded BatchNorm), got only one")
+    spec = _spec(kernel, stride, padding, dilation, max_partition_bytes, stats=True)
+    return _conv(spec, x, kernel, None, pre_scale, pre_shift)
