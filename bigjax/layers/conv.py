@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from bigjax.layers import moments
+from bigjax.layers.bands import join_bands, take_band
 from bigjax.layers.placement import compute_device, ensure_eager, to_compute, to_host
 from bigjax.layers.plan import ConvGeometry, Footprint, Partition, plan_partitions
 
@@ -76,31 +77,6 @@ def _stats_cotangent(g, y, mean, g_mean, g_var, count):
     return g + (g_mean + 2.0 * g_var * (y - mean)) / count
 
 
-@functools.partial(jax.jit, static_argnames=("rows",))
-def _take_band(x, n0, r0, *, rows):
-    """Rows [r0, r0 + rows) of images [n0, n0 + n) of a host array (dynamic starts: one compile)."""
-    return lax.dynamic_slice_in_dim(lax.dynamic_slice_in_dim(x, n0, rows[0], 0), r0, rows[1], 1)
-
-
-def _band(x, n0, n1, r0, r1):
-    if (n0, r0) == (0, 0) and (n1, r1) == x.shape[:2]:
-        return x
-    return _take_band(x, n0, r0, rows=(n1 - n0, r1 - r0))
-
-
-def _concat_bands(bands: list[tuple[Partition, jax.Array]]) -> jax.Array:
-    """Join output bands (rows within an image chunk, then chunks) on the host."""
-    if len(bands) == 1:
-        return bands[0][1]
-    chunks, rows = [], []
-    for i, (p, band) in enumerate(bands):
-        rows.append(band)
-        if i + 1 == len(bands) or bands[i + 1][0].n0 != p.n0:
-            chunks.append(rows[0] if len(rows) == 1 else jnp.concatenate(rows, axis=1))
-            rows = []
-    return chunks[0] if len(chunks) == 1 else jnp.concatenate(chunks, axis=0)
-
-
 def _footprint(kernel, a, stats, backward) -> Footprint:
     """Device buffers per partition (in band / out band units), forward or backward.
 
@@ -129,14 +105,14 @@ def _forward(spec, x, kernel, bias, a, b):
     _plan(spec, x, kernel, a, backward=True)  # fail now, not after the forward, if bwd cannot fit
     bands, parts = [], []
     for p in _plan(spec, x, kernel, a, backward=False):
-        xb = to_compute(_band(x, p.n0, p.n1, p.i0, p.i1))
+        xb = to_compute(take_band(x, p.n0, p.n1, p.i0, p.i1))
         yb, mom = _forward_kernel(xb, kernel, bias, a, b, geom=spec.geom,
                                   pad=(p.pad_top, p.pad_bottom), stats=spec.stats)
         bands.append((p, to_host(yb)))
         if spec.stats:
             parts.append((yb.size // yb.shape[-1], *map(to_host, mom)))
         del xb, yb
-    y = _concat_bands(bands)
+    y = join_bands(bands)
     if not spec.stats:
         return y
     mean, var = moments.merge_moments(parts)
@@ -165,19 +141,19 @@ def _backward(spec, res, cts):
         if p.r0 == 0:  # a new image chunk: nothing to overlap-add yet
             carry = jnp.zeros((p.n1 - p.n0, 0, *x.shape[2:]), x.dtype, device=compute_device())
             start = 0
-        gb = to_compute(_band(g, p.n0, p.n1, p.r0, p.r1))
+        gb = to_compute(take_band(g, p.n0, p.n1, p.r0, p.r1))
         if spec.stats:
-            yb = to_compute(_band(y, p.n0, p.n1, p.r0, p.r1))
+            yb = to_compute(take_band(y, p.n0, p.n1, p.r0, p.r1))
             gb = _stats_cotangent(gb, yb, mean, g_mean, g_var, count)
             del yb
-        xb = to_compute(_band(x, p.n0, p.n1, p.i0, p.i1))
+        xb = to_compute(take_band(x, p.n0, p.n1, p.i0, p.i1))
         acc, out, carry = _backward_kernel(
             acc, carry, xb, kernel, bias, a, b, gb, geom=spec.geom,
             pad=(p.pad_top, p.pad_bottom), emit=end - start, take=min(p.i1, end) - start)
         bands.append((p, to_host(out)))
         start = end
         del xb, gb, out
-    return (_concat_bands(bands), *acc)
+    return (join_bands(bands), *acc)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

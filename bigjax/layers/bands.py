@@ -1,0 +1,39 @@
+"""Moving partitions: cut a band out of a host array, join output bands back together on the host."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from bigjax.layers.plan import Partition
+
+__all__ = ["take_band", "join_bands"]
+
+
+@functools.partial(jax.jit, static_argnames=("size",))
+def _slice(x, n0, r0, *, size):
+    # dynamic starts: one executable per band size, not one per band position
+    return lax.dynamic_slice_in_dim(lax.dynamic_slice_in_dim(x, n0, size[0], 0), r0, size[1], 1)
+
+
+def take_band(x: jax.Array, n0: int, n1: int, r0: int, r1: int) -> jax.Array:
+    """Images [n0, n1), rows [r0, r1) of an NHWC array, sliced where ``x`` lives (the host)."""
+    if (n0, r0) == (0, 0) and (n1, r1) == x.shape[:2]:
+        return x
+    return _slice(x, n0, r0, size=(n1 - n0, r1 - r0))
+
+
+def join_bands(bands: list[tuple[Partition, jax.Array]]) -> jax.Array:
+    """Concatenate bands in plan order: rows within an image chunk, then the chunks (on the host)."""
+    if len(bands) == 1:
+        return bands[0][1]
+    chunks, rows = [], []
+    for i, (p, band) in enumerate(bands):
+        rows.append(band)
+        if i + 1 == len(bands) or bands[i + 1][0].n0 != p.n0:
+            chunks.append(rows[0] if len(rows) == 1 else jnp.concatenate(rows, axis=1))
+            rows = []
+    return chunks[0] if len(chunks) == 1 else jnp.concatenate(chunks, axis=0)

@@ -1,0 +1,109 @@
+"""Host ops between big layers: ReLU, max-pool, residual add, global average pool, folded BatchNorm.
+
+The "Big-Layers" paper runs ReLU, max-pooling and residual additions on the host. Each op here is a
+``jax.custom_vjp`` whose forward and backward are functions jitted on the host device (see
+``placement``): XLA:CPU runs them multi-threaded in host RAM, and nothing of their size touches the
+compute device. Cotangents go back to the device each input came from, so parameters on the compute
+device (the folded BatchNorm's ``a, b``) receive their gradients there.
+
+The fused ops (``affine_relu``, ``affine_add_relu``, ``affine_relu_max_pool``) apply a folded BatchNorm
+``x * a + b`` on the way: they are what the Big ResNet's fused path uses to finish a residual block in
+one host pass, the BatchNorm statistics having come from the conv that produced ``x``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from bigjax.layers.placement import ensure_eager, to_device_of, to_host
+
+__all__ = ["host_op", "relu", "add", "max_pool", "global_avg_pool", "affine_relu", "affine_add_relu",
+           "affine_relu_max_pool", "max_pool_plain"]
+
+
+def host_op(fn: Callable, name: str) -> Callable:
+    """Make the pure array function ``fn`` a custom_vjp op that runs jitted on the host device.
+
+    Args:
+      fn: a function of arrays only, differentiable by JAX (static settings bound with partial).
+      name: the op's name, for errors.
+    Returns:
+      ``op(*arrays)`` returning ``fn``'s result in host memory; its VJP runs on the host too.
+    """
+    forward = jax.jit(fn)
+    pull = jax.jit(lambda args, g: jax.vjp(fn, *args)[1](g))
+
+    def run(args):
+        ensure_eager(name, args)
+        return forward(*map(to_host, args))
+
+    @jax.custom_vjp
+    def op(*args):
+        return run(args)
+
+    def op_fwd(*args):
+        return run(args), args
+
+    def op_bwd(args, g):
+        cts = pull(tuple(map(to_host, args)), to_host(g))
+        return tuple(to_device_of(ct, arg) for ct, arg in zip(cts, args))
+
+    op.defvjp(op_fwd, op_bwd)
+    op.__name__ = op.__qualname__ = name
+    return op
+
+
+def max_pool_plain(x, window=3, stride=2, padding=1):
+    """NHWC max-pool with -inf padding, as ``torch.nn.MaxPool2d`` (usable anywhere, e.g. jitted)."""
+    pads = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1, window, window, 1), (1, stride, stride, 1), pads)
+
+
+def _affine_relu(x, a, b):
+    return jax.nn.relu(x * a + b)
+
+
+def _affine_add_relu(x, a, b, shortcut):
+    return jax.nn.relu(x * a + b + shortcut)
+
+
+def _affine2_add_relu(x, a, b, s, sa, sb):
+    return jax.nn.relu(x * a + b + (s * sa + sb))
+
+
+relu = host_op(jax.nn.relu, "relu")
+add = host_op(jnp.add, "add")
+global_avg_pool = host_op(lambda x: jnp.mean(x, axis=(1, 2)), "global_avg_pool")
+affine_relu = host_op(_affine_relu, "affine_relu")
+_affine_add_relu_op = host_op(_affine_add_relu, "affine_add_relu")
+_affine2_add_relu_op = host_op(_affine2_add_relu, "affine_add_relu")
+
+
+def affine_add_relu(x, a, b, shortcut, shortcut_a=None, shortcut_b=None):
+    """``relu(x*a + b + shortcut')``: a residual block's end, with ``shortcut' = shortcut*sa + sb``
+    when the shortcut is a (folded-BatchNorm) projection, else the shortcut itself."""
+    if shortcut_a is None:
+        return _affine_add_relu_op(x, a, b, shortcut)
+    return _affine2_add_relu_op(x, a, b, shortcut, shortcut_a, shortcut_b)
+
+
+@functools.cache
+def _max_pool_op(window, stride, padding, affine):
+    pool = functools.partial(max_pool_plain, window=window, stride=stride, padding=padding)
+    fn = (lambda x, a, b: pool(_affine_relu(x, a, b))) if affine else pool
+    return host_op(fn, "affine_relu_max_pool" if affine else "max_pool")
+
+
+def max_pool(x, *, window=3, stride=2, padding=1):
+    """Max-pool on the host (default: the ResNet stem's 3x3, stride 2, padding 1)."""
+    return _max_pool_op(window, stride, padding, False)(x)
+
+
+def affine_relu_max_pool(x, a, b, *, window=3, stride=2, padding=1):
+    """``max_pool(relu(x*a + b))`` in one host pass: the ResNet stem after its conv's statistics."""
+    return _max_pool_op(window, stride, padding, True)(x, a, b)

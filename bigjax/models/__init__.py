@@ -1,0 +1,1 @@
+"""Encoders (``resnet``) and MIL aggregators (``mil``)."""

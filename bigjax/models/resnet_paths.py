@@ -1,0 +1,105 @@
+"""Three ways to run the same ResNet layers: in memory, Big-Layers as in the paper, Big-Layers fused.
+
+A residual block is written once (``resnet.BasicBlock``/``Bottleneck``) against the small interface
+below: ``conv_bn`` (a conv and its BatchNorm), ``relu``, ``add_relu`` (the block's end) and ``stem_pool``
+(ReLU + max-pool after the stem). Each path implements it:
+
+* ``InMemory`` — plain Flax on the compute device, jittable: the tail after the big stages and the
+  in-memory twin.
+* ``Separate`` — the paper's Big-Layers: a partitioned conv, a two-pass partitioned BatchNorm, ReLU and
+  the residual add as host ops. Every op streams its activation on its own.
+* ``Fused`` — the same mathematics with fewer trips across the bus: the conv accumulates its output's
+  BatchNorm statistics in its own pass, and its BatchNorm is kept *folded* (``y, a, b`` with
+  ``BN(y) = y*a + b``) until the next op applies it — the next conv on the device, in its prologue
+  (with the ReLU), or the block's end on the host (with the residual add and ReLU) in one pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import jax
+
+from bigjax.layers import host
+from bigjax.layers.host import max_pool_plain
+
+__all__ = ["InMemory", "Separate", "Fused", "Folded"]
+
+
+class InMemory:
+    """Plain layers on the compute device (jittable)."""
+
+    @staticmethod
+    def conv_bn(x, conv, bn, train):
+        return bn.plain(conv.plain(x), train=train)
+
+    @staticmethod
+    def relu(x):
+        return jax.nn.relu(x)
+
+    @staticmethod
+    def add_relu(x, shortcut):
+        return jax.nn.relu(x + shortcut)
+
+    @staticmethod
+    def stem_pool(x):
+        return max_pool_plain(jax.nn.relu(x))
+
+
+class Separate:
+    """The paper's Big-Layers: each op streams its own activation; ReLU and add on the host."""
+
+    @staticmethod
+    def conv_bn(x, conv, bn, train):
+        return bn(conv(x), train=train)
+
+    @staticmethod
+    def relu(x):
+        return host.relu(x)
+
+    @staticmethod
+    def add_relu(x, shortcut):
+        return host.relu(host.add(x, shortcut))
+
+    @staticmethod
+    def stem_pool(x):
+        return host.max_pool(host.relu(x))
+
+
+@dataclass(frozen=True)
+class Folded:
+    """A conv output ``y`` (host) whose BatchNorm ``y*a + b`` (and ReLU) is not applied yet."""
+
+    y: jax.Array
+    a: jax.Array
+    b: jax.Array
+    relu: bool = False
+
+
+class Fused:
+    """Big-Layers with BatchNorm statistics from the conv's pass and BatchNorm applied where used."""
+
+    @staticmethod
+    def conv_bn(x, conv, bn, train):
+        if isinstance(x, Folded):
+            if not x.relu:
+                raise ValueError("a folded BatchNorm feeds a conv only through a ReLU")
+            y, mean, var = conv.with_stats(x.y, x.a, x.b)
+        else:
+            y, mean, var = conv.with_stats(x)
+        a, b = bn.folded(mean, var, y.size // y.shape[-1], train=train)
+        return Folded(y, a, b)
+
+    @staticmethod
+    def relu(x: Folded) -> Folded:
+        return replace(x, relu=True)
+
+    @staticmethod
+    def add_relu(x: Folded, shortcut):
+        if isinstance(shortcut, Folded):
+            return host.affine_add_relu(x.y, x.a, x.b, shortcut.y, shortcut.a, shortcut.b)
+        return host.affine_add_relu(x.y, x.a, x.b, shortcut)
+
+    @staticmethod
+    def stem_pool(x: Folded):
+        return host.affine_relu_max_pool(x.y, x.a, x.b)
