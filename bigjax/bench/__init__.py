@@ -1,0 +1,1 @@
+"""Benchmarks: a training step of the Big ResNet against its jitted in-memory twin (``step``)."""

@@ -1,0 +1,101 @@
+"""Time one training step (forward + backward) of a Big ResNet against the jitted in-memory twin.
+
+Both run in one process on the same input, so the ratio is meaningful on a shared, noisy machine;
+absolute seconds are not. The Big ResNet's step runs eagerly (partition loops in Python, per-partition
+kernels jitted); the twin's whole step is one ``nnx.jit`` function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bigjax.layers import conv as conv_module
+from bigjax.layers.placement import compute_device, to_compute, to_host
+from bigjax.models.resnet import BigResNet, in_memory_twin
+
+__all__ = ["StepTiming", "benchmark_step", "count_conv_partitions"]
+
+
+@dataclass
+class StepTiming:
+    """Median seconds per training step, Big-Layers vs in-memory jit, and how the work was split."""
+
+    depth: int
+    shape: tuple
+    budget: int
+    fused: bool
+    conv_partitions: int  # conv kernel calls in one forward pass, summed over layers
+    big_s: float
+    plain_s: float
+
+    @property
+    def ratio(self) -> float:
+        return self.big_s / self.plain_s
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "ratio": self.ratio, "device": str(compute_device())}
+
+
+@contextlib.contextmanager
+def count_conv_partitions():
+    """Count forward conv partitions (kernel calls) while the block runs: ``with ... as calls``."""
+    calls = [0]
+    original = conv_module._forward_kernel
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    conv_module._forward_kernel = counted
+    try:
+        yield calls
+    finally:
+        conv_module._forward_kernel = original
+
+
+def _median_seconds(step, reps: int) -> float:
+    jax.block_until_ready(step())  # compile and warm up
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(step())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def benchmark_step(depth: int, shape: tuple, budget: int, *, fused: bool = True, reps: int = 3,
+                   seed: int = 0) -> StepTiming:
+    """Median step time of ``BigResNet(depth, big_stages=4)`` and its jitted twin on one input.
+
+    Args:
+      depth: ResNet depth (18, 34, 50).
+      shape: NHWC input shape, e.g. (1, 1024, 1024, 3) or (32, 256, 256, 3).
+      budget: ``max_partition_bytes`` of the big layers.
+      fused: the fused Big-Layers path (else the paper's separate ops).
+      reps: timed steps after one warm-up step, each.
+    """
+    x = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+    big = BigResNet(depth, big_stages=4, max_partition_bytes=budget, fused=fused,
+                    rngs=nnx.Rngs(seed))
+    twin = in_memory_twin(big)
+    weights = jnp.ones((shape[0], big.embed_dim)) / big.embed_dim
+
+    def loss(model, x):
+        return jnp.sum(model(x, train=True) * weights)
+
+    big_step = nnx.value_and_grad(loss)
+    plain_step = nnx.jit(nnx.value_and_grad(loss))
+    x_host, x_device = to_host(x), to_compute(x)
+    with count_conv_partitions() as calls:
+        big(x_host, train=False)
+    big_s = _median_seconds(lambda: big_step(big, x_host), reps)
+    plain_s = _median_seconds(lambda: plain_step(twin, x_device), reps)
+    return StepTiming(depth, tuple(shape), budget, fused, calls[0], big_s, plain_s)

@@ -1,0 +1,55 @@
+"""Runtime benchmark: one training step of Big ResNet-18 vs its jitted in-memory twin.
+
+    python -m experiments.benchmark --quick        # small inputs, about a minute on 2 CPU cores
+    python -m experiments.benchmark                # the targets: 1x1024x1024 and 32x256x256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+
+from bigjax.bench.step import benchmark_step
+
+FULL = [(1, 1024, 1024, 3), (32, 256, 256, 3)]
+QUICK = [(1, 512, 512, 3), (8, 128, 128, 3)]
+
+
+@dataclass
+class Config:
+    depth: int = 18
+    shapes: tuple = tuple(FULL)
+    budget: int = 32 * 2**20
+    fused: bool = True
+    reps: int = 3
+    out: str | None = None
+
+
+def parse(argv=None) -> Config:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small inputs instead of the targets")
+    p.add_argument("--depth", type=int, default=18, choices=(18, 34, 50))
+    p.add_argument("--max_partition_bytes", type=int, default=Config.budget)
+    p.add_argument("--separate", action="store_true", help="the paper's separate ops, not fused")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--out", help="also write the results as JSON lines to this file")
+    a = p.parse_args(argv)
+    return Config(a.depth, tuple(QUICK if a.quick else FULL), a.max_partition_bytes,
+                  not a.separate, a.reps, a.out)
+
+
+def main(argv=None) -> None:
+    cfg = parse(argv)
+    print(f"{'input':>18} {'budget':>10} {'conv parts':>10} {'big s':>8} {'jit s':>8} {'ratio':>6}")
+    for shape in cfg.shapes:
+        t = benchmark_step(cfg.depth, shape, cfg.budget, fused=cfg.fused, reps=cfg.reps)
+        print(f"{'x'.join(map(str, shape)):>18} {t.budget:>10,} {t.conv_partitions:>10} "
+              f"{t.big_s:>8.2f} {t.plain_s:>8.2f} {t.ratio:>6.2f}", flush=True)
+        if cfg.out:
+            with open(cfg.out, "a") as f:
+                f.write(json.dumps(t.as_dict()) + "\n")
+
+
+if __name__ == "__main__":
+    main()

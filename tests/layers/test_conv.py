@@ -1,0 +1,123 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bigjax.layers import big_conv2d, big_conv2d_stats, compute_device, host_device
+from bigjax.layers import conv as conv_module
+from bigjax.layers.conv import conv2d
+from bigjax.layers.plan import ConvGeometry
+from tests.layers.helpers import rel_err, weighted_sum_loss
+
+# every (kernel, stride, padding) a ResNet uses, plus a dilated one
+GEOMETRIES = [(7, 2, 3, 1), (3, 1, 1, 1), (3, 2, 1, 1), (1, 1, 0, 1), (1, 2, 0, 1), (3, 1, 2, 2)]
+BUDGETS = ["one", "few", "dozens"]  # partitions: the whole batch, a few bands, dozens of bands
+
+
+def _budget(label, k):
+    """Bytes for the label; the 7x7 stride-2 kernel's smallest band needs about 30 kB."""
+    return {"one": 10**8, "few": 60_000, "dozens": 31_000 if k == 7 else 20_000}[label]
+
+
+def _data(k, seed=0, n=2, h=37, w=29, cin=5, cout=6):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, h, w, cin)).astype(np.float32)
+    kernel = (rng.normal(size=(k, k, cin, cout)) / k).astype(np.float32)
+    bias = rng.normal(size=(cout,)).astype(np.float32)
+    return rng, x, kernel, bias
+
+
+@pytest.mark.parametrize("k,s,p,d", GEOMETRIES)
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_big_conv2d_equals_plain_conv(k, s, p, d, budget):
+    budget = _budget(budget, k)
+    rng, x, kernel, bias = _data(k)
+    geom = ConvGeometry.make(k, s, p, d)
+    plain = lambda x, w, b: conv2d(x, w, geom) + b  # noqa: E731
+    big = lambda x, w, b: big_conv2d(x, w, b, stride=s, padding=p, dilation=d,  # noqa: E731
+                                     max_partition_bytes=budget)
+    y = big(x, kernel, bias)
+    y_ref = plain(x, kernel, bias)
+    assert y.devices() == {host_device()}
+    assert rel_err(y, y_ref) < 1e-6
+    weights = jnp.asarray(rng.normal(size=y_ref.shape).astype(np.float32))
+    grads = jax.grad(weighted_sum_loss(big, weights), argnums=(0, 1, 2))(x, kernel, bias)
+    ref = jax.grad(weighted_sum_loss(plain, weights), argnums=(0, 1, 2))(x, kernel, bias)
+    assert rel_err(grads, ref) < 1e-5
+    assert grads[0].devices() == {host_device()}
+    assert grads[1].devices() == {compute_device()}
+
+
+@pytest.mark.parametrize("budget", [10**8, 30_000])
+def test_fused_conv_prologue_and_statistics_equal_plain(budget):
+    rng, x, kernel, _ = _data(3, seed=1)
+    a = rng.uniform(0.5, 2.0, size=(5,)).astype(np.float32)
+    b = rng.normal(size=(5,)).astype(np.float32)
+    geom = ConvGeometry.make(3, 2, 1)
+
+    def plain(x, w, a, b):
+        y = conv2d(jax.nn.relu(x * a + b), w, geom)
+        return y, jnp.mean(y, axis=(0, 1, 2)), jnp.var(y, axis=(0, 1, 2))
+
+    def big(x, w, a, b):
+        return big_conv2d_stats(x, w, pre_scale=a, pre_shift=b, stride=2, padding=1,
+                                max_partition_bytes=budget)
+
+    assert rel_err(big(x, kernel, a, b), plain(x, kernel, a, b)) < 1e-5
+    wy = jnp.asarray(rng.normal(size=plain(x, kernel, a, b)[0].shape).astype(np.float32))
+    wm, wv = (jnp.asarray(rng.normal(size=(6,)).astype(np.float32)) for _ in range(2))
+
+    def loss(fn):  # gradients flow through the output and through its statistics
+        def f(*args):
+            y, m, v = fn(*args)
+            return jnp.sum(jax.device_put(y, compute_device()) * wy) + m @ wm + v @ wv
+        return f
+
+    grads = jax.grad(loss(big), argnums=(0, 1, 2, 3))(x, kernel, a, b)
+    ref = jax.grad(loss(plain), argnums=(0, 1, 2, 3))(x, kernel, a, b)
+    assert rel_err(grads, ref) < 1e-5
+
+
+def _device_bytes():
+    dev = compute_device()
+    return sum(a.nbytes for a in jax.live_arrays() if dev in a.devices())
+
+
+@pytest.mark.parametrize("stats", [False, True])
+def test_no_partition_puts_more_than_the_budget_on_the_device(monkeypatch, stats):
+    budget = 24_000
+    rng, x, kernel, bias = _data(3, seed=2, h=41)
+    kernel = jax.device_put(kernel, compute_device())
+    seen = []
+    for name in ("_forward_kernel", "_backward_kernel"):
+        original = getattr(conv_module, name)
+
+        def watched(*args, _original=original, **kwargs):
+            seen.append(_device_bytes())
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(conv_module, name, watched)
+    x_host = jax.device_put(x, host_device())
+    del x
+    if stats:
+        fn = lambda x, w: big_conv2d_stats(x, w, padding=1, max_partition_bytes=budget)  # noqa: E731
+    else:
+        fn = lambda x, w: big_conv2d(x, w, padding=1, max_partition_bytes=budget)  # noqa: E731
+    weights = jnp.asarray(rng.normal(size=(2, 41, 29, 6)).astype(np.float32))
+    jax.grad(weighted_sum_loss(fn, weights), argnums=(0, 1))(x_host, kernel)
+    assert len(seen) > 10  # many partitions, forward and backward
+    assert max(seen) <= budget + weights.nbytes  # the test's own loss weights live there too
+
+
+def test_big_conv2d_under_jit_is_a_clear_type_error():
+    _, x, kernel, _ = _data(3)
+    with pytest.raises(TypeError, match="outside jit"):
+        jax.jit(lambda x: big_conv2d(x, kernel, padding=1, max_partition_bytes=10**8))(x)
+
+
+def test_bad_budget_is_a_value_error():
+    _, x, kernel, _ = _data(3)
+    with pytest.raises(ValueError, match="max_partition_bytes"):
+        big_conv2d(x, kernel, max_partition_bytes=0)
+    with pytest.raises(ValueError, match="needs"):
+        big_conv2d(x, kernel, max_partition_bytes=1_000)
