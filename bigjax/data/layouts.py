@@ -1,0 +1,138 @@
+"""Data set layouts: turn a folder or CSV into the list of slides to tile (`SlideEntry`).
+
+- PANDA: `train.csv` (image_id, data_provider, isup_grade, gleason_score) + `train_images/<id>.tiff`;
+  label = ISUP grade 0-5; splits from a CSV (image_id, split) when given, else a seeded
+  label-stratified 80:10:10.
+- CAMELYON16/17: a CSV of slide paths and binary labels with a split column; without one, the
+  rows are the training set and `n_val` (50 in the paper) label-stratified slides become "val".
+- External test sets (TCGA-PRAD, CAMELYON16): `csv_layout`, every slide in split "test" unless
+  the CSV says otherwise.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+
+SPLITS = ("train", "val", "test")
+NO_LABEL = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class SlideEntry:
+    """One slide to tile: its id, file, integer label (NO_LABEL if unknown) and split."""
+
+    slide_id: str
+    path: Path
+    label: int
+    split: str
+
+
+def panda_layout(data_dir: str | os.PathLike, *, splits_csv: str | os.PathLike | None = None, seed: int = 0,
+                 fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> list[SlideEntry]:
+    """PANDA slides with ISUP grades as labels.
+
+    Args:
+      data_dir: folder with train.csv and train_images/.
+      splits_csv: CSV with columns image_id, split (train/val/test), e.g. the split of Song et al. 2024;
+        slides it does not list are left out.
+      seed: seed of the stratified split used when `splits_csv` is None.
+      fractions: train/val/test fractions of that split.
+    """
+    data_dir = Path(data_dir)
+    rows = _read_csv(data_dir / "train.csv", ("image_id", "isup_grade"))
+    ids = [r["image_id"] for r in rows]
+    labels = [int(r["isup_grade"]) for r in rows]
+    if splits_csv is not None:
+        given = {r["image_id"]: r["split"] for r in _read_csv(Path(splits_csv), ("image_id", "split"))}
+        _check_splits(splits_csv, given.values())
+        splits = [given.get(i) for i in ids]
+    else:
+        splits = stratified_split(labels, seed, fractions)
+    return [SlideEntry(i, data_dir / "train_images" / f"{i}.tiff", y, s)
+            for i, y, s in zip(ids, labels, splits) if s is not None]
+
+
+def camelyon_layout(csv_path: str | os.PathLike, *, root: str | os.PathLike | None = None, n_val: int = 50,
+                    seed: int = 0) -> list[SlideEntry]:
+    """CAMELYON16/17 slides with binary labels (1 = metastasis).
+
+    Args:
+      csv_path: CSV with columns path, label and optionally slide_id and split (e.g. the reprocessed
+        labels of Ling et al. 2025).
+      root: folder that relative paths are under (default: the CSV's folder).
+      n_val: without a split column, this many label-stratified slides go to "val", the rest to "train".
+      seed: seed of that draw.
+    """
+    entries = csv_layout(csv_path, root=root, split="train")
+    rows = _read_csv(Path(csv_path), ("path", "label"))
+    if "split" in rows[0]:
+        return entries
+    val = set(_stratified_pick([e.label for e in entries], n_val, seed))
+    return [dataclasses.replace(e, split="val" if k in val else "train") for k, e in enumerate(entries)]
+
+
+def csv_layout(csv_path: str | os.PathLike, *, root: str | os.PathLike | None = None,
+               split: str = "test") -> list[SlideEntry]:
+    """Slides listed in a CSV (columns path, and optionally slide_id, label, split): an external test set.
+
+    Args:
+      csv_path: the CSV; slide_id defaults to the file name without suffix, label to NO_LABEL.
+      root: folder that relative paths are under (default: the CSV's folder).
+      split: split of rows without a split column.
+    """
+    csv_path = Path(csv_path)
+    root = Path(root) if root is not None else csv_path.parent
+    rows = _read_csv(csv_path, ("path",))
+    _check_splits(csv_path, (r.get("split") or split for r in rows))
+    return [SlideEntry(r.get("slide_id") or Path(r["path"]).stem, root / r["path"],
+                       int(r["label"]) if r.get("label", "") != "" else NO_LABEL, r.get("split") or split)
+            for r in rows]
+
+
+def stratified_split(labels, seed: int, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> list[str]:
+    """Seeded label-stratified split: per label, val and test get round(fraction × count), train the rest."""
+    labels = np.asarray(labels)
+    splits = np.empty(len(labels), dtype=object)
+    rng = np.random.default_rng(seed)
+    shares = np.asarray(fractions, float) / np.sum(fractions)
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        n_val, n_test = (int(np.rint(share * len(members))) for share in shares[1:])
+        n_train = len(members) - n_val - n_test
+        splits[members[:n_train]] = "train"
+        splits[members[n_train:n_train + n_val]] = "val"
+        splits[members[n_train + n_val:]] = "test"
+    return list(splits)
+
+
+def _stratified_pick(labels, n: int, seed: int) -> list[int]:
+    """Indices of `n` items drawn without replacement, in proportion to each label's share."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    order = np.concatenate([rng.permutation(np.flatnonzero(labels == y)) for y in np.unique(labels)])
+    # every len/n-th item of the label-grouped permutation keeps label proportions
+    step = len(order) / min(n, len(order))
+    return [int(order[int(k * step)]) for k in range(min(n, len(order)))]
+
+
+def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"layout file {path} not found")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"layout file {path}: no rows")
+    missing = set(required) - set(rows[0])
+    if missing:
+        raise ValueError(f"layout file {path}: missing columns {sorted(missing)} (has {sorted(rows[0])})")
+    return rows
+
+
+def _check_splits(path, splits) -> None:
+    unknown = set(splits) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"layout file {path}: unknown splits {sorted(unknown)}, expected {SPLITS}")

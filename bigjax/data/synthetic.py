@@ -1,0 +1,181 @@
+"""A generated PANDA-like data set: real pyramidal TIFF slides whose ISUP grade is written in texture.
+
+Each slide is tissue on a white background. Tissue is stroma (smooth, low-contrast streaks) and,
+in a share that grows with the grade, tumour: gland-like rings of nuclei (grades 1-3) that give
+way to disordered, densely scattered nuclei (grades 3-5). All three textures mix the same two
+stain colours around the *same* mean, and every slide gets its own random stain shift, so mean
+colour says nothing about the grade; a model has to see texture. Textures repeat every 10-16 px,
+so they are visible in 32 px tiles.
+
+The files follow the PANDA layout (`train.csv` + `train_images/<image_id>.tiff`, levels at
+downsample 1, 4, 16 with JPEG-compressed 256 px TIFF tiles and resolution tags), so the very same
+read -> tile -> store -> bags path runs on them.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+GRADES = 6
+TUMOUR_SHARE = (0.0, 0.2, 0.35, 0.5, 0.65, 0.8)  # share of tissue with tumour texture, by ISUP grade
+DISORDERED_SHARE = (0.0, 0.0, 0.15, 0.4, 0.7, 0.95)  # share of tumour that is disordered, by grade
+GLEASON = ("0+0", "3+3", "3+4", "4+3", "4+4", "4+5")
+PROVIDERS = ("karolinska", "radboud")
+PINK = np.array([232.0, 150.0, 196.0])  # eosin
+PURPLE = np.array([96.0, 52.0, 140.0])  # haematoxylin
+MIX_MEAN = 0.4  # every texture's mean purple fraction: the mean-colour balance
+BACKGROUND = 243.0
+DOWNSAMPLES = (1, 4, 16)
+
+
+def make_panda_like(out_dir: str | os.PathLike, *, n_slides: int = 96, seed: int = 0,
+                    side: tuple[int, int] = (512, 1024), mpp: float = 0.5, workers: int = 2) -> Path:
+    """Write a PANDA-layout data set of generated slides, balanced over ISUP grades 0-5.
+
+    Args:
+      out_dir: folder to create; gets `train.csv` and `train_images/<image_id>.tiff`.
+      n_slides: number of slides (grades cycle 0..5, then are shuffled).
+      seed: every pixel and label is a function of (seed, slide index).
+      side: inclusive range of slide height and width in level-0 pixels.
+      mpp: µm per level-0 pixel written in the resolution tags.
+      workers: processes that render and write slides.
+
+    Returns:
+      `out_dir` as a Path.
+    """
+    out = Path(out_dir)
+    (out / "train_images").mkdir(parents=True, exist_ok=True)
+    grades = np.random.default_rng([seed, 0]).permutation(np.arange(n_slides) % GRADES)
+    jobs = [(out, seed, i, int(g), side, mpp) for i, g in enumerate(grades)]
+    if workers > 1:
+        # spawn, not fork: the caller may hold JAX or tensorstore threads
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            rows = list(pool.map(_write_one, jobs))
+    else:
+        rows = [_write_one(job) for job in jobs]
+    tmp = out / "train.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, ["image_id", "data_provider", "isup_grade", "gleason_score"])
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, out / "train.csv")
+    return out
+
+
+def render_slide(rng: np.random.Generator, grade: int, height: int, width: int) -> tuple[np.ndarray, dict]:
+    """Render one slide of `grade` as uint8 (height, width, 3) plus its masks.
+
+    Returns:
+      (rgb, masks) with masks["tissue"], masks["tumour"], masks["disordered"] bool (height, width).
+    """
+    tissue = _blobs(rng, (height, width), scale=48, share=rng.uniform(0.4, 0.6))
+    tumour = tissue & _blobs(rng, (height, width), scale=40, share=_jitter(rng, TUMOUR_SHARE[grade]), within=tissue)
+    disordered = tumour & _blobs(rng, (height, width), scale=32, share=_jitter(rng, DISORDERED_SHARE[grade]),
+                                 within=tumour)
+    mix = _stroma(rng, (height, width))
+    mix = np.where(tumour, _glands(rng, (height, width)), mix)
+    mix = np.where(disordered, _disordered(rng, (height, width)), mix)
+    pink = PINK * rng.uniform(0.93, 1.05, 3)
+    purple = PURPLE * rng.uniform(0.9, 1.1, 3)
+    rgb = pink * (1 - mix[..., None]) + purple * mix[..., None]
+    rgb = np.where(tissue[..., None], rgb, BACKGROUND) + rng.normal(0, 3.0, (height, width, 3))
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8), {"tissue": tissue, "tumour": tumour,
+                                                            "disordered": disordered}
+
+
+def write_pyramid_tiff(path: Path, rgb: np.ndarray, mpp: float) -> None:
+    """Write `rgb` as a tiled, JPEG-compressed TIFF with reduced levels at DOWNSAMPLES (temp name, then rename)."""
+    import tifffile
+
+    tmp = path.with_name(path.name + ".tmp")
+    with tifffile.TiffWriter(tmp) as tif:
+        for d in DOWNSAMPLES:
+            level = rgb if d == 1 else _downsample(rgb, d)
+            tif.write(level, photometric="rgb", tile=(256, 256), compression="jpeg", compressionargs={"level": 92},
+                      subfiletype=0 if d == 1 else 1, resolution=(1e4 / (mpp * d),) * 2,
+                      resolutionunit="CENTIMETER")
+    os.replace(tmp, path)
+
+
+def image_id(seed: int, index: int) -> str:
+    """A PANDA-style 32-hex image id for slide `index` of the set made with `seed`."""
+    return hashlib.md5(f"bigjax-synthetic-{seed}-{index}".encode()).hexdigest()
+
+
+def _write_one(job) -> dict:
+    out, seed, index, grade, side, mpp = job
+    rng = np.random.default_rng([seed, 1, index])
+    height, width = (int(rng.integers(side[0], side[1] + 1)) for _ in range(2))
+    rgb, _ = render_slide(rng, grade, height, width)
+    slide_id = image_id(seed, index)
+    write_pyramid_tiff(out / "train_images" / f"{slide_id}.tiff", rgb, mpp)
+    return {"image_id": slide_id, "data_provider": PROVIDERS[int(rng.integers(2))], "isup_grade": grade,
+            "gleason_score": GLEASON[grade]}
+
+
+def _jitter(rng, share: float) -> float:
+    return 0.0 if share == 0 else float(np.clip(share + rng.uniform(-0.05, 0.05), 0.0, 1.0))
+
+
+def _smooth_field(rng, shape, scale: float) -> np.ndarray:
+    """Low-frequency noise with features about `scale` pixels across, at full resolution."""
+    small = (max(2, shape[0] // int(scale) + 2), max(2, shape[1] // int(scale) + 2))
+    coarse = ndimage.gaussian_filter(rng.normal(size=small), 0.8)
+    zoom = (shape[0] / small[0], shape[1] / small[1])
+    return ndimage.zoom(coarse, zoom, order=3, grid_mode=True, mode="nearest")[: shape[0], : shape[1]]
+
+
+def _blobs(rng, shape, scale: float, share: float, within: np.ndarray | None = None) -> np.ndarray:
+    """Smooth blobs covering `share` of the image (or of the `within` mask)."""
+    field = _smooth_field(rng, shape, scale)
+    if share <= 0:
+        return np.zeros(shape, bool)
+    values = field[within] if within is not None else field.ravel()
+    if values.size == 0:
+        return np.zeros(shape, bool)
+    return field >= np.quantile(values, 1 - share)
+
+
+def _balanced(field: np.ndarray, std: float) -> np.ndarray:
+    """Rescale a texture to mean MIX_MEAN and the given contrast, in [0, 1]."""
+    mix = np.clip(MIX_MEAN + (field - field.mean()) / (field.std() + 1e-9) * std, 0, 1)
+    return np.clip(mix - mix.mean() + MIX_MEAN, 0, 1)
+
+
+def _stroma(rng, shape) -> np.ndarray:
+    """Benign stroma: smooth streaks elongated along a random direction, low contrast."""
+    sigma = (1.5, 6.0) if rng.integers(2) else (6.0, 1.5)
+    return _balanced(ndimage.gaussian_filter(rng.normal(size=shape), sigma), 0.08)
+
+
+def _glands(rng, shape) -> np.ndarray:
+    """Gland-like texture: a jittered lattice of pale lumens ringed by dark nuclei, period 12-16 px."""
+    period = rng.uniform(12, 16)
+    yy, xx = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    cy, cx = (yy // period).astype(int), (xx // period).astype(int)
+    jitter = rng.uniform(-0.15, 0.15, (cy.max() + 1, cx.max() + 1, 2)) * period
+    dy = yy - (cy + 0.5) * period - jitter[cy, cx, 0]
+    dx = xx - (cx + 0.5) * period - jitter[cy, cx, 1]
+    r = np.hypot(dy, dx) / period
+    ring = np.exp(-(((r - 0.32) / 0.07) ** 2)) - 0.6 * (r < 0.22)
+    return _balanced(ring + 0.1 * rng.normal(size=shape), 0.28)
+
+
+def _disordered(rng, shape) -> np.ndarray:
+    """Disordered tumour: dense, randomly scattered nuclei without structure, about 3 px across."""
+    dots = (rng.random(shape) < 0.035).astype(np.float64)
+    return _balanced(ndimage.gaussian_filter(dots, 1.2), 0.28)
+
+
+def _downsample(rgb: np.ndarray, d: int) -> np.ndarray:
+    """Box-filter `rgb` by `d` (the edge rows/cols that do not fill a box are dropped)."""
+    h, w = rgb.shape[0] // d, rgb.shape[1] // d
+    boxes = rgb[: h * d, : w * d].reshape(h, d, w, d, 3).astype(np.float32)
+    return np.rint(boxes.mean(axis=(1, 3))).astype(np.uint8)

@@ -1,0 +1,148 @@
+"""Tile a data set into a tile store: parallel over slides, resumable, crash-safe.
+
+`tile_dataset(slides, store_dir, ...)` reads each slide (`bigjax.data.slides`), keeps the tiles
+that pass the foreground rule and writes them with `SlideWriter` into `slides/.<id>.tmp`, renamed
+to `slides/<id>` only when complete, so a crash mid-slide loses nothing already written. A slide
+whose folder exists is skipped on the next run. Missing, truncated or unreadable slides are logged
+with their path and listed as "failed" (and retried on the next run); slides without tissue are
+listed as "empty".
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from bigjax.data.layouts import SlideEntry
+from bigjax.data.manifest import ManifestRow, write_manifest
+from bigjax.data.slides import RULES, SlideReadError, foreground_tiles, open_slide, pick_level, tile_grid
+from bigjax.data.store import SHARD_TILES, SlideWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TilingConfig:
+    """How slides are tiled.
+
+    Attributes:
+      tile_size: tile side in pixels at the chosen level.
+      rule: foreground rule, "panda" or "camelyon".
+      mpp: µm per pixel to tile at (the closest pyramid level is used); None = level 0.
+      base_mpp: µm per pixel of level 0 for slides that do not record it.
+      shard_tiles: tiles per shard file.
+      compression: "raw" or "zstd".
+    """
+
+    tile_size: int = 256
+    rule: str = "panda"
+    mpp: float | None = None
+    base_mpp: float | None = None
+    shard_tiles: int = SHARD_TILES
+    compression: str = "raw"
+
+
+def tile_dataset(slides: Sequence[SlideEntry], store_dir: str | os.PathLike, config: TilingConfig = TilingConfig(),
+                 *, workers: int = 1, progress: bool = True) -> Path:
+    """Tile every slide into the store at `store_dir` and write its manifest.csv.
+
+    Args:
+      slides: from a layout (`bigjax.data.layouts`).
+      store_dir: the store folder; created if missing, resumed if it holds finished slides.
+      config: tile size, foreground rule, magnification, storage.
+      workers: processes tiling slides in parallel (1 = in this process).
+      progress: show a tqdm bar of slides done.
+
+    Returns:
+      path of the manifest CSV.
+    """
+    if config.rule not in RULES:
+        raise ValueError(f"foreground rule {config.rule!r}: expected one of {RULES}")
+    ids = [s.slide_id for s in slides]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"slide ids are not unique ({len(ids) - len(set(ids))} repeats)")
+    root = Path(store_dir)
+    (root / "slides").mkdir(parents=True, exist_ok=True)
+    rows = {s.slide_id: row for s in slides if (row := finished_row(root, s, config)) is not None}
+    todo = [s for s in slides if s.slide_id not in rows]
+    with logging_redirect_tqdm(), tqdm(total=len(slides), initial=len(rows), desc="tiling slides", unit="slide",
+                                       disable=not progress) as bar:
+        for row in _run(todo, root, config, workers):
+            if row.status == "failed":
+                log.error("tiling failed: %s", row.error)
+            rows[row.slide_id] = row
+            bar.update()
+    return write_manifest(root / "manifest.csv", [rows[i] for i in ids])
+
+
+def tile_slide(entry: SlideEntry, root: Path, config: TilingConfig) -> ManifestRow:
+    """Tile one slide into `root/slides/<id>`; never raises for a bad slide, returns a "failed" row instead."""
+    final = root / "slides" / entry.slide_id
+    tmp = root / "slides" / f".{entry.slide_id}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        n_tiles = _write_slide(entry, tmp, config)
+    except Exception as err:  # a bad slide must not stop the data set: record it and go on
+        shutil.rmtree(tmp, ignore_errors=True)
+        message = str(err) if isinstance(err, SlideReadError) else f"slide {entry.path}: {type(err).__name__}: {err}"
+        return _row(entry, root, 0, "failed", message)
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+    return _row(entry, root, n_tiles, "ok" if n_tiles else "empty")
+
+
+def finished_row(root: Path, entry: SlideEntry, config: TilingConfig) -> ManifestRow | None:
+    """The manifest row of a slide already tiled in `root`, or None if it still has to be tiled."""
+    meta_path = root / "slides" / entry.slide_id / "meta.json"
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    asked = {"tile_size": config.tile_size, "rule": config.rule, "mpp_requested": config.mpp}
+    for key, value in asked.items():
+        if meta.get(key) != value:
+            raise ValueError(f"store {root}: slide {entry.slide_id} was tiled with {key}={meta.get(key)}, "
+                             f"now asked {value}; use a new store folder")
+    n_tiles = int(meta["n_tiles"])
+    return _row(entry, root, n_tiles, "ok" if n_tiles else "empty")
+
+
+def _write_slide(entry: SlideEntry, folder: Path, config: TilingConfig) -> int:
+    with open_slide(entry.path, config.base_mpp) as slide:
+        level = pick_level(slide.levels, config.mpp)
+        info = slide.levels[level]
+        rows, cols = tile_grid(info, config.tile_size)
+        writer = SlideWriter(folder, config.tile_size, rows * cols, config.shard_tiles, config.compression)
+        for tiles, coords in foreground_tiles(slide, level, config.tile_size, config.rule):
+            writer.append(tiles, np.rint(coords * info.downsample).astype(np.int64))
+        meta = {"slide_id": entry.slide_id, "label": entry.label, "source": str(entry.path), "level": level,
+                "downsample": info.downsample, "mpp": info.mpp, "mpp_requested": config.mpp, "rule": config.rule,
+                "level_shape": list(info.shape)}
+        return writer.finish(meta)
+
+
+def _row(entry: SlideEntry, root: Path, n_tiles: int, status: str, error: str = "") -> ManifestRow:
+    store = f"slides/{entry.slide_id}" if status != "failed" else ""
+    return ManifestRow(entry.slide_id, entry.label, entry.split, n_tiles, status, store, str(entry.path), error)
+
+
+def _run(todo: Sequence[SlideEntry], root: Path, config: TilingConfig, workers: int):
+    """Yield manifest rows as slides finish, in this process or in a spawned process pool."""
+    if workers <= 1 or len(todo) <= 1:
+        for entry in todo:
+            yield tile_slide(entry, root, config)
+        return
+    # spawn, not fork: the parent may hold JAX or tensorstore threads
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(tile_slide, entry, root, config) for entry in todo]
+        for future in as_completed(futures):
+            yield future.result()
