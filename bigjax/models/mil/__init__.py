@@ -1,0 +1,47 @@
+"""MIL aggregators: each maps one bag of tile features (N, D) to bag logits.
+
+Every aggregator is built as `Cls(in_dim, n_classes, *, rngs, **paper_defaults)` and called as
+`model(features, *, train)`, returning a dict with "logits" (n_classes,), "attention" (N,) summing
+to 1, and for DTFD-MIL "aux_logits" (M, n_classes); `bag_loss` is the matching training loss.
+"""
+
+from flax import nnx
+
+from bigjax.models.mil.abmil import ABMIL, GatedABMIL
+from bigjax.models.mil.dtfd import DTFD
+from bigjax.models.mil.gma import GMA
+from bigjax.models.mil.loss import bag_loss
+from bigjax.models.mil.pooling import MaxPool, MeanPool
+from bigjax.models.mil.transmil import TransMIL
+
+AGGREGATORS = {
+    "abmil": ABMIL,
+    "gated_abmil": GatedABMIL,
+    "dtfd": DTFD,
+    "transmil": TransMIL,
+    "gma": GMA,
+    "mean": MeanPool,
+    "max": MaxPool,
+}
+
+
+def build(name: str, in_dim: int, n_classes: int, *, rngs: nnx.Rngs, **kwargs) -> nnx.Module:
+    """Construct the aggregator registered under name.
+
+    Args:
+        name: one of AGGREGATORS ("abmil", "gated_abmil", "dtfd", "transmil", "gma", "mean", "max").
+        in_dim: size of each tile feature.
+        n_classes: number of logits.
+        rngs: parameter and dropout randomness.
+        **kwargs: overrides of the aggregator's paper defaults (e.g. dropout=0.25).
+
+    Returns:
+        the aggregator module.
+    """
+    if name not in AGGREGATORS:
+        raise ValueError(f"unknown aggregator {name!r}; choose one of {', '.join(AGGREGATORS)}")
+    return AGGREGATORS[name](in_dim, n_classes, rngs=rngs, **kwargs)
+
+
+__all__ = ["AGGREGATORS", "build", "bag_loss", "ABMIL", "GatedABMIL", "DTFD", "TransMIL", "GMA",
+           "MeanPool", "MaxPool"]

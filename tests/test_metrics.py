@@ -1,0 +1,66 @@
+"""Metrics against scikit-learn, and their undefined cases."""
+
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.metrics import cohen_kappa_score, roc_auc_score
+
+from bigjax.metrics import accuracy, format_metric, mean_std, quadratic_weighted_kappa, roc_auc
+
+
+def test_qwk_equals_sklearn():
+    rng = np.random.default_rng(0)
+    y_true = rng.integers(0, 6, 200)
+    y_pred = np.clip(y_true + rng.integers(-2, 3, 200), 0, 5)
+    want = cohen_kappa_score(y_true, y_pred, weights="quadratic")
+    assert quadratic_weighted_kappa(y_true, y_pred) == pytest.approx(want, abs=1e-12)
+    assert -1 <= want <= 1 and want != pytest.approx(0)
+
+
+def test_qwk_weights_follow_grades_when_some_are_missing():
+    y_true, y_pred = np.array([0, 2, 5, 5, 2]), np.array([0, 5, 5, 2, 2])
+    want = cohen_kappa_score(y_true, y_pred, weights="quadratic", labels=np.arange(6))
+    assert quadratic_weighted_kappa(y_true, y_pred, n_classes=6) == pytest.approx(want)
+    # without the labels, sklearn would treat grades 2 and 5 as neighbours
+    assert want != pytest.approx(cohen_kappa_score(y_true, y_pred, weights="quadratic"))
+
+
+def test_qwk_of_a_constant_prediction_is_zero_not_nan():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert quadratic_weighted_kappa([0, 1, 2, 3], [2, 2, 2, 2]) == 0.0
+        assert quadratic_weighted_kappa([3, 3, 3], [3, 3, 3], n_classes=6) == 0.0
+
+
+def test_accuracy():
+    assert accuracy([0, 1, 2, 2], [0, 1, 1, 2]) == pytest.approx(0.75)
+
+
+def test_roc_auc_binary_and_multiclass():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 50)
+    p1 = np.clip(y * 0.3 + rng.random(50) * 0.7, 0, 1)
+    assert roc_auc(y, p1) == pytest.approx(roc_auc_score(y, p1))
+    assert roc_auc(y, np.stack([1 - p1, p1], 1)) == pytest.approx(roc_auc_score(y, p1))
+    y3 = rng.integers(0, 3, 60)
+    logits = rng.normal(size=(60, 3)) + 2 * np.eye(3)[y3]
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    assert roc_auc(y3, probs) == pytest.approx(roc_auc_score(y3, probs, multi_class="ovr"))
+
+
+def test_roc_auc_undefined_and_absent_classes():
+    assert np.isnan(roc_auc([1, 1, 1], [0.2, 0.5, 0.9]))
+    y = np.array([0, 2, 0, 2])
+    probs = np.array([[.6, .2, .2], [.2, .2, .6], [.5, .3, .2], [.3, .3, .4]])
+    want = np.mean([roc_auc_score(y == 0, probs[:, 0]), roc_auc_score(y == 2, probs[:, 2])])
+    assert roc_auc(y, probs) == pytest.approx(want)
+
+
+def test_mean_std_and_format():
+    assert mean_std([1.0, 3.0]) == pytest.approx((2.0, 1.0))
+    assert mean_std([1.0, 3.0], ddof=1)[1] == pytest.approx(np.sqrt(2))
+    assert mean_std(0.5) == (0.5, 0.0)
+    assert format_metric("QWK", [0.58, 0.64], "100 draws of 256 tiles") == \
+        "QWK 0.61 ± 0.03 (100 draws of 256 tiles)"
+    assert format_metric("AUC", 0.9123, digits=3) == "AUC 0.912"
