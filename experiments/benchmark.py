@@ -41,14 +41,20 @@ def parse(argv=None) -> Config:
 
 def main(argv=None) -> None:
     cfg = parse(argv)
-    print(f"{'input':>18} {'budget':>10} {'conv parts':>10} {'big s':>8} {'jit s':>8} {'ratio':>6}")
+    print(f"{'input':>18} {'budget':>12} {'conv parts':>10} {'big s':>8} {'jit s':>8} {'ratio':>6}"
+          f" {'big peak MB':>11} {'peak MB':>8}")
     for shape in cfg.shapes:
         t = benchmark_step(cfg.depth, shape, cfg.budget, fused=cfg.fused, reps=cfg.reps)
-        print(f"{'x'.join(map(str, shape)):>18} {t.budget:>10,} {t.conv_partitions:>10} "
-              f"{t.big_s:>8.2f} {t.plain_s:>8.2f} {t.ratio:>6.2f}", flush=True)
+        print(f"{'x'.join(map(str, shape)):>18} {t.budget:>12,} {t.conv_partitions:>10} "
+              f"{t.big_s:>8.2f} {t.plain_s:>8.2f} {t.ratio:>6.2f} {_mb(t.big_peak_bytes):>11} "
+              f"{_mb(t.peak_bytes):>8}", flush=True)
         if cfg.out:
             with open(cfg.out, "a") as f:
                 f.write(json.dumps(t.as_dict()) + "\n")
+
+
+def _mb(n) -> str:
+    return "-" if n is None else f"{n / 2**20:.0f}"
 
 
 if __name__ == "__main__":

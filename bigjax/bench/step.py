@@ -35,6 +35,8 @@ class StepTiming:
     conv_partitions: int  # conv kernel calls in one forward pass, summed over layers
     big_s: float
     plain_s: float
+    big_peak_bytes: int | None  # compute-device peak after the Big-Layers steps (None on CPU)
+    peak_bytes: int | None  # peak after both (the twin's, where it is larger)
 
     @property
     def ratio(self) -> float:
@@ -97,5 +99,12 @@ def benchmark_step(depth: int, shape: tuple, budget: int, *, fused: bool = True,
     with count_conv_partitions() as calls:
         big(x_host, train=False)
     big_s = _median_seconds(lambda: big_step(big, x_host), reps)
+    big_peak = _peak_bytes()
     plain_s = _median_seconds(lambda: plain_step(twin, x_device), reps)
-    return StepTiming(depth, tuple(shape), budget, fused, calls[0], big_s, plain_s)
+    return StepTiming(depth, tuple(shape), budget, fused, calls[0], big_s, plain_s, big_peak,
+                      _peak_bytes())
+
+
+def _peak_bytes() -> int | None:
+    stats = compute_device().memory_stats()
+    return None if stats is None else stats.get("peak_bytes_in_use")

@@ -180,7 +180,7 @@ def load_torchvision(model: ResNet, source: str | Path | Mapping[str, np.ndarray
       KeyError / ValueError naming the unknown, missing or mis-shaped key.
     """
     tensors = _read_tensors(source)
-    flat = nnx.to_flat_state(nnx.state(model, nnx.Param, nnx.BatchStat))
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))
     wanted = {".".join(map(str, (*path[:-1], _TORCH_LEAF[path[-1]]))): (path, var)
               for path, var in flat}
     unknown = sorted(k for k in tensors if k not in wanted and not _ignored(k))
