@@ -24,6 +24,7 @@ class Config:
     fused: bool = True
     reps: int = 3
     out: str | None = None
+    profile: bool = False
 
 
 def parse(argv=None) -> Config:
@@ -34,9 +35,10 @@ def parse(argv=None) -> Config:
     p.add_argument("--separate", action="store_true", help="the paper's separate ops, not fused")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out", help="also write the results as JSON lines to this file")
+    p.add_argument("--profile", action="store_true", help="break one Big-Layers step down by category")
     a = p.parse_args(argv)
     return Config(a.depth, tuple(QUICK if a.quick else FULL), a.max_partition_bytes,
-                  not a.separate, a.reps, a.out)
+                  not a.separate, a.reps, a.out, a.profile)
 
 
 def main(argv=None) -> None:
@@ -44,10 +46,13 @@ def main(argv=None) -> None:
     print(f"{'input':>18} {'budget':>12} {'conv parts':>10} {'big s':>8} {'jit s':>8} {'ratio':>6}"
           f" {'big peak MB':>11} {'peak MB':>8}")
     for shape in cfg.shapes:
-        t = benchmark_step(cfg.depth, shape, cfg.budget, fused=cfg.fused, reps=cfg.reps)
+        t = benchmark_step(cfg.depth, shape, cfg.budget, fused=cfg.fused, reps=cfg.reps,
+                           profile=cfg.profile)
         print(f"{'x'.join(map(str, shape)):>18} {t.budget:>12,} {t.conv_partitions:>10} "
               f"{t.big_s:>8.2f} {t.plain_s:>8.2f} {t.ratio:>6.2f} {_mb(t.big_peak_bytes):>11} "
               f"{_mb(t.peak_bytes):>8}", flush=True)
+        for category, seconds in sorted((t.profile or {}).items(), key=lambda kv: -kv[1]):
+            print(f"    {category:<36} {seconds:8.3f} s")
         if cfg.out:
             with open(cfg.out, "a") as f:
                 f.write(json.dumps(t.as_dict()) + "\n")

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bigjax.bench.profile import profile_step
 from bigjax.layers import conv as conv_module
 from bigjax.layers.placement import compute_device, to_compute, to_host
 from bigjax.models.resnet import BigResNet, in_memory_twin
@@ -37,6 +38,7 @@ class StepTiming:
     plain_s: float
     big_peak_bytes: int | None  # compute-device peak after the Big-Layers steps (None on CPU)
     peak_bytes: int | None  # peak after both (the twin's, where it is larger)
+    profile: dict | None = None  # seconds per category of one blocking Big-Layers step
 
     @property
     def ratio(self) -> float:
@@ -74,7 +76,7 @@ def _median_seconds(step, reps: int) -> float:
 
 
 def benchmark_step(depth: int, shape: tuple, budget: int, *, fused: bool = True, reps: int = 3,
-                   seed: int = 0) -> StepTiming:
+                   seed: int = 0, profile: bool = False) -> StepTiming:
     """Median step time of ``BigResNet(depth, big_stages=4)`` and its jitted twin on one input.
 
     Args:
@@ -83,6 +85,7 @@ def benchmark_step(depth: int, shape: tuple, budget: int, *, fused: bool = True,
       budget: ``max_partition_bytes`` of the big layers.
       fused: the fused Big-Layers path (else the paper's separate ops).
       reps: timed steps after one warm-up step, each.
+      profile: also profile one Big-Layers step (``profile.profile_step``) into ``.profile``.
     """
     x = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
     big = BigResNet(depth, big_stages=4, max_partition_bytes=budget, fused=fused,
@@ -100,9 +103,10 @@ def benchmark_step(depth: int, shape: tuple, budget: int, *, fused: bool = True,
         big(x_host, train=False)
     big_s = _median_seconds(lambda: big_step(big, x_host), reps)
     big_peak = _peak_bytes()
+    breakdown = profile_step(lambda: big_step(big, x_host)) if profile else None
     plain_s = _median_seconds(lambda: plain_step(twin, x_device), reps)
     return StepTiming(depth, tuple(shape), budget, fused, calls[0], big_s, plain_s, big_peak,
-                      _peak_bytes())
+                      _peak_bytes(), breakdown)
 
 
 def _peak_bytes() -> int | None:

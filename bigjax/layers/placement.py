@@ -19,6 +19,8 @@ them costs nothing, and the partitioned ops still bound what each kernel sees).
 from __future__ import annotations
 
 import jax
+import numpy as np
+from jax.sharding import SingleDeviceSharding
 
 __all__ = ["compute_device", "host_device", "to_host", "to_compute", "to_device_of", "ensure_eager"]
 
@@ -37,7 +39,16 @@ def host_device() -> jax.Device:
 
 
 def to_host(x) -> jax.Array:
-    """Commit ``x`` (numpy or JAX) to the host device; a no-op when it is already there."""
+    """Commit ``x`` (numpy or JAX) to the host device; a no-op when it is already there.
+
+    From an accelerator the copy is a DMA into that device's ``pinned_host`` memory, which the CPU
+    device then adopts through a numpy view: 47 GB/s on an H100, where a direct ``device_put`` to the
+    CPU backend ran at 0.8 GB/s (docs/benchmarks.md).
+    """
+    if isinstance(x, jax.Array):
+        device = next(iter(x.devices()))
+        if device.platform != "cpu":
+            x = np.asarray(jax.device_put(x, SingleDeviceSharding(device, memory_kind="pinned_host")))
     return jax.device_put(x, host_device())
 
 
