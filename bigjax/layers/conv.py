@@ -83,7 +83,7 @@ def _footprint(kernel, a, stats, backward) -> Footprint:
     Fixed: the kernel (and its gradient accumulator in the backward pass) and a few per-channel
     vectors (bias, prologue, statistics). The prologue materialises relu(x*a+b) beside the input band.
     """
-    kh, kw, cin, cout = kernel.shape
+    *_, cin, cout = kernel.shape
     fixed = (1 + backward) * (kernel.size + 6 * (cin + cout)) * kernel.dtype.itemsize
     pro = a is not None
     if backward:

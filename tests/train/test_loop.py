@@ -1,0 +1,163 @@
+"""The training loop on a tiny generated PANDA-like store: resume, learning, NaN stop, eval_only."""
+
+import csv
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from bigjax.data import layouts
+from bigjax.data.bags import epoch_order
+from bigjax.data.synthetic import make_panda_like
+from bigjax.data.tiling import TilingConfig, tile_dataset
+from bigjax.train.config import TrainConfig
+from bigjax.train.encoders import FeatureCache
+from bigjax.train.loop import NonFiniteLossError, Run, evaluate_run, train
+
+SPLITS = ["train"] * 8 + ["val"] * 2 + ["test"] * 2
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """12 small generated slides tiled at 16 px: 8 train, 2 val, 2 test."""
+    root = tmp_path_factory.mktemp("panda")
+    data = make_panda_like(root / "data", n_slides=len(SPLITS), seed=0, side=(64, 96), workers=1)
+    with open(data / "train.csv") as f:
+        ids = [row["image_id"] for row in csv.DictReader(f)]
+    with open(root / "splits.csv", "w") as f:
+        f.write("image_id,split\n" + "".join(f"{i},{s}\n" for i, s in zip(ids, SPLITS)))
+    slides = layouts.panda_layout(data, splits_csv=root / "splits.csv")
+    tile_dataset(slides, root / "store", TilingConfig(tile_size=16), progress=False)
+    return root / "store"
+
+
+def tiny(store, workdir, **overrides) -> TrainConfig:
+    """A run small enough for a test: 4 tiles of 16 px, 2 bags x 2 accumulated, 2 epochs.
+
+    The default encoder mode is ``precomputed`` (fast: one eval-mode compile of the encoder);
+    the ``slow`` tests run the same checks through the Big-Layers encoder.
+    """
+    base = dict(workdir=str(workdir), store=str(store), encoder="precomputed", aggregator="abmil", depth=18,
+                big_stages=1, max_partition_bytes=400_000, lr=1e-3, epochs=2, batch_size=2, accum=2,
+                tiles_per_bag=4, augment=True, val_draws=2, val_tiles=4, eval_draws=3, eval_tiles=4,
+                embed_chunk=16, log_every=1, progress=False)
+    return TrainConfig(**{**base, **overrides})
+
+
+def saved_state(config: TrainConfig):
+    """Leaves of the latest checkpoint's model and optimiser state, restored into a fresh run."""
+    run = Run(config)
+    meta = run.checkpoints.restore_latest(run.model, run.optimizer)
+    state = nnx.state((run.model, run.optimizer))
+    leaves = [np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+                         else x) for x in jax.tree.leaves(state)]
+    return meta, leaves
+
+
+class Killed(Exception):
+    pass
+
+
+def kill_at(step):
+    def on_step(s):
+        if s == step:
+            raise Killed(f"killed after step {s}")
+    return on_step
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(store, tmp_path_factory):
+    config = tiny(store, tmp_path_factory.mktemp("whole"))
+    results = train(config)
+    return config, results
+
+
+def test_resume_equals_uninterrupted(store, uninterrupted, tmp_path):
+    check_resume(uninterrupted[0], tiny(store, tmp_path))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["big", "inmemory", "frozen"])
+def test_resume_equals_uninterrupted_encoder_modes(store, tmp_path, mode):
+    whole = tiny(store, tmp_path / "whole", encoder=mode)  # big: stem + layer1 big, partitioned
+    train(whole)
+    check_resume(whole, dataclasses.replace(whole, workdir=str(tmp_path / "resumed")))
+
+
+def check_resume(whole: TrainConfig, config: TrainConfig):
+    """Kill ``config``'s run mid-epoch 2 (4 steps per epoch), resume: the same state as ``whole``."""
+    # resumes from the end of epoch 1 and redoes steps 5-6
+    with pytest.raises(Killed):
+        train(config, on_step=kill_at(6))
+    assert saved_state(config)[0]["step"] == 4
+    train(config, resume=True)
+    meta_a, a = saved_state(whole)
+    meta_b, b = saved_state(config)
+    assert meta_a["step"] == meta_b["step"] == 8
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_resume_from_a_step_checkpoint(store, uninterrupted, tmp_path):
+    whole, _ = uninterrupted
+    config = dataclasses.replace(tiny(store, tmp_path), checkpoint_every=3)
+    with pytest.raises(Killed):
+        train(config, on_step=kill_at(7))
+    assert saved_state(config)[0]["step"] == 6  # mid-epoch checkpoint: resume skips 2 bags of epoch 2
+    train(config, resume=True)
+    for x, y in zip(saved_state(whole)[1], saved_state(config)[1]):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_run_writes_metrics_curves_and_results(uninterrupted):
+    config, results = uninterrupted
+    workdir = config.workdir
+    rows = [json.loads(line) for line in open(f"{workdir}/metrics.jsonl")]
+    assert [r["epoch"] for r in rows if r["kind"] == "epoch"] == [1, 2]
+    assert "val_qwk" in rows[-1] or any("val_qwk" in r for r in rows)
+    text = open(f"{workdir}/results.md").read()
+    assert "test QWK" in text and "(3 draws of 4 tiles)" in text and "(all tiles)" in text
+    assert results["lines"] == text.splitlines()[1:]
+    with open(f"{workdir}/curves.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_only_restores_the_best(uninterrupted):
+    config, results = uninterrupted
+    again = evaluate_run(config.workdir)
+    assert again["best_step"] == results["best_step"]
+    assert again["lines"] == results["lines"]
+
+
+def test_existing_checkpoints_need_resume(uninterrupted):
+    config, _ = uninterrupted
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(config)
+
+
+def test_short_run_lowers_the_training_loss(store, tmp_path):
+    config = tiny(store, tmp_path, epochs=4, lr=3e-3, accum=1)
+    train(config)
+    losses = [json.loads(line)["train_loss"] for line in open(tmp_path / "metrics.jsonl")
+              if '"epoch"' in line and "train_loss" in line]
+    assert len(losses) == 4
+    assert np.mean(losses[-2:]) < np.mean(losses[:2])
+
+
+def test_nan_loss_stops_and_keeps_the_checkpoint(store, tmp_path):
+    config = tiny(store, tmp_path, checkpoint_every=1)
+    run = Run(config)
+    run.fill_cache(run.slides["train"])
+    # poison the cached embeddings of the slide that the second step of epoch 1 trains on
+    slide = run.slides["train"][int(epoch_order(len(run.slides["train"]), config.seed, 0)[2])]
+    cache = FeatureCache(tmp_path / "features")
+    np.save(cache.path(slide.slide_id), np.full_like(cache.features(slide.slide_id), np.nan))
+    with pytest.raises(NonFiniteLossError, match=rf"loss is nan at step 2 \(epoch 1, slides .*"
+                                                 rf"{slide.slide_id}.*checkpoint of step 1 .* is kept"):
+        train(config)
+    meta, _ = saved_state(config)
+    assert meta["step"] == 1
