@@ -129,14 +129,31 @@ def score(metric: str, labels: np.ndarray, probs: np.ndarray, n_classes: int) ->
 # --- reporting --------------------------------------------------------------------------------
 
 class MetricsLog:
-    """Append-only JSONL of a run's metrics (one object per line, with wall time); survives resumes."""
+    """Append-only JSONL of a run's metrics (one object per line, with wall time); survives resumes.
+
+    Every numeric value is also a TensorBoard scalar ``<kind>/<name>`` at the row's step, in
+    ``tensorboard/`` beside the JSONL file (``tensorboard --logdir <workdir>/tensorboard``).
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._board = None
 
     def write(self, **row) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps({"time": time.time(), **row}, default=_json_default) + "\n")
+        self._to_tensorboard(row)
+
+    def _to_tensorboard(self, row: dict) -> None:
+        from tensorboardX import SummaryWriter
+
+        if self._board is None:
+            self._board = SummaryWriter(str(self.path.parent / "tensorboard"))
+        kind, step = row.get("kind", "metrics"), int(row.get("step", 0))
+        for name, value in row.items():
+            if name not in ("kind", "step") and isinstance(value, (int, float, np.number)):
+                self._board.add_scalar(f"{kind}/{name}", float(value), step)
+        self._board.flush()
 
     def read(self) -> list[dict]:
         if not self.path.is_file():

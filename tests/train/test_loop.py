@@ -3,6 +3,7 @@
 import csv
 import dataclasses
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -124,6 +125,8 @@ def test_run_writes_metrics_curves_and_results(uninterrupted):
     assert results["lines"] == text.splitlines()[1:]
     with open(f"{workdir}/curves.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    events = b"".join(p.read_bytes() for p in Path(workdir, "tensorboard").glob("events.*"))
+    assert b"epoch/train_loss" in events and b"step/loss" in events
 
 
 def test_eval_only_restores_the_best(uninterrupted):
