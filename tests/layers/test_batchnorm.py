@@ -3,7 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bigjax.layers import big_batch_norm, big_batch_norm_inference, host_device
+from bigjax.layers import batchnorm as bn_module
+from bigjax.layers import big_batch_norm, big_batch_norm_inference, compute_device, host_device
 from tests.layers.helpers import rel_err, weighted_sum_loss
 
 
@@ -64,3 +65,25 @@ def test_under_jit_is_a_clear_type_error():
     _, x, scale, bias = _data()
     with pytest.raises(TypeError, match="outside jit"):
         jax.jit(lambda x: big_batch_norm(x, scale, bias, max_partition_bytes=10**8)[0])(x)
+
+
+def test_no_partition_puts_more_than_the_budget_on_the_device(monkeypatch):
+    budget = 6_000
+    rng, x, scale, bias = _data(seed=4)
+    scale, bias = (jax.device_put(v, compute_device()) for v in (scale, bias))
+    seen = []
+    for name in ("_affine_kernel", "_affine_pull", "_moments_pull"):
+        original = getattr(bn_module, name)
+
+        def watched(*args, _original=original, **kwargs):
+            dev = compute_device()
+            seen.append(sum(a.nbytes for a in jax.live_arrays() if dev in a.devices()))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(bn_module, name, watched)
+    weights = jnp.asarray(rng.normal(size=x.shape).astype(np.float32))
+    x = jax.device_put(x, host_device())
+    big = lambda x, s, b: big_batch_norm(x, s, b, max_partition_bytes=budget)  # noqa: E731
+    jax.grad(weighted_sum_loss(big, weights), argnums=(0, 1, 2))(x, scale, bias)
+    assert len(seen) > 30  # dozens of partitions in the normalise pass and both backward passes
+    assert max(seen) <= budget + weights.nbytes  # the test's own loss weights live there too
