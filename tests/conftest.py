@@ -1,9 +1,12 @@
-"""Test session setup: two CPU devices, so the host device is distinct from the compute device.
+"""Test session setup: two CPU devices, and full float32 precision for exact comparisons.
 
-``bigjax.layers.placement`` then keeps big activations on CPU device 1 while kernels run on device 0,
-and a test can tell exactly which arrays crossed to the compute device.
+* ``bigjax.layers.placement`` keeps big activations on CPU device 1 while kernels run on device 0, so
+  a test can tell exactly which arrays crossed to the compute device.
+* On a GPU, float32 convolutions default to TF32 (~1e-3 relative): the equality tests compare the
+  partitioned ops with the plain ones at "highest" precision (no effect on a CPU).
 """
 
 import jax
 
 jax.config.update("jax_num_cpu_devices", 2)
+jax.config.update("jax_default_matmul_precision", "highest")

@@ -21,3 +21,8 @@ def weighted_sum_loss(fn, weights):
         out = out[0] if isinstance(out, tuple) else out
         return jnp.sum(jax.device_put(out, jax.devices()[0]) * weights)
     return loss
+
+
+def in_device_memory(array, device) -> bool:
+    """True for arrays in ``device``'s own memory (on a GPU, not its ``pinned_host`` host memory)."""
+    return device in array.devices() and array.sharding.memory_kind in (None, "device")
