@@ -48,13 +48,13 @@ def parse_flags(argv=None):
 def slides_of(a, config, preset) -> list[layouts.SlideEntry]:
     """The CAMELYON layout, or the generated PANDA-like slides with binary labels."""
     if a.csv:
-        return layouts.camelyon_layout(a.csv, root=a.data_dir, seed=a.seed)
+        return layouts.camelyon_layout(a.csv, root=a.data_dir, seed=a.data_seed)
     data_dir = Path(config.workdir) / "data"
     if not (data_dir / "train.csv").is_file():
-        make_panda_like(data_dir, n_slides=preset["n_slides"], seed=a.seed, side=preset["side"],
-                        workers=a.workers)
+        make_panda_like(data_dir, n_slides=preset["n_slides"], seed=a.data_seed,
+                        side=preset["side"], workers=a.workers)
     return [dataclasses.replace(s, label=int(s.label >= POSITIVE_GRADE))
-            for s in layouts.panda_layout(data_dir, seed=a.seed)]
+            for s in layouts.panda_layout(data_dir, seed=a.data_seed)]
 
 
 def prepare_store(a, config, preset) -> None:

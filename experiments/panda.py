@@ -68,7 +68,10 @@ def training_flags(doc: str, paper: dict, quick: dict) -> argparse.ArgumentParse
     p.add_argument("--tiles_per_bag", type=int)
     p.add_argument("--tile_size", type=int)
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="training seed: init, bag order, draws")
+    p.add_argument("--data_seed", type=int, default=0,
+                   help="seed of the generated data set and of the default split (kept apart from "
+                        "--seed so that seeds compare models on the same data)")
     p.add_argument("--eval_draws", type=int)
     p.add_argument("--eval_tiles", type=int)
     p.add_argument("--checkpoint_every", type=int, default=0, help="also checkpoint every N steps")
@@ -104,9 +107,9 @@ def prepare_store(a: argparse.Namespace, config: TrainConfig, preset: dict) -> N
         data_dir = Path(config.workdir) / "data"
         if not (data_dir / "train.csv").is_file():
             logging.info("generating %d PANDA-like slides into %s", preset["n_slides"], data_dir)
-            make_panda_like(data_dir, n_slides=preset["n_slides"], seed=a.seed, side=preset["side"],
-                            workers=a.workers)
-    slides = layouts.panda_layout(data_dir, splits_csv=a.splits_csv, seed=a.seed)
+            make_panda_like(data_dir, n_slides=preset["n_slides"], seed=a.data_seed,
+                            side=preset["side"], workers=a.workers)
+    slides = layouts.panda_layout(data_dir, splits_csv=a.splits_csv, seed=a.data_seed)
     tile_dataset(slides, config.store, TilingConfig(tile_size=preset["tile_size"], rule="panda"),
                  workers=a.workers, progress=config.progress)
 
@@ -119,7 +122,8 @@ def main(argv=None) -> int:
 
 def run(a: argparse.Namespace, config: TrainConfig, prepare) -> int:
     """--eval_only, or prepare the store and train; a NaN/inf loss exits with status 1 and its message."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # force: a library imported earlier may have configured the root logger (INFO lines were lost)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
     if a.eval_only:
         evaluate_run(config.workdir, manifest=a.eval_manifest, progress=config.progress)
         return 0

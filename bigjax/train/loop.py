@@ -222,12 +222,12 @@ def train(config: TrainConfig, *, resume: bool = False,
     (run.workdir / "config.json").write_text(c.to_json())
     run.fill_cache([s for split in run.slides.values() for s in split])
     step_fn = _step_fn(c, run)
-    step = meta["step"]
+    step, augment = meta["step"], _augment(c)
     for epoch in range(step // run.steps_per_epoch, c.epochs):
         # data: this epoch's bags from where the last checkpoint stopped
         first = step - epoch * run.steps_per_epoch
         bags = train_bags(run.store, run.slides["train"], k=c.tiles_per_bag, seed=c.seed, epoch=epoch,
-                          start=first * c.batch_size, augment=_augment(c))
+                          start=first * c.batch_size, augment=augment)
         bar = tqdm(batches(bags, c.batch_size), total=run.steps_per_epoch, initial=first,
                    desc=f"epoch {epoch + 1}/{c.epochs}", unit="step", disable=not c.progress)
         for batch in bar:
