@@ -27,8 +27,13 @@ __all__ = ["big_batch_norm", "big_batch_norm_inference", "big_affine", "big_mome
            "fold_batch_norm"]
 
 
+@functools.partial(jax.jit, static_argnames=("eps",))
 def fold_batch_norm(scale, bias, mean, var, eps):
-    """Per-channel (a, b) with ``BN(x) = x * a + b``: a = scale / sqrt(var + eps), b = bias - mean a."""
+    """Per-channel (a, b) with ``BN(x) = x * a + b``: a = scale / sqrt(var + eps), b = bias - mean a.
+
+    Jitted: the Big path runs it eagerly under ``jax.grad`` once per layer, where its separate small
+    ops cost milliseconds in tracing alone.
+    """
     a = scale * jax.lax.rsqrt(var + eps)
     return a, bias - mean * a
 
@@ -64,9 +69,7 @@ def _moments_fwd(budget, x):
     return (mean, var), (x, mean)
 
 
-@jax.jit
-def _moments_pull(x, mean, g_mean, g_var, count):
-    return (g_mean + 2.0 * g_var * (x - mean)) / count
+_moments_pull = jax.jit(moments.moments_cotangent)
 
 
 def _moments_bwd(budget, res, cts):

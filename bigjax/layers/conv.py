@@ -73,8 +73,8 @@ def _backward_kernel(acc, carry, x, kernel, bias, a, b, g, *, geom, pad, emit, t
 
 @jax.jit
 def _stats_cotangent(g, y, mean, g_mean, g_var, count):
-    """Cotangent of y from its batch mean and biased variance: g + dmean/M + 2 dvar (y - mean)/M."""
-    return g + (g_mean + 2.0 * g_var * (y - mean)) / count
+    """Cotangent of y: its own plus what flows back through its batch mean and variance."""
+    return g + moments.moments_cotangent(y, mean, g_mean, g_var, count)
 
 
 def _footprint(kernel, a, stats, backward) -> Footprint:
@@ -97,11 +97,14 @@ def _plan(spec, x, kernel, a, backward):
                            x.dtype.itemsize, "convolution")
 
 
-def _forward(spec, x, kernel, bias, a, b):
-    """Algorithm 3: stream input bands to the device, output bands back to the host."""
+def _place(x, kernel, bias, a, b):
+    """The input in host memory, the kernel and per-channel vectors on the compute device."""
     ensure_eager("big_conv2d", x, kernel, bias, a, b)
-    x = to_host(x)
-    kernel, bias, a, b = (None if v is None else to_compute(v) for v in (kernel, bias, a, b))
+    return (to_host(x), *(None if v is None else to_compute(v) for v in (kernel, bias, a, b)))
+
+
+def _forward(spec, x, kernel, bias, a, b):
+    """Algorithm 3: stream input bands to the device, output bands back to the host (placed args)."""
     _plan(spec, x, kernel, a, backward=True)  # fail now, not after the forward, if bwd cannot fit
     bands, parts = [], []
     for p in _plan(spec, x, kernel, a, backward=False):
@@ -158,15 +161,14 @@ def _backward(spec, res, cts):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _conv(spec, x, kernel, bias, a, b):
-    return _forward(spec, x, kernel, bias, a, b)
+    return _forward(spec, *_place(x, kernel, bias, a, b))
 
 
 def _conv_fwd(spec, x, kernel, bias, a, b):
-    x = to_host(x)
-    out = _forward(spec, x, kernel, bias, a, b)
+    placed = _place(x, kernel, bias, a, b)
+    out = _forward(spec, *placed)
     y, mean = (out[0], out[1]) if spec.stats else (out, None)
-    params = (None if v is None else to_compute(v) for v in (kernel, bias, a, b))
-    return out, (x, *params, y, mean)
+    return out, (*placed, y, mean)
 
 
 _conv.defvjp(_conv_fwd, _backward)

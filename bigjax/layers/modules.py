@@ -58,11 +58,9 @@ class BigConv(nnx.Module):
         return y if self.bias is None else y + self.bias[...]
 
 
-_fold = jax.jit(fold_batch_norm, static_argnames=("eps",))
-
-
 @functools.partial(jax.jit, static_argnames=("momentum", "count"))
 def _running(run_mean, run_var, mean, var, *, momentum, count):
+    # one jitted call: run eagerly under jax.grad by the Big path, once per layer
     mean, var = jax.lax.stop_gradient((mean, var))
     unbiased = var * (count / max(count - 1, 1))
     return (1 - momentum) * run_mean + momentum * mean, (1 - momentum) * run_var + momentum * unbiased
@@ -86,15 +84,12 @@ class BigBatchNorm(nnx.Module):
                                                  momentum=self.momentum, count=count)
 
     def folded(self, batch_mean, batch_var, count: int, *, train: bool):
-        """(a, b) with ``BN(x) = x*a + b``: batch statistics (updating the running ones) or running.
-
-        One jitted call each: the Big path runs it eagerly under ``jax.grad``, where a dozen separate
-        small ops cost ~9 ms per layer in tracing alone.
-        """
+        """(a, b) with ``BN(x) = x*a + b``: batch statistics (updating the running ones) or running."""
         if train:
             self.update_running(batch_mean, batch_var, count)
-            return _fold(self.scale[...], self.bias[...], batch_mean, batch_var, eps=self.eps)
-        return _fold(self.scale[...], self.bias[...], self.mean[...], self.var[...], eps=self.eps)
+            return fold_batch_norm(self.scale[...], self.bias[...], batch_mean, batch_var, self.eps)
+        return fold_batch_norm(self.scale[...], self.bias[...], self.mean[...], self.var[...],
+                               self.eps)
 
     def __call__(self, x, *, train: bool):
         """Partitioned BatchNorm of a host activation; result in host memory."""

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["band_moments", "welford_merge", "merge_moments"]
+__all__ = ["band_moments", "welford_merge", "merge_moments", "moments_cotangent"]
 
 _AXES = (0, 1, 2)  # NHWC: statistics per channel
 
@@ -45,3 +45,8 @@ def merge_moments(parts: list[tuple[int, jax.Array, jax.Array, jax.Array]]):
         total = triple if total is None else welford_merge(total, triple)
     n, mean, m2 = total
     return mean, m2 / n
+
+
+def moments_cotangent(x, mean, g_mean, g_var, count):
+    """Cotangent of x from its batch mean and biased variance: (dmean + 2 dvar (x - mean)) / M."""
+    return (g_mean + 2.0 * g_var * (x - mean)) / count
