@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from bigjax.layers import moments
 from bigjax.layers.bands import join_bands, take_band
-from bigjax.layers.placement import ensure_eager, to_compute, to_host
+from bigjax.layers.execution import Execution, ensure_eager
 from bigjax.layers.plan import IDENTITY, Footprint, plan_partitions
 
 __all__ = ["big_batch_norm", "big_batch_norm_inference", "big_affine", "big_moments",
@@ -38,54 +38,62 @@ def fold_batch_norm(scale, bias, mean, var, eps):
     return a, bias - mean * a
 
 
-def _plan(x, budget, in_buffers, out_buffers):
+def _plan(x, ex, in_buffers, out_buffers):
     c = x.shape[-1]
     fp = Footprint(in_buffers, out_buffers, fixed_bytes=8 * c * x.dtype.itemsize)
-    return plan_partitions(x.shape, c, IDENTITY, fp, budget, x.dtype.itemsize, "batch norm")
+    return plan_partitions(x.shape, c, IDENTITY, fp, ex.max_partition_bytes, x.dtype.itemsize,
+                           "batch norm")
 
 
-def _to_compute_bands(budget, in_buffers, out_buffers, x, *more):
+def _to_compute_bands(ex, in_buffers, out_buffers, x, *more):
     """Yield each partition of host array ``x`` (and same-shaped ``more``) as device bands."""
-    for p in _plan(x, budget, in_buffers, out_buffers):
-        yield p, *(to_compute(take_band(v, p.n0, p.n1, p.r0, p.r1)) for v in (x, *more))
+    for p in _plan(x, ex, in_buffers, out_buffers):
+        yield p, *(ex.to_compute(ex.call("take_band", take_band, v, p.n0, p.n1, p.r0, p.r1))
+                   for v in (x, *more))
+
+
+def _join(ex, bands):
+    return ex.call("join_bands", join_bands, bands)
 
 
 # --- pass 1: statistics --------------------------------------------------------------------------
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _moments(budget, x):
+def _moments(ex, x):
     ensure_eager("big_batch_norm", x)
-    x = to_host(x)
-    _plan(x, budget, 2, 0)  # the backward's footprint must fit too: fail before any work
-    parts = [(xb.size // xb.shape[-1], *map(to_host, moments.band_moments(xb)))
-             for _, xb in _to_compute_bands(budget, 1, 0, x)]
+    x = ex.to_host(x)
+    _plan(x, ex, 2, 0)  # the backward's footprint must fit too: fail before any work
+    parts = [(xb.size // xb.shape[-1],
+              *map(ex.to_host, ex.call("batch_norm", moments.band_moments, xb)))
+             for _, xb in _to_compute_bands(ex, 1, 0, x)]
     mean, var = moments.merge_moments(parts)
-    return to_compute(mean.astype(x.dtype)), to_compute(var.astype(x.dtype))
+    return ex.to_compute(mean.astype(x.dtype)), ex.to_compute(var.astype(x.dtype))
 
 
-def _moments_fwd(budget, x):
-    x = to_host(x)
-    mean, var = _moments(budget, x)
+def _moments_fwd(ex, x):
+    x = ex.to_host(x)
+    mean, var = _moments(ex, x)
     return (mean, var), (x, mean)
 
 
 _moments_pull = jax.jit(moments.moments_cotangent)
 
 
-def _moments_bwd(budget, res, cts):
+def _moments_bwd(ex, res, cts):
     x, mean = res
-    g_mean, g_var = map(to_compute, cts)
+    g_mean, g_var = map(ex.to_compute, cts)
     count = x.size // x.shape[-1]
-    return (join_bands([(p, to_host(_moments_pull(xb, mean, g_mean, g_var, count)))
-                        for p, xb in _to_compute_bands(budget, 2, 0, x)]),)
+    return (_join(ex, [(p, ex.to_host(ex.call("batch_norm", _moments_pull, xb, mean, g_mean, g_var,
+                                              count)))
+                       for p, xb in _to_compute_bands(ex, 2, 0, x)]),)
 
 
 _moments.defvjp(_moments_fwd, _moments_bwd)
 
 
-def big_moments(x, *, max_partition_bytes):
+def big_moments(x, *, execution: Execution):
     """Per-channel mean and biased variance of an NHWC host array, in one streamed pass."""
-    return _moments(int(max_partition_bytes), x)
+    return _moments(execution, x)
 
 
 # --- pass 2: normalise -----------------------------------------------------------------------------
@@ -102,55 +110,56 @@ def _affine_pull(acc, x, g, a):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _affine(budget, x, a, b):
+def _affine(ex, x, a, b):
     ensure_eager("big_batch_norm", x, a, b)
-    x, a, b = to_host(x), to_compute(a), to_compute(b)
-    return join_bands([(p, to_host(_affine_kernel(xb, a, b)))
-                       for p, xb in _to_compute_bands(budget, 1, 1, x)])
+    x, a, b = ex.to_host(x), ex.to_compute(a), ex.to_compute(b)
+    return _join(ex, [(p, ex.to_host(ex.call("batch_norm", _affine_kernel, xb, a, b)))
+                      for p, xb in _to_compute_bands(ex, 1, 1, x)])
 
 
-def _affine_fwd(budget, x, a, b):
-    x = to_host(x)
-    return _affine(budget, x, a, b), (x, to_compute(a))
+def _affine_fwd(ex, x, a, b):
+    x = ex.to_host(x)
+    return _affine(ex, x, a, b), (x, ex.to_compute(a))
 
 
-def _affine_bwd(budget, res, g):
+def _affine_bwd(ex, res, g):
     x, a = res
     acc, bands = (jnp.zeros_like(a), jnp.zeros_like(a)), []
-    for p, xb, gb in _to_compute_bands(budget, 2, 1, x, g):
-        acc, dx = _affine_pull(acc, xb, gb, a)
-        bands.append((p, to_host(dx)))
+    for p, xb, gb in _to_compute_bands(ex, 2, 1, x, ex.to_host(g)):
+        acc, dx = ex.call("batch_norm", _affine_pull, acc, xb, gb, a)
+        bands.append((p, ex.to_host(dx)))
         del xb, gb, dx
-    return (join_bands(bands), *acc)
+    return (_join(ex, bands), *acc)
 
 
 _affine.defvjp(_affine_fwd, _affine_bwd)
 
 
-def big_affine(x, a, b, *, max_partition_bytes):
+def big_affine(x, a, b, *, execution: Execution):
     """Per-channel ``x * a + b`` of an NHWC host array, streamed through the device."""
-    return _affine(int(max_partition_bytes), x, a, b)
+    return _affine(execution, x, a, b)
 
 
 # --- the layer -------------------------------------------------------------------------------------
 
-def big_batch_norm(x, scale, bias, *, eps=1e-5, max_partition_bytes):
+def big_batch_norm(x, scale, bias, *, eps=1e-5, execution: Execution):
     """Training-mode BatchNorm of an NHWC activation in host memory (two streamed passes).
 
     Args:
       x: (N, H, W, C), numpy or JAX; scale, bias: (C,).
       eps: added to the variance.
-      max_partition_bytes: bound on what one partition puts on the compute device.
+      execution: the compute and host devices and the partition budget.
     Returns:
       (y in host memory, batch mean (C,), batch variance (C,)) — the variance is the biased one used for
       normalising; a running-statistics update should use ``var * M / (M - 1)`` (M = N·H·W), as torch.
     """
-    mean, var = big_moments(x, max_partition_bytes=max_partition_bytes)
-    a, b = fold_batch_norm(scale, bias, mean, var, eps)
-    return big_affine(x, a, b, max_partition_bytes=max_partition_bytes), mean, var
+    mean, var = big_moments(x, execution=execution)
+    a, b = fold_batch_norm(execution.to_compute(scale), execution.to_compute(bias), mean, var, eps)
+    return big_affine(x, a, b, execution=execution), mean, var
 
 
-def big_batch_norm_inference(x, scale, bias, mean, var, *, eps=1e-5, max_partition_bytes):
+def big_batch_norm_inference(x, scale, bias, mean, var, *, eps=1e-5, execution: Execution):
     """Inference-mode BatchNorm with running statistics: one streamed pass."""
-    a, b = fold_batch_norm(scale, bias, to_compute(mean), to_compute(var), eps)
-    return big_affine(x, a, b, max_partition_bytes=max_partition_bytes)
+    ex = execution
+    a, b = fold_batch_norm(*map(ex.to_compute, (scale, bias, mean, var)), eps)
+    return big_affine(x, a, b, execution=ex)

@@ -24,7 +24,7 @@ from jax import lax
 
 from bigjax.layers import moments
 from bigjax.layers.bands import join_bands, take_band
-from bigjax.layers.placement import compute_device, ensure_eager, to_compute, to_host
+from bigjax.layers.execution import Execution, ensure_eager
 from bigjax.layers.plan import ConvGeometry, Footprint, Partition, plan_partitions
 
 __all__ = ["big_conv2d", "big_conv2d_stats", "conv2d"]
@@ -44,7 +44,7 @@ def conv2d(x, kernel, geom: ConvGeometry, pad_rows=None):
 @dataclass(frozen=True)
 class _Spec:
     geom: ConvGeometry
-    budget: int
+    ex: Execution
     stats: bool  # also return the output's per-channel mean and biased variance
 
 
@@ -93,33 +93,40 @@ def _footprint(kernel, a, stats, backward) -> Footprint:
 
 def _plan(spec, x, kernel, a, backward):
     fp = _footprint(kernel, a, spec.stats, backward)
-    return plan_partitions(x.shape, kernel.shape[-1], spec.geom, fp, spec.budget,
+    return plan_partitions(x.shape, kernel.shape[-1], spec.geom, fp, spec.ex.max_partition_bytes,
                            x.dtype.itemsize, "convolution")
 
 
-def _place(x, kernel, bias, a, b):
+def _place(spec, x, kernel, bias, a, b):
     """The input in host memory, the kernel and per-channel vectors on the compute device."""
     ensure_eager("big_conv2d", x, kernel, bias, a, b)
-    return (to_host(x), *(None if v is None else to_compute(v) for v in (kernel, bias, a, b)))
+    ex = spec.ex
+    return (ex.to_host(x), *(None if v is None else ex.to_compute(v) for v in (kernel, bias, a, b)))
+
+
+def _band(ex, v, n0, n1, r0, r1):
+    """Images [n0, n1), rows [r0, r1) of host array ``v``, on the compute device."""
+    return ex.to_compute(ex.call("take_band", take_band, v, n0, n1, r0, r1))
 
 
 def _forward(spec, x, kernel, bias, a, b):
     """Algorithm 3: stream input bands to the device, output bands back to the host (placed args)."""
+    ex = spec.ex
     _plan(spec, x, kernel, a, backward=True)  # fail now, not after the forward, if bwd cannot fit
     bands, parts = [], []
     for p in _plan(spec, x, kernel, a, backward=False):
-        xb = to_compute(take_band(x, p.n0, p.n1, p.i0, p.i1))
-        yb, mom = _forward_kernel(xb, kernel, bias, a, b, geom=spec.geom,
-                                  pad=(p.pad_top, p.pad_bottom), stats=spec.stats)
-        bands.append((p, to_host(yb)))
+        xb = _band(ex, x, p.n0, p.n1, p.i0, p.i1)
+        yb, mom = ex.call("conv_forward", _forward_kernel, xb, kernel, bias, a, b, geom=spec.geom,
+                          pad=(p.pad_top, p.pad_bottom), stats=spec.stats)
+        bands.append((p, ex.to_host(yb)))
         if spec.stats:
-            parts.append((yb.size // yb.shape[-1], *map(to_host, mom)))
+            parts.append((yb.size // yb.shape[-1], *map(ex.to_host, mom)))
         del xb, yb
-    y = join_bands(bands)
+    y = ex.call("join_bands", join_bands, bands)
     if not spec.stats:
         return y
     mean, var = moments.merge_moments(parts)
-    return y, to_compute(mean.astype(y.dtype)), to_compute(var.astype(y.dtype))
+    return y, ex.to_compute(mean.astype(y.dtype)), ex.to_compute(var.astype(y.dtype))
 
 
 def _row_ends(plan: list[Partition], h: int) -> list[int]:
@@ -134,38 +141,40 @@ def _row_ends(plan: list[Partition], h: int) -> list[int]:
 def _backward(spec, res, cts):
     """Algorithm 4: per band, input gradient (overlap-added) to the host, weight gradient on device."""
     x, kernel, bias, a, b, y, mean = res
-    g = cts[0] if spec.stats else cts
+    ex = spec.ex
+    g = ex.to_host(cts[0] if spec.stats else cts)
     if spec.stats:
-        count, g_mean, g_var = y.size // y.shape[-1], to_compute(cts[1]), to_compute(cts[2])
+        count, g_mean, g_var = y.size // y.shape[-1], ex.to_compute(cts[1]), ex.to_compute(cts[2])
     acc = tuple(None if v is None else jnp.zeros_like(v) for v in (kernel, bias, a, b))
     plan = _plan(spec, x, kernel, a, backward=True)
     bands, carry, start = [], None, 0
     for p, end in zip(plan, _row_ends(plan, x.shape[1])):
         if p.r0 == 0:  # a new image chunk: nothing to overlap-add yet
-            carry = jnp.zeros((p.n1 - p.n0, 0, *x.shape[2:]), x.dtype, device=compute_device())
+            carry = jnp.zeros((p.n1 - p.n0, 0, *x.shape[2:]), x.dtype, device=ex.compute)
             start = 0
-        gb = to_compute(take_band(g, p.n0, p.n1, p.r0, p.r1))
+        gb = _band(ex, g, p.n0, p.n1, p.r0, p.r1)
         if spec.stats:
-            yb = to_compute(take_band(y, p.n0, p.n1, p.r0, p.r1))
-            gb = _stats_cotangent(gb, yb, mean, g_mean, g_var, count)
+            yb = _band(ex, y, p.n0, p.n1, p.r0, p.r1)
+            gb = ex.call("conv_backward", _stats_cotangent, gb, yb, mean, g_mean, g_var, count)
             del yb
-        xb = to_compute(take_band(x, p.n0, p.n1, p.i0, p.i1))
-        acc, out, carry = _backward_kernel(
-            acc, carry, xb, kernel, bias, a, b, gb, geom=spec.geom,
-            pad=(p.pad_top, p.pad_bottom), emit=end - start, take=min(p.i1, end) - start)
-        bands.append((p, to_host(out)))
+        xb = _band(ex, x, p.n0, p.n1, p.i0, p.i1)
+        acc, out, carry = ex.call(
+            "conv_backward", _backward_kernel, acc, carry, xb, kernel, bias, a, b, gb,
+            geom=spec.geom, pad=(p.pad_top, p.pad_bottom), emit=end - start,
+            take=min(p.i1, end) - start)
+        bands.append((p, ex.to_host(out)))
         start = end
         del xb, gb, out
-    return (join_bands(bands), *acc)
+    return (ex.call("join_bands", join_bands, bands), *acc)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _conv(spec, x, kernel, bias, a, b):
-    return _forward(spec, *_place(x, kernel, bias, a, b))
+    return _forward(spec, *_place(spec, x, kernel, bias, a, b))
 
 
 def _conv_fwd(spec, x, kernel, bias, a, b):
-    placed = _place(x, kernel, bias, a, b)
+    placed = _place(spec, x, kernel, bias, a, b)
     out = _forward(spec, *placed)
     y, mean = (out[0], out[1]) if spec.stats else (out, None)
     return out, (*placed, y, mean)
@@ -174,30 +183,30 @@ def _conv_fwd(spec, x, kernel, bias, a, b):
 _conv.defvjp(_conv_fwd, _backward)
 
 
-def _spec(kernel, stride, padding, dilation, budget, stats) -> _Spec:
-    if budget is None or budget <= 0:
-        raise ValueError(f"max_partition_bytes must be a positive number of bytes, got {budget!r}")
+def _spec(kernel, stride, padding, dilation, execution, stats) -> _Spec:
+    if not isinstance(execution, Execution):
+        raise TypeError(f"execution must be a bigjax.layers.Execution, got {execution!r}")
     geom = ConvGeometry.make(kernel.shape[:2], stride, padding, dilation)
-    return _Spec(geom, int(budget), stats)
+    return _Spec(geom, execution, stats)
 
 
-def big_conv2d(x, kernel, bias=None, *, stride=1, padding=0, dilation=1, max_partition_bytes):
+def big_conv2d(x, kernel, bias=None, *, stride=1, padding=0, dilation=1, execution: Execution):
     """Memory-bounded conv2d of an NHWC activation in host memory (Big-Layers Algorithms 3–4).
 
     Args:
       x: (N, H, W, Cin) float array, numpy or JAX; kept in (or moved to) host memory.
       kernel: (KH, KW, Cin, Cout) HWIO weights; bias: optional (Cout,).
       stride, padding, dilation: ints or (rows, cols) pairs, as ``torch.nn.functional.conv2d``.
-      max_partition_bytes: bound on what one partition puts on the compute device.
+      execution: the compute and host devices and the partition budget.
     Returns:
       (N, OH, OW, Cout) output in host memory; differentiable with ``jax.grad`` outside ``jit``.
     """
-    spec = _spec(kernel, stride, padding, dilation, max_partition_bytes, stats=False)
+    spec = _spec(kernel, stride, padding, dilation, execution, stats=False)
     return _conv(spec, x, kernel, bias, None, None)
 
 
 def big_conv2d_stats(x, kernel, *, pre_scale=None, pre_shift=None, stride=1, padding=0,
-                     dilation=1, max_partition_bytes):
+                     dilation=1, execution: Execution):
     """Fused conv: ``y = conv(relu(x * pre_scale + pre_shift))`` plus y's per-channel moments.
 
     The prologue (a folded BatchNorm + ReLU of the layer before) runs on each input band on the device,
@@ -209,5 +218,5 @@ def big_conv2d_stats(x, kernel, *, pre_scale=None, pre_shift=None, stride=1, pad
     """
     if (pre_scale is None) != (pre_shift is None):
         raise ValueError("pre_scale and pre_shift go together (a folded BatchNorm), got only one")
-    spec = _spec(kernel, stride, padding, dilation, max_partition_bytes, stats=True)
+    spec = _spec(kernel, stride, padding, dilation, execution, stats=True)
     return _conv(spec, x, kernel, None, pre_scale, pre_shift)

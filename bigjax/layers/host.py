@@ -1,8 +1,8 @@
 """Host ops between big layers: ReLU, max-pool, residual add, global average pool, folded BatchNorm.
 
 The "Big-Layers" paper runs ReLU, max-pooling and residual additions on the host. Each op here is a
-``jax.custom_vjp`` whose forward and backward are functions jitted on the host device (see
-``placement``): XLA:CPU runs them multi-threaded in host RAM, and nothing of their size touches the
+``jax.custom_vjp`` whose forward and backward are functions jitted on the host device of the
+``Execution`` it is given: XLA:CPU runs them multi-threaded in host RAM, and nothing of their size touches the
 compute device. Cotangents go back to the device each input came from, so parameters on the compute
 device (the folded BatchNorm's ``a, b``) receive their gradients there.
 
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bigjax.layers.placement import ensure_eager, to_device_of, to_host
+from bigjax.layers.execution import Execution, ensure_eager
 
 __all__ = ["host_op", "relu", "add", "max_pool", "global_avg_pool", "affine_relu", "affine_add_relu",
            "affine_relu_max_pool", "max_pool_plain"]
@@ -33,27 +33,32 @@ def host_op(fn: Callable, name: str) -> Callable:
       fn: a function of arrays only, differentiable by JAX (static settings bound with partial).
       name: the op's name, for errors.
     Returns:
-      ``op(*arrays)`` returning ``fn``'s result in host memory; its VJP runs on the host too.
+      ``op(*arrays, execution=...)`` returning ``fn``'s result in the execution's host memory; its
+      VJP runs on the host too.
     """
     forward = jax.jit(fn)
     pull = jax.jit(lambda args, g: jax.vjp(fn, *args)[1](g))
 
-    def run(args):
+    def run(ex, args):
         ensure_eager(name, args)
-        return forward(*map(to_host, args))
+        return ex.call("host_forward", forward, *map(ex.to_host, args))
 
-    @jax.custom_vjp
-    def op(*args):
-        return run(args)
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def apply(ex, *args):
+        return run(ex, args)
 
-    def op_fwd(*args):
-        return run(args), args
+    def apply_fwd(ex, *args):
+        return run(ex, args), args
 
-    def op_bwd(args, g):
-        cts = pull(tuple(map(to_host, args)), to_host(g))
-        return tuple(to_device_of(ct, arg) for ct, arg in zip(cts, args))
+    def apply_bwd(ex, args, g):
+        cts = ex.call("host_backward", pull, tuple(map(ex.to_host, args)), ex.to_host(g))
+        return tuple(ex.to_device_of(ct, arg) for ct, arg in zip(cts, args))
 
-    op.defvjp(op_fwd, op_bwd)
+    apply.defvjp(apply_fwd, apply_bwd)
+
+    def op(*args, execution: Execution):
+        return apply(execution, *args)
+
     op.__name__ = op.__qualname__ = name
     return op
 
@@ -84,12 +89,12 @@ _affine_add_relu_op = host_op(_affine_add_relu, "affine_add_relu")
 _affine2_add_relu_op = host_op(_affine2_add_relu, "affine_add_relu")
 
 
-def affine_add_relu(x, a, b, shortcut, shortcut_a=None, shortcut_b=None):
+def affine_add_relu(x, a, b, shortcut, shortcut_a=None, shortcut_b=None, *, execution: Execution):
     """``relu(x*a + b + shortcut')``: a residual block's end, with ``shortcut' = shortcut*sa + sb``
     when the shortcut is a (folded-BatchNorm) projection, else the shortcut itself."""
     if shortcut_a is None:
-        return _affine_add_relu_op(x, a, b, shortcut)
-    return _affine2_add_relu_op(x, a, b, shortcut, shortcut_a, shortcut_b)
+        return _affine_add_relu_op(x, a, b, shortcut, execution=execution)
+    return _affine2_add_relu_op(x, a, b, shortcut, shortcut_a, shortcut_b, execution=execution)
 
 
 @functools.cache
@@ -99,11 +104,11 @@ def _max_pool_op(window, stride, padding, affine):
     return host_op(fn, "affine_relu_max_pool" if affine else "max_pool")
 
 
-def max_pool(x, *, window=3, stride=2, padding=1):
+def max_pool(x, *, window=3, stride=2, padding=1, execution: Execution):
     """Max-pool on the host (default: the ResNet stem's 3x3, stride 2, padding 1)."""
-    return _max_pool_op(window, stride, padding, False)(x)
+    return _max_pool_op(window, stride, padding, False)(x, execution=execution)
 
 
-def affine_relu_max_pool(x, a, b, *, window=3, stride=2, padding=1):
+def affine_relu_max_pool(x, a, b, *, window=3, stride=2, padding=1, execution: Execution):
     """``max_pool(relu(x*a + b))`` in one host pass: the ResNet stem after its conv's statistics."""
-    return _max_pool_op(window, stride, padding, True)(x, a, b)
+    return _max_pool_op(window, stride, padding, True)(x, a, b, execution=execution)

@@ -39,7 +39,8 @@ def welford_merge(a: tuple, b: tuple) -> tuple:
 def merge_moments(parts: list[tuple[int, jax.Array, jax.Array, jax.Array]]):
     """Merge per-band (count, shift, shifted mean, M2) into per-channel mean and biased variance."""
     total = None
-    for count, shift, mean, m2 in parts:
+    for count, *band in parts:
+        shift, mean, m2 = jax.device_get(band)  # an explicit transfer (the tests disallow others)
         mean = np.asarray(shift, np.float64) + np.asarray(mean, np.float64)
         triple = (float(count), mean, np.asarray(m2, np.float64))
         total = triple if total is None else welford_merge(total, triple)

@@ -1,10 +1,11 @@
 """ResNet-18/34/50 tile encoders whose stem and first stages are Big-Layers, the rest a jitted tail.
 
-``BigResNet(depth, big_stages, max_partition_bytes)`` runs the stem and the first ``big_stages``
-residual stages with partitioned, host-offloaded ops (``resnet_paths.Fused`` by default, or the paper's
-``Separate`` ops) and the remaining stages as an ordinary jitted Flax tail on the compute device; it
-returns the pooled embedding (512 or 2048 wide) in device memory, so a MIL head and ``nnx.grad`` sit on
-top with nothing special. ``ResNet`` is the in-memory twin with the same parameters (torchvision's
+``BigResNet(depth, big_stages)`` runs the stem and the first ``big_stages`` residual stages with
+partitioned, host-offloaded ops (``resnet_paths.Fused`` by default, or the paper's ``Separate`` ops)
+and the remaining stages as an ordinary jitted Flax tail on the compute device of the ``Execution`` it
+is called with (devices and partition budget; the model holds parameters only); it returns the pooled
+embedding (512 or 2048 wide) in that device's memory, so a MIL head and ``nnx.grad`` sit on top with
+nothing special — with respect to the parameters and to the input. ``ResNet`` is the in-memory twin with the same parameters (torchvision's
 layout and init; ResNet-50 is v1.5, stride on the 3x3 conv). ``load_torchvision`` imports weights.
 
 References: He et al., "Deep Residual Learning for Image Recognition" (2016); torchvision.models.resnet.
@@ -21,26 +22,22 @@ import numpy as np
 from flax import nnx
 
 from bigjax.layers import host
+from bigjax.layers.execution import Execution
 from bigjax.layers.modules import BigBatchNorm, BigConv
-from bigjax.layers.placement import to_compute, to_host
 from bigjax.models.resnet_paths import Fused, InMemory, Separate
 
 __all__ = ["ResNet", "BigResNet", "in_memory_twin", "load_torchvision"]
 
-DEFAULT_PARTITION_BYTES = 256 * 2**20
+
+def _conv_bn(cin, cout, k, stride, padding, rngs):
+    return (BigConv(cin, cout, k, stride=stride, padding=padding, rngs=rngs), BigBatchNorm(cout))
 
 
-def _conv_bn(cin, cout, k, stride, padding, budget, rngs):
-    return (BigConv(cin, cout, k, stride=stride, padding=padding, max_partition_bytes=budget,
-                    rngs=rngs),
-            BigBatchNorm(cout, max_partition_bytes=budget))
-
-
-def _downsample(cin, cout, stride, budget, rngs):
+def _downsample(cin, cout, stride, rngs):
     """torchvision's projection shortcut (1x1 conv + BN) where the shape changes, else None."""
     if stride == 1 and cin == cout:
         return None
-    return nnx.List(_conv_bn(cin, cout, 1, stride, 0, budget, rngs))
+    return nnx.List(_conv_bn(cin, cout, 1, stride, 0, rngs))
 
 
 class BasicBlock(nnx.Module):
@@ -48,10 +45,10 @@ class BasicBlock(nnx.Module):
 
     expansion = 1
 
-    def __init__(self, cin, planes, stride, budget, rngs):
-        self.conv1, self.bn1 = _conv_bn(cin, planes, 3, stride, 1, budget, rngs)
-        self.conv2, self.bn2 = _conv_bn(planes, planes, 3, 1, 1, budget, rngs)
-        self.downsample = _downsample(cin, planes, stride, budget, rngs)
+    def __init__(self, cin, planes, stride, rngs):
+        self.conv1, self.bn1 = _conv_bn(cin, planes, 3, stride, 1, rngs)
+        self.conv2, self.bn2 = _conv_bn(planes, planes, 3, 1, 1, rngs)
+        self.downsample = _downsample(cin, planes, stride, rngs)
 
     def __call__(self, path, x, train):
         h = path.relu(path.conv_bn(x, self.conv1, self.bn1, train))
@@ -64,11 +61,11 @@ class Bottleneck(nnx.Module):
 
     expansion = 4
 
-    def __init__(self, cin, planes, stride, budget, rngs):
-        self.conv1, self.bn1 = _conv_bn(cin, planes, 1, 1, 0, budget, rngs)
-        self.conv2, self.bn2 = _conv_bn(planes, planes, 3, stride, 1, budget, rngs)
-        self.conv3, self.bn3 = _conv_bn(planes, planes * 4, 1, 1, 0, budget, rngs)
-        self.downsample = _downsample(cin, planes * 4, stride, budget, rngs)
+    def __init__(self, cin, planes, stride, rngs):
+        self.conv1, self.bn1 = _conv_bn(cin, planes, 1, 1, 0, rngs)
+        self.conv2, self.bn2 = _conv_bn(planes, planes, 3, stride, 1, rngs)
+        self.conv3, self.bn3 = _conv_bn(planes, planes * 4, 1, 1, 0, rngs)
+        self.downsample = _downsample(cin, planes * 4, stride, rngs)
 
     def __call__(self, path, x, train):
         h = path.relu(path.conv_bn(x, self.conv1, self.bn1, train))
@@ -91,19 +88,18 @@ _ARCH = {18: (BasicBlock, (2, 2, 2, 2)), 34: (BasicBlock, (3, 4, 6, 3)),
 class ResNet(nnx.Module):
     """In-memory ResNet encoder (the twin): NHWC float32 in, pooled (N, 512|2048) embedding out."""
 
-    def __init__(self, depth: int = 18, *, max_partition_bytes: int = DEFAULT_PARTITION_BYTES,
-                 rngs: nnx.Rngs | None = None):
+    def __init__(self, depth: int = 18, *, rngs: nnx.Rngs | None = None):
         if depth not in _ARCH:
             raise ValueError(f"depth must be one of {sorted(_ARCH)}, got {depth}")
         rngs = rngs or nnx.Rngs(0)
         block, counts = _ARCH[depth]
         self.depth = depth
-        self.conv1, self.bn1 = _conv_bn(3, 64, 7, 2, 3, max_partition_bytes, rngs)
+        self.conv1, self.bn1 = _conv_bn(3, 64, 7, 2, 3, rngs)
         cin = 64
         for i, (planes, n) in enumerate(zip((64, 128, 256, 512), counts)):
             blocks = []
             for j in range(n):
-                blocks.append(block(cin, planes, 2 if i and not j else 1, max_partition_bytes, rngs))
+                blocks.append(block(cin, planes, 2 if i and not j else 1, rngs))
                 cin = planes * block.expansion
             setattr(self, f"layer{i + 1}", nnx.List(blocks))
         self.embed_dim = cin
@@ -136,26 +132,27 @@ class BigResNet(ResNet):
     Args:
       depth: 18, 34 or 50.
       big_stages: 0–4 residual stages run big after the (always big) stem; the rest is a jitted tail.
-      max_partition_bytes: what one partition of any big layer may put on the compute device.
       fused: conv + BatchNorm statistics in one pass and BatchNorm applied where used (default), or
         the paper's separate ops (False). Both give the same results.
-    Call ``model(x, train=...)`` outside ``jit`` (``nnx.grad`` works) with NHWC float32 x, numpy or JAX.
+    Call ``model(x, train=..., execution=...)`` outside ``jit`` (``nnx.grad`` works, with respect to
+    the parameters and to ``x``) with NHWC float32 x, numpy or JAX; ``execution`` (devices and
+    partition budget) defaults to ``Execution()``.
     """
 
-    def __init__(self, depth: int = 18, *, big_stages: int = 4,
-                 max_partition_bytes: int = DEFAULT_PARTITION_BYTES, fused: bool = True,
+    def __init__(self, depth: int = 18, *, big_stages: int = 4, fused: bool = True,
                  rngs: nnx.Rngs | None = None):
         if not 0 <= big_stages <= 4:
             raise ValueError(f"big_stages must be in 0..4, got {big_stages}")
-        super().__init__(depth, max_partition_bytes=max_partition_bytes, rngs=rngs)
+        super().__init__(depth, rngs=rngs)
         self.big_stages, self.fused = big_stages, fused
 
-    def __call__(self, x, *, train: bool):
-        path = Fused if self.fused else Separate
-        x = self.stages(path, self.stem(path, to_host(x), train), 0, self.big_stages, train)
+    def __call__(self, x, *, train: bool, execution: Execution | None = None):
+        ex = execution or Execution()
+        path = Fused(ex) if self.fused else Separate(ex)
+        x = self.stages(path, self.stem(path, ex.to_host(x), train), 0, self.big_stages, train)
         if self.big_stages == 4:
-            return to_compute(host.global_avg_pool(x))
-        return _tail(self, to_compute(x), start=self.big_stages, train=train)
+            return ex.to_compute(host.global_avg_pool(x, execution=ex))
+        return _tail(self, ex.to_compute(x), start=self.big_stages, train=train)
 
 
 def in_memory_twin(model: ResNet) -> ResNet:

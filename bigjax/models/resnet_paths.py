@@ -8,6 +8,9 @@ below: ``conv_bn`` (a conv and its BatchNorm), ``relu``, ``add_relu`` (the block
   in-memory twin.
 * ``Separate`` — the paper's Big-Layers: a partitioned conv, a two-pass partitioned BatchNorm, ReLU and
   the residual add as host ops. Every op streams its activation on its own.
+
+The two Big paths are built with an ``Execution`` (devices and partition budget) and hand it to every
+op; the parameter modules hold none of it.
 * ``Fused`` — the same mathematics with fewer trips across the bus: the conv accumulates its output's
   BatchNorm statistics in its own pass, and its BatchNorm is kept *folded* (``y, a, b`` with
   ``BN(y) = y*a + b``) until the next op applies it — the next conv on the device, in its prologue
@@ -21,6 +24,7 @@ from dataclasses import dataclass, replace
 import jax
 
 from bigjax.layers import host
+from bigjax.layers.execution import Execution
 from bigjax.layers.host import max_pool_plain
 
 __all__ = ["InMemory", "Separate", "Fused", "Folded"]
@@ -46,24 +50,26 @@ class InMemory:
         return max_pool_plain(jax.nn.relu(x))
 
 
+@dataclass(frozen=True)
 class Separate:
     """The paper's Big-Layers: each op streams its own activation; ReLU and add on the host."""
 
-    @staticmethod
-    def conv_bn(x, conv, bn, train):
-        return bn(conv(x), train=train)
+    execution: Execution
 
-    @staticmethod
-    def relu(x):
-        return host.relu(x)
+    def conv_bn(self, x, conv, bn, train):
+        ex = self.execution
+        return bn(conv(x, execution=ex), train=train, execution=ex)
 
-    @staticmethod
-    def add_relu(x, shortcut):
-        return host.relu(host.add(x, shortcut))
+    def relu(self, x):
+        return host.relu(x, execution=self.execution)
 
-    @staticmethod
-    def stem_pool(x):
-        return host.max_pool(host.relu(x))
+    def add_relu(self, x, shortcut):
+        ex = self.execution
+        return host.relu(host.add(x, shortcut, execution=ex), execution=ex)
+
+    def stem_pool(self, x):
+        ex = self.execution
+        return host.max_pool(host.relu(x, execution=ex), execution=ex)
 
 
 @dataclass(frozen=True)
@@ -76,30 +82,33 @@ class Folded:
     relu: bool = False
 
 
+@dataclass(frozen=True)
 class Fused:
     """Big-Layers with BatchNorm statistics from the conv's pass and BatchNorm applied where used."""
 
-    @staticmethod
-    def conv_bn(x, conv, bn, train):
+    execution: Execution
+
+    def conv_bn(self, x, conv, bn, train):
+        ex = self.execution
         if isinstance(x, Folded):
             if not x.relu:
                 raise ValueError("a folded BatchNorm feeds a conv only through a ReLU")
-            y, mean, var = conv.with_stats(x.y, x.a, x.b)
+            y, mean, var = conv.with_stats(x.y, x.a, x.b, execution=ex)
         else:
-            y, mean, var = conv.with_stats(x)
-        a, b = bn.folded(mean, var, y.size // y.shape[-1], train=train)
+            y, mean, var = conv.with_stats(x, execution=ex)
+        a, b = bn.folded(mean, var, y.size // y.shape[-1], train=train, execution=ex)
         return Folded(y, a, b)
 
     @staticmethod
     def relu(x: Folded) -> Folded:
         return replace(x, relu=True)
 
-    @staticmethod
-    def add_relu(x: Folded, shortcut):
+    def add_relu(self, x: Folded, shortcut):
+        ex = self.execution
         if isinstance(shortcut, Folded):
-            return host.affine_add_relu(x.y, x.a, x.b, shortcut.y, shortcut.a, shortcut.b)
-        return host.affine_add_relu(x.y, x.a, x.b, shortcut)
+            return host.affine_add_relu(x.y, x.a, x.b, shortcut.y, shortcut.a, shortcut.b,
+                                        execution=ex)
+        return host.affine_add_relu(x.y, x.a, x.b, shortcut, execution=ex)
 
-    @staticmethod
-    def stem_pool(x: Folded):
-        return host.affine_relu_max_pool(x.y, x.a, x.b)
+    def stem_pool(self, x: Folded):
+        return host.affine_relu_max_pool(x.y, x.a, x.b, execution=self.execution)

@@ -4,6 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bigjax.layers import Execution
+
+EX = Execution()  # the default devices (compute: CPU 0, host: CPU 1); budgets are given per test
+
 
 def rel_err(a, b) -> float:
     """max |a - b| / max |b| over all leaves (0 when both are zero)."""
@@ -19,7 +23,7 @@ def weighted_sum_loss(fn, weights):
     def loss(*args):
         out = fn(*args)
         out = out[0] if isinstance(out, tuple) else out
-        return jnp.sum(jax.device_put(out, jax.devices()[0]) * weights)
+        return jnp.sum(jax.device_put(out, EX.compute) * weights)
     return loss
 
 

@@ -3,11 +3,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bigjax.layers import big_conv2d, big_conv2d_stats, compute_device, host_device
+from bigjax.layers import Execution, big_conv2d, big_conv2d_stats
 from bigjax.layers import conv as conv_module
 from bigjax.layers.conv import conv2d
 from bigjax.layers.plan import ConvGeometry
-from tests.layers.helpers import in_device_memory, rel_err, weighted_sum_loss
+from tests.layers.helpers import EX, in_device_memory, rel_err, weighted_sum_loss
 
 # every (kernel, stride, padding) a ResNet uses, plus a dilated one
 GEOMETRIES = [(7, 2, 3, 1), (3, 1, 1, 1), (3, 2, 1, 1), (1, 1, 0, 1), (1, 2, 0, 1), (3, 1, 2, 2)]
@@ -35,17 +35,17 @@ def test_big_conv2d_equals_plain_conv(k, s, p, d, budget):
     geom = ConvGeometry.make(k, s, p, d)
     plain = lambda x, w, b: conv2d(x, w, geom) + b  # noqa: E731
     big = lambda x, w, b: big_conv2d(x, w, b, stride=s, padding=p, dilation=d,  # noqa: E731
-                                     max_partition_bytes=budget)
+                                     execution=Execution(budget))
     y = big(x, kernel, bias)
     y_ref = plain(x, kernel, bias)
-    assert y.devices() == {host_device()}
+    assert y.devices() == {EX.host}
     assert rel_err(y, y_ref) < 1e-6
     weights = jnp.asarray(rng.normal(size=y_ref.shape).astype(np.float32))
     grads = jax.grad(weighted_sum_loss(big, weights), argnums=(0, 1, 2))(x, kernel, bias)
     ref = jax.grad(weighted_sum_loss(plain, weights), argnums=(0, 1, 2))(x, kernel, bias)
     assert rel_err(grads, ref) < 1e-5
-    assert grads[0].devices() == {host_device()}
-    assert grads[1].devices() == {compute_device()}
+    assert grads[0].devices() == {EX.host}
+    assert grads[1].devices() == {EX.compute}
 
 
 @pytest.mark.parametrize("budget", [10**8, 30_000])
@@ -61,7 +61,7 @@ def test_fused_conv_prologue_and_statistics_equal_plain(budget):
 
     def big(x, w, a, b):
         return big_conv2d_stats(x, w, pre_scale=a, pre_shift=b, stride=2, padding=1,
-                                max_partition_bytes=budget)
+                                execution=Execution(budget))
 
     assert rel_err(big(x, kernel, a, b), plain(x, kernel, a, b)) < 1e-5
     wy = jnp.asarray(rng.normal(size=plain(x, kernel, a, b)[0].shape).astype(np.float32))
@@ -70,7 +70,7 @@ def test_fused_conv_prologue_and_statistics_equal_plain(budget):
     def loss(fn):  # gradients flow through the output and through its statistics
         def f(*args):
             y, m, v = fn(*args)
-            return jnp.sum(jax.device_put(y, compute_device()) * wy) + m @ wm + v @ wv
+            return jnp.sum(jax.device_put(y, EX.compute) * wy) + m @ wm + v @ wv
         return f
 
     grads = jax.grad(loss(big), argnums=(0, 1, 2, 3))(x, kernel, a, b)
@@ -79,7 +79,7 @@ def test_fused_conv_prologue_and_statistics_equal_plain(budget):
 
 
 def _device_bytes():
-    dev = compute_device()
+    dev = EX.compute
     return sum(a.nbytes for a in jax.live_arrays() if in_device_memory(a, dev))
 
 
@@ -87,7 +87,7 @@ def _device_bytes():
 def test_no_partition_puts_more_than_the_budget_on_the_device(monkeypatch, stats):
     budget = 24_000
     rng, x, kernel, bias = _data(3, seed=2, h=41)
-    kernel = jax.device_put(kernel, compute_device())
+    kernel = jax.device_put(kernel, EX.compute)
     seen = []
     for name in ("_forward_kernel", "_backward_kernel"):
         original = getattr(conv_module, name)
@@ -97,12 +97,12 @@ def test_no_partition_puts_more_than_the_budget_on_the_device(monkeypatch, stats
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(conv_module, name, watched)
-    x_host = jax.device_put(x, host_device())
+    x_host = jax.device_put(x, EX.host)
     del x
     if stats:
-        fn = lambda x, w: big_conv2d_stats(x, w, padding=1, max_partition_bytes=budget)  # noqa: E731
+        fn = lambda x, w: big_conv2d_stats(x, w, padding=1, execution=Execution(budget))  # noqa: E731
     else:
-        fn = lambda x, w: big_conv2d(x, w, padding=1, max_partition_bytes=budget)  # noqa: E731
+        fn = lambda x, w: big_conv2d(x, w, padding=1, execution=Execution(budget))  # noqa: E731
     weights = jnp.asarray(rng.normal(size=(2, 41, 29, 6)).astype(np.float32))
     jax.grad(weighted_sum_loss(fn, weights), argnums=(0, 1))(x_host, kernel)
     assert len(seen) > 10  # many partitions, forward and backward
@@ -112,12 +112,12 @@ def test_no_partition_puts_more_than_the_budget_on_the_device(monkeypatch, stats
 def test_big_conv2d_under_jit_is_a_clear_type_error():
     _, x, kernel, _ = _data(3)
     with pytest.raises(TypeError, match="outside jit"):
-        jax.jit(lambda x: big_conv2d(x, kernel, padding=1, max_partition_bytes=10**8))(x)
+        jax.jit(lambda x: big_conv2d(x, kernel, padding=1, execution=Execution(10**8)))(x)
 
 
 def test_bad_budget_is_a_value_error():
     _, x, kernel, _ = _data(3)
     with pytest.raises(ValueError, match="max_partition_bytes"):
-        big_conv2d(x, kernel, max_partition_bytes=0)
+        big_conv2d(x, kernel, execution=Execution(0))
     with pytest.raises(ValueError, match="needs"):
-        big_conv2d(x, kernel, max_partition_bytes=1_000)
+        big_conv2d(x, kernel, execution=Execution(1_000))

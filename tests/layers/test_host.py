@@ -1,10 +1,12 @@
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bigjax.layers import compute_device, host, host_device, to_host
-from tests.layers.helpers import rel_err, weighted_sum_loss
+from bigjax.layers import Execution, host
+from tests.layers.helpers import EX, rel_err, weighted_sum_loss
 
 RNG = np.random.default_rng(0)
 X = RNG.normal(size=(2, 37, 29, 5)).astype(np.float32)
@@ -23,7 +25,8 @@ CASES = {
     "relu": (host.relu, jax.nn.relu, (X,)),
     "add": (host.add, jnp.add, (X, S)),
     "max_pool_resnet": (host.max_pool, lambda x: _pool(x, 3, 2, 1), (X,)),
-    "max_pool_2x2": (lambda x: host.max_pool(x, window=2, stride=2, padding=0),
+    "max_pool_2x2": (lambda x, execution: host.max_pool(x, window=2, stride=2, padding=0,
+                                                       execution=execution),
                      lambda x: _pool(x, 2, 2, 0), (X,)),
     "global_avg_pool": (host.global_avg_pool, lambda x: x.mean(axis=(1, 2)), (X,)),
     "affine_relu": (host.affine_relu, lambda x, a, b: jax.nn.relu(x * a + b), (X, A, B)),
@@ -40,10 +43,11 @@ CASES = {
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_host_op_equals_plain_op_and_stays_on_the_host(name):
     op, plain, args = CASES[name]
-    args = tuple(to_host(a) if a.ndim == 4 else jax.device_put(a, compute_device()) for a in args)
-    on_compute = tuple(jax.device_put(a, compute_device()) for a in args)  # for the reference
+    op = functools.partial(op, execution=EX)
+    args = tuple(EX.to_host(a) if a.ndim == 4 else jax.device_put(a, EX.compute) for a in args)
+    on_compute = tuple(jax.device_put(a, EX.compute) for a in args)  # for the reference
     y = op(*args)
-    assert y.devices() == {host_device()}
+    assert y.devices() == {EX.host}
     assert rel_err(y, plain(*on_compute)) < 1e-6
     weights = jnp.asarray(RNG.normal(size=y.shape).astype(np.float32))
     argnums = tuple(range(len(args)))
@@ -55,15 +59,15 @@ def test_host_op_equals_plain_op_and_stays_on_the_host(name):
 
 
 def test_fan_out_of_a_host_array_sums_both_cotangents():
-    x = to_host(X)
-    grad = jax.grad(lambda x: jnp.sum(to_compute_sum(host.add(host.relu(x), x))))(x)
+    x = EX.to_host(X)
+    grad = jax.grad(lambda x: jnp.sum(to_compute_sum(host.add(host.relu(x, execution=EX), x, execution=EX))))(x)
     assert rel_err(grad, (X > 0) + 1.0) < 1e-6
 
 
 def to_compute_sum(y):
-    return jax.device_put(y, compute_device())
+    return jax.device_put(y, EX.compute)
 
 
 def test_host_op_under_jit_is_a_clear_type_error():
     with pytest.raises(TypeError, match="outside jit"):
-        jax.jit(host.relu)(X)
+        jax.jit(functools.partial(host.relu, execution=EX))(X)

@@ -1,0 +1,144 @@
+"""How the Big path runs: where big activations live, where kernels run, how much one partition holds.
+
+An ``Execution`` is a small frozen value handed to every Big-Layers op and to a Big model's call; the
+parameter modules hold none of it. Two executions with different compute devices are two streaming
+engines, and they can run side by side in one process (the encoder mesh runs one per device).
+
+Placement. Big activations are JAX arrays committed to a *host device*, a CPU device, and every host op
+(ReLU, max-pool, residual add, the folded BatchNorm affine) is a function jitted there. We chose this over
+numpy / ``pinned_host`` arrays because
+
+* host ops run multi-threaded through XLA:CPU instead of single-threaded numpy;
+* an array on the CPU device has an ordinary ``float32[...]`` type (a ``pinned_host`` memory kind is part
+  of the JAX type, so every cotangent would have to carry it, see shared/JAX-NOTES.md);
+* on a machine with only CPUs the host device can be a *distinct* virtual device
+  (``jax_num_cpu_devices=2``), so tests see exactly which arrays crossed to the compute device.
+
+By default the compute device is ``jax.devices()[0]`` (the GPU where there is one) and the host device
+is another CPU device when there is one, else the compute device itself (moving between them then costs
+nothing, and the partitioned ops still bound what each kernel sees).
+
+Instrumentation. Every copy, band slice or join and kernel call of the ops goes through
+``Execution.call(event, fn, ...)``; an ``observer`` (see ``EVENTS``) sees each one — the benchmark's
+partition counter and stopwatch are observers, no private name is patched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import jax
+import numpy as np
+from jax.sharding import SingleDeviceSharding
+
+__all__ = ["Execution", "DEFAULT_PARTITION_BYTES", "EVENTS", "ensure_eager"]
+
+DEFAULT_PARTITION_BYTES = 256 * 2**20
+
+# what an observer is told about: (event, what it is)
+EVENTS = {
+    "to_compute": "a partition or parameter sent to the compute device",
+    "to_host": "a result sent back to host memory",
+    "take_band": "a band cut out of a host activation",
+    "join_bands": "output bands joined into a host activation",
+    "conv_forward": "a forward conv kernel on one partition",
+    "conv_backward": "a backward conv kernel on one partition (with its statistics cotangent)",
+    "batch_norm": "a BatchNorm kernel (moments, affine or their pullbacks) on one partition",
+    "host_forward": "a host op's forward (ReLU, add, pooling, folded BatchNorm)",
+    "host_backward": "a host op's backward",
+}
+
+# observer(event, fn, *args, **kwargs) must return fn(*args, **kwargs)
+Observer = Callable[..., object]
+
+
+@dataclass(frozen=True)
+class Execution:
+    """Devices and partition budget of one streaming engine.
+
+    Attributes:
+      max_partition_bytes: bound on what one partition of any big layer puts on the compute device.
+      compute: the device that runs the per-partition kernels (default ``jax.devices()[0]``).
+      host: the CPU device whose memory holds big activations (default: see the module docstring).
+      observer: called for every event (``EVENTS``) instead of running it directly; None = no hook.
+    """
+
+    max_partition_bytes: int = DEFAULT_PARTITION_BYTES
+    compute: jax.Device | None = None
+    host: jax.Device | None = None
+    observer: Observer | None = field(default=None, compare=False)
+
+    def __post_init__(self):
+        budget = self.max_partition_bytes
+        if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget <= 0:
+            raise ValueError(f"max_partition_bytes must be a positive number of bytes, got {budget!r}")
+        compute = self.compute or jax.devices()[0]
+        object.__setattr__(self, "max_partition_bytes", int(budget))
+        object.__setattr__(self, "compute", compute)
+        object.__setattr__(self, "host", self.host or _default_host(compute))
+
+    def replace(self, **changes) -> "Execution":
+        """A copy with some fields changed (e.g. another compute device or an observer)."""
+        return replace(self, **changes)
+
+    def call(self, event: str, fn: Callable, *args, **kwargs):
+        """Run ``fn(*args, **kwargs)``, through the observer when there is one."""
+        if self.observer is None:
+            return fn(*args, **kwargs)
+        return self.observer(event, fn, *args, **kwargs)
+
+    def to_host(self, x) -> jax.Array:
+        """Commit ``x`` (numpy or JAX) to the host device; a no-op when it is already there.
+
+        From an accelerator the copy is a DMA into that device's ``pinned_host`` memory, which the CPU
+        device then adopts through a numpy view: 47 GB/s on an H100, where a direct ``device_put`` to
+        the CPU backend ran at 0.8 GB/s (docs/benchmarks.md). A traced ``x`` (a model differentiated
+        with respect to its input) takes the differentiable ``device_put``, whose transpose returns the
+        cotangent to where ``x`` was.
+        """
+        return self.call("to_host", self._to_host, x)
+
+    def _to_host(self, x):
+        if isinstance(x, jax.core.Tracer):
+            return jax.device_put(x, self.host)
+        if isinstance(x, jax.Array):
+            device = next(iter(x.devices()))
+            if device == self.host:
+                return x
+            if device.platform != "cpu":
+                pinned = SingleDeviceSharding(device, memory_kind="pinned_host")
+                x = np.asarray(jax.device_put(x, pinned))
+        return jax.device_put(x, self.host)
+
+    def to_compute(self, x) -> jax.Array:
+        """Send ``x`` (a partition, a parameter) to the compute device."""
+        return self.call("to_compute", jax.device_put, x, self.compute)
+
+    def to_device_of(self, x, like) -> jax.Array:
+        """Put ``x`` where ``like`` lives (numpy counts as the compute device), e.g. a cotangent."""
+        if isinstance(like, jax.Array):
+            return jax.device_put(x, like.sharding)
+        return self.to_compute(x)
+
+
+def _default_host(compute: jax.Device) -> jax.Device:
+    cpus = jax.devices("cpu")
+    others = [d for d in cpus if d != compute]
+    return others[0] if others else cpus[0]
+
+
+def ensure_eager(op: str, *arrays) -> None:
+    """Raise a clear TypeError when a Big-Layers op is traced (under ``jit``, ``vmap``, ``scan``).
+
+    The ops stream partitions in a Python loop with concrete shapes and placements, so they must run
+    eagerly; ``jax.grad``/``jax.vjp``/``nnx.grad`` outside ``jit`` are fine.
+    """
+    for a in jax.tree.leaves(arrays):
+        if isinstance(a, jax.core.Tracer):
+            raise TypeError(
+                f"{op} streams partitions between host and device in a Python loop and must run "
+                f"eagerly; it was called on a traced value ({type(a).__name__}), i.e. under "
+                "jax.jit/vmap/scan. Call it outside jit (jax.grad, jax.vjp and nnx.grad work); only "
+                "the model tail after the big stages is jitted."
+            )
