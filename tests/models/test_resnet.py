@@ -141,7 +141,8 @@ def test_two_engines_on_two_compute_devices_give_the_same_gradients():
     def on(i):
         def observer(event, fn, *args, **kwargs):
             if event in ("conv_forward", "conv_backward"):
-                kernel_devices[i] |= args[0].devices()
+                for leaf in filter(lambda v: isinstance(v, jax.Array), jax.tree.leaves(args)):
+                    kernel_devices[i] |= leaf.devices()
             return fn(*args, **kwargs)
         return observer
 
