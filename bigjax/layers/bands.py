@@ -6,6 +6,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from bigjax.layers.plan import Partition
@@ -14,16 +15,18 @@ __all__ = ["take_band", "join_bands"]
 
 
 @functools.partial(jax.jit, static_argnames=("size",))
-def _slice(x, n0, r0, *, size):
+def _slice(x, starts, *, size):
     # dynamic starts: one executable per band size, not one per band position
-    return lax.dynamic_slice_in_dim(lax.dynamic_slice_in_dim(x, n0, size[0], 0), r0, size[1], 1)
+    rows = lax.dynamic_slice_in_dim(x, starts[0], size[0], 0)
+    return lax.dynamic_slice_in_dim(rows, starts[1], size[1], 1)
 
 
 def take_band(x: jax.Array, n0: int, n1: int, r0: int, r1: int) -> jax.Array:
     """Images [n0, n1), rows [r0, r1) of an NHWC array, sliced where ``x`` lives (the host)."""
     if (n0, r0) == (0, 0) and (n1, r1) == x.shape[:2]:
         return x
-    return _slice(x, n0, r0, size=(n1 - n0, r1 - r0))
+    starts = jax.device_put(np.array([n0, r0], np.int32), x.sharding)  # explicit, with the band
+    return _slice(x, starts, size=(n1 - n0, r1 - r0))
 
 
 def join_bands(bands: list[tuple[Partition, jax.Array]]) -> jax.Array:

@@ -17,10 +17,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bigjax.layers import moments
 from bigjax.layers.bands import join_bands, take_band
-from bigjax.layers.execution import Execution, ensure_eager
+from bigjax.layers.execution import Execution, ensure_eager, zeros_like
 from bigjax.layers.plan import IDENTITY, Footprint, plan_partitions
 
 __all__ = ["big_batch_norm", "big_batch_norm_inference", "big_affine", "big_moments",
@@ -82,7 +83,7 @@ _moments_pull = jax.jit(moments.moments_cotangent)
 def _moments_bwd(ex, res, cts):
     x, mean = res
     g_mean, g_var = map(ex.to_compute, cts)
-    count = x.size // x.shape[-1]
+    count = ex.to_compute(np.float32(x.size // x.shape[-1]))
     return (_join(ex, [(p, ex.to_host(ex.call("batch_norm", _moments_pull, xb, mean, g_mean, g_var,
                                               count)))
                        for p, xb in _to_compute_bands(ex, 2, 0, x)]),)
@@ -124,7 +125,7 @@ def _affine_fwd(ex, x, a, b):
 
 def _affine_bwd(ex, res, g):
     x, a = res
-    acc, bands = (jnp.zeros_like(a), jnp.zeros_like(a)), []
+    acc, bands = zeros_like((a, a)), []
     for p, xb, gb in _to_compute_bands(ex, 2, 1, x, ex.to_host(g)):
         acc, dx = ex.call("batch_norm", _affine_pull, acc, xb, gb, a)
         bands.append((p, ex.to_host(dx)))

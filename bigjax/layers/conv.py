@@ -20,11 +20,12 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from bigjax.layers import moments
 from bigjax.layers.bands import join_bands, take_band
-from bigjax.layers.execution import Execution, ensure_eager
+from bigjax.layers.execution import Execution, ensure_eager, zeros_like
 from bigjax.layers.plan import ConvGeometry, Footprint, Partition, plan_partitions
 
 __all__ = ["big_conv2d", "big_conv2d_stats", "conv2d"]
@@ -144,13 +145,14 @@ def _backward(spec, res, cts):
     ex = spec.ex
     g = ex.to_host(cts[0] if spec.stats else cts)
     if spec.stats:
-        count, g_mean, g_var = y.size // y.shape[-1], ex.to_compute(cts[1]), ex.to_compute(cts[2])
-    acc = tuple(None if v is None else jnp.zeros_like(v) for v in (kernel, bias, a, b))
+        count = ex.to_compute(np.float32(y.size // y.shape[-1]))
+        g_mean, g_var = ex.to_compute(cts[1]), ex.to_compute(cts[2])
+    acc = zeros_like((kernel, bias, a, b))
     plan = _plan(spec, x, kernel, a, backward=True)
     bands, carry, start = [], None, 0
     for p, end in zip(plan, _row_ends(plan, x.shape[1])):
         if p.r0 == 0:  # a new image chunk: nothing to overlap-add yet
-            carry = jnp.zeros((p.n1 - p.n0, 0, *x.shape[2:]), x.dtype, device=ex.compute)
+            carry = ex.to_compute(np.zeros((p.n1 - p.n0, 0, *x.shape[2:]), x.dtype))
             start = 0
         gb = _band(ex, g, p.n0, p.n1, p.r0, p.r1)
         if spec.stats:

@@ -25,14 +25,16 @@ partition counter and stopwatch are observers, no private name is patched.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 
-__all__ = ["Execution", "DEFAULT_PARTITION_BYTES", "EVENTS", "ensure_eager"]
+__all__ = ["Execution", "DEFAULT_PARTITION_BYTES", "EVENTS", "ensure_eager", "zeros_like"]
 
 DEFAULT_PARTITION_BYTES = 256 * 2**20
 
@@ -120,6 +122,16 @@ class Execution:
         if isinstance(like, jax.Array):
             return jax.device_put(x, like.sharding)
         return self.to_compute(x)
+
+
+@functools.partial(jax.jit, keep_unused=True)
+def zeros_like(tree):
+    """Zeros shaped and placed like each array of ``tree`` (None stays None), made on its device.
+
+    Jitted: an eager ``jnp.zeros_like`` sends its fill value from the host, an implicit transfer;
+    ``keep_unused``: the (unread) inputs are what places the computation on their device.
+    """
+    return jax.tree.map(jnp.zeros_like, tree)
 
 
 def _default_host(compute: jax.Device) -> jax.Device:

@@ -13,9 +13,31 @@ def rel_err(a, b) -> float:
     """max |a - b| / max |b| over all leaves (0 when both are zero)."""
     worst = 0.0
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        x, y = (np.asarray(jax.device_get(v), np.float64) for v in (x, y))
         worst = max(worst, float(np.max(np.abs(x - y)) / max(np.max(np.abs(y)), 1e-30)))
     return worst
+
+
+def grad(f, argnums=0):
+    """``jax.grad(f, argnums)`` whose seed cotangent is placed explicitly.
+
+    ``jax.grad`` makes its seed (1.0) from a Python constant, an implicit host-to-device transfer that
+    ``jax.transfer_guard("disallow")`` refuses; here the seed is ``device_put`` beside the loss.
+    """
+    single = isinstance(argnums, int)
+    nums = (argnums,) if single else tuple(argnums)
+
+    def grads(*args):
+        def of(*chosen):
+            full = list(args)
+            for i, v in zip(nums, chosen):
+                full[i] = v
+            return f(*full)
+
+        out, pull = jax.vjp(of, *(args[i] for i in nums))
+        cts = pull(jax.device_put(np.ones(out.shape, out.dtype), out.sharding))
+        return cts[0] if single else cts
+    return grads
 
 
 def weighted_sum_loss(fn, weights):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bigjax.layers import Execution, host
-from tests.layers.helpers import EX, rel_err, weighted_sum_loss
+from tests.layers.helpers import EX, grad, rel_err, weighted_sum_loss
 
 RNG = np.random.default_rng(0)
 X = RNG.normal(size=(2, 37, 29, 5)).astype(np.float32)
@@ -43,16 +43,16 @@ CASES = {
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_host_op_equals_plain_op_and_stays_on_the_host(name):
     op, plain, args = CASES[name]
-    op = functools.partial(op, execution=EX)
+    op, plain = functools.partial(op, execution=EX), jax.jit(plain)  # jit: constants stay put
     args = tuple(EX.to_host(a) if a.ndim == 4 else jax.device_put(a, EX.compute) for a in args)
     on_compute = tuple(jax.device_put(a, EX.compute) for a in args)  # for the reference
     y = op(*args)
     assert y.devices() == {EX.host}
     assert rel_err(y, plain(*on_compute)) < 1e-6
-    weights = jnp.asarray(RNG.normal(size=y.shape).astype(np.float32))
+    weights = EX.to_compute(RNG.normal(size=y.shape).astype(np.float32))
     argnums = tuple(range(len(args)))
-    grads = jax.grad(weighted_sum_loss(op, weights), argnums=argnums)(*args)
-    ref = jax.grad(weighted_sum_loss(plain, weights), argnums=argnums)(*on_compute)
+    grads = grad(weighted_sum_loss(op, weights), argnums=argnums)(*args)
+    ref = grad(weighted_sum_loss(plain, weights), argnums=argnums)(*on_compute)
     assert rel_err(grads, ref) < 1e-5
     for g, a in zip(grads, args):  # cotangents come back where their inputs live
         assert g.devices() == a.devices()
@@ -60,8 +60,9 @@ def test_host_op_equals_plain_op_and_stays_on_the_host(name):
 
 def test_fan_out_of_a_host_array_sums_both_cotangents():
     x = EX.to_host(X)
-    grad = jax.grad(lambda x: jnp.sum(to_compute_sum(host.add(host.relu(x, execution=EX), x, execution=EX))))(x)
-    assert rel_err(grad, (X > 0) + 1.0) < 1e-6
+    dx = grad(lambda x: jnp.sum(to_compute_sum(host.add(host.relu(x, execution=EX), x,
+                                                        execution=EX))))(x)
+    assert rel_err(dx, (X > 0) + 1.0) < 1e-6
 
 
 def to_compute_sum(y):
