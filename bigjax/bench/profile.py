@@ -1,72 +1,58 @@
 """Where a Big-Layers training step spends its time: a blocking, per-category stopwatch.
 
-Each instrumented function is wrapped to wait for its result (``jax.block_until_ready``) and add the
-elapsed time to its category; what is left of the step's wall time is host ops' backward passes, JAX's
+``Stopwatch`` is an ``Execution`` observer: it runs each event of the ops (copies, band slicing and
+joining, kernels, host ops; ``bigjax.layers.EVENTS``), waits for its result (``jax.block_until_ready``)
+and adds the elapsed time to the event's category. What is left of the step's wall time is JAX's
 autodiff bookkeeping and Python. Blocking removes the overlap that asynchronous dispatch gives, so the
 profiled step is slower than the timed one: read the shares, not the sum.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections import defaultdict
+from typing import Callable
 
 import jax
 
-from bigjax.layers import batchnorm, conv, host
+from bigjax.layers.execution import Execution
 
-__all__ = ["profile_step"]
+__all__ = ["Stopwatch", "profile_step", "CATEGORIES"]
 
-# (module, attribute, category)
-_WATCHED = [
-    (conv, "to_compute", "host->device copies"),
-    (batchnorm, "to_compute", "host->device copies"),
-    (conv, "to_host", "device->host copies"),
-    (batchnorm, "to_host", "device->host copies"),
-    (conv, "take_band", "band slicing (host)"),
-    (batchnorm, "take_band", "band slicing (host)"),
-    (conv, "join_bands", "band joining (host)"),
-    (batchnorm, "join_bands", "band joining (host)"),
-    (conv, "_forward_kernel", "conv kernels (fwd)"),
-    (conv, "_backward_kernel", "conv kernels (bwd)"),
-    (conv, "_stats_cotangent", "conv kernels (bwd)"),
-    (batchnorm, "_affine_kernel", "batch-norm kernels"),
-    (batchnorm, "_affine_pull", "batch-norm kernels"),
-    (batchnorm, "_moments_pull", "batch-norm kernels"),
-    *((host, name, "host ops (fwd)") for name in (
-        "relu", "add", "max_pool", "global_avg_pool", "affine_add_relu", "affine_relu_max_pool")),
-]
+CATEGORIES = {
+    "to_compute": "host->device copies",
+    "to_host": "device->host copies",
+    "take_band": "band slicing (host)",
+    "join_bands": "band joining (host)",
+    "conv_forward": "conv kernels (fwd)",
+    "conv_backward": "conv kernels (bwd)",
+    "batch_norm": "batch-norm kernels",
+    "host_forward": "host ops (fwd)",
+    "host_backward": "host ops (bwd)",
+}
+REMAINDER = "autodiff, Python"
 
 
-@contextlib.contextmanager
-def _stopwatch(totals):
-    saved = [(module, name, getattr(module, name)) for module, name, _ in _WATCHED]
-    for (module, name, category), (_, _, original) in zip(_WATCHED, saved):
-        setattr(module, name, _timed(original, category, totals))
-    try:
-        yield
-    finally:
-        for module, name, original in saved:
-            setattr(module, name, original)
+class Stopwatch:
+    """An observer that times every event, blocking on its result, and sums seconds per category."""
 
+    def __init__(self):
+        self.totals: dict[str, float] = defaultdict(float)
 
-def _timed(fn, category, totals):
-    def run(*args, **kwargs):
+    def __call__(self, event: str, fn: Callable, *args, **kwargs):
         start = time.perf_counter()
         out = jax.block_until_ready(fn(*args, **kwargs))
-        totals[category] += time.perf_counter() - start
+        self.totals[CATEGORIES[event]] += time.perf_counter() - start
         return out
-    return run
 
 
-def profile_step(step) -> dict[str, float]:
-    """Seconds per category for one call of ``step`` (already compiled), plus the remainder."""
-    totals: dict[str, float] = defaultdict(float)
-    with _stopwatch(totals):
-        start = time.perf_counter()
-        jax.block_until_ready(step())
-        wall = time.perf_counter() - start
-    totals["host ops (bwd), autodiff, Python"] = wall - sum(totals.values())
+def profile_step(step: Callable[[Execution], object], execution: Execution) -> dict[str, float]:
+    """Seconds per category for one call of ``step(execution)`` (already compiled), plus the rest."""
+    watch = Stopwatch()
+    start = time.perf_counter()
+    jax.block_until_ready(step(execution.replace(observer=watch)))
+    wall = time.perf_counter() - start
+    totals = dict(watch.totals)
+    totals[REMAINDER] = wall - sum(totals.values())
     totals["total (blocking)"] = wall
-    return dict(totals)
+    return totals

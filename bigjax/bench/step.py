@@ -7,7 +7,6 @@ kernels jitted); the twin's whole step is one ``nnx.jit`` function.
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -18,11 +17,10 @@ import numpy as np
 from flax import nnx
 
 from bigjax.bench.profile import profile_step
-from bigjax.layers import conv as conv_module
-from bigjax.layers.placement import compute_device, to_compute, to_host
+from bigjax.layers.execution import Execution
 from bigjax.models.resnet import BigResNet, in_memory_twin
 
-__all__ = ["StepTiming", "benchmark_step", "count_conv_partitions"]
+__all__ = ["StepTiming", "PartitionCounter", "benchmark_step"]
 
 
 @dataclass
@@ -45,24 +43,18 @@ class StepTiming:
         return self.big_s / self.plain_s
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "ratio": self.ratio, "device": str(compute_device())}
+        return {**asdict(self), "ratio": self.ratio, "device": str(Execution().compute)}
 
 
-@contextlib.contextmanager
-def count_conv_partitions():
-    """Count forward conv partitions (kernel calls) while the block runs: ``with ... as calls``."""
-    calls = [0]
-    original = conv_module._forward_kernel
+class PartitionCounter:
+    """An ``Execution`` observer counting forward conv kernel calls (one per partition)."""
 
-    def counted(*args, **kwargs):
-        calls[0] += 1
-        return original(*args, **kwargs)
+    def __init__(self):
+        self.conv_partitions = 0
 
-    conv_module._forward_kernel = counted
-    try:
-        yield calls
-    finally:
-        conv_module._forward_kernel = original
+    def __call__(self, event, fn, *args, **kwargs):
+        self.conv_partitions += event == "conv_forward"
+        return fn(*args, **kwargs)
 
 
 def _median_seconds(step, reps: int) -> float:
@@ -88,27 +80,29 @@ def benchmark_step(depth: int, shape: tuple, budget: int, *, fused: bool = True,
       profile: also profile one Big-Layers step (``profile.profile_step``) into ``.profile``.
     """
     x = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
-    big = BigResNet(depth, big_stages=4, max_partition_bytes=budget, fused=fused,
-                    rngs=nnx.Rngs(seed))
+    big = BigResNet(depth, big_stages=4, fused=fused, rngs=nnx.Rngs(seed))
     twin = in_memory_twin(big)
     weights = jnp.ones((shape[0], big.embed_dim)) / big.embed_dim
+    ex = Execution(budget)
 
-    def loss(model, x):
-        return jnp.sum(model(x, train=True) * weights)
+    def loss(model, x, execution=None):
+        kwargs = {} if execution is None else {"execution": execution}
+        return jnp.sum(model(x, train=True, **kwargs) * weights)
 
-    big_step = nnx.value_and_grad(loss)
+    big_grad = nnx.value_and_grad(loss)
     plain_step = nnx.jit(nnx.value_and_grad(loss))
-    x_host, x_device = to_host(x), to_compute(x)
-    with count_conv_partitions() as calls:
-        big(x_host, train=False)
-    big_s = _median_seconds(lambda: big_step(big, x_host), reps)
-    big_peak = _peak_bytes()
-    breakdown = profile_step(lambda: big_step(big, x_host)) if profile else None
+    x_host, x_device = ex.to_host(x), ex.to_compute(x)
+    counter = PartitionCounter()
+    big(x_host, train=False, execution=ex.replace(observer=counter))
+    big_step = lambda execution: big_grad(big, x_host, execution)  # noqa: E731
+    big_s = _median_seconds(lambda: big_step(ex), reps)
+    big_peak = _peak_bytes(ex)
+    breakdown = profile_step(big_step, ex) if profile else None
     plain_s = _median_seconds(lambda: plain_step(twin, x_device), reps)
-    return StepTiming(depth, tuple(shape), budget, fused, calls[0], big_s, plain_s, big_peak,
-                      _peak_bytes(), breakdown)
+    return StepTiming(depth, tuple(shape), budget, fused, counter.conv_partitions, big_s, plain_s,
+                      big_peak, _peak_bytes(ex), breakdown)
 
 
-def _peak_bytes() -> int | None:
-    stats = compute_device().memory_stats()
+def _peak_bytes(ex: Execution) -> int | None:
+    stats = ex.compute.memory_stats()
     return None if stats is None else stats.get("peak_bytes_in_use")
