@@ -17,6 +17,7 @@ task with two classes, not a CAMELYON result.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import sys
 from pathlib import Path
@@ -24,20 +25,15 @@ from pathlib import Path
 from bigjax.data import layouts
 from bigjax.data.synthetic import make_panda_like
 from bigjax.data.tiling import TilingConfig, tile_dataset
-from experiments.panda import QUICK as PANDA_QUICK
-from experiments.panda import config_from_flags, run, training_flags
+from experiments.flags import apply_flags, training_flags
+from experiments.panda import run
+from experiments.presets import Preset, camelyon_paper, camelyon_quick
 
-PAPER = dict(optimizer="demon_adam", weight_decay=0.0, tile_size=256, mpp=0.5, tiles_per_bag=512,
-             batch_size=2, accum=16, epochs=20, schedule="constant", lr=5e-5, big_stages=4,
-             max_partition_bytes=256 * 2**20, eval_draws=10, eval_tiles=2048, val_draws=1,
-             val_tiles=0, embed_chunk=64, workdir="runs/camelyon_real")
-QUICK = {**PANDA_QUICK, "workdir": "runs/camelyon", "optimizer": "demon_adam", "lr": 1e-3,
-         "weight_decay": 0.0, "schedule": "constant"}
 POSITIVE_GRADE = 3  # generated stand-in: ISUP grade >= 3 is the positive class
 
 
-def parse_flags(argv=None):
-    p = training_flags(__doc__, PAPER, QUICK)
+def parse_flags(argv=None) -> argparse.Namespace:
+    p = training_flags(__doc__)
     p.add_argument("--csv", help="CAMELYON slide CSV (path, label[, slide_id, split]); omit for the "
                                  "generated stand-in")
     p.add_argument("--data_dir", help="folder that the CSV's relative paths are under")
@@ -45,33 +41,38 @@ def parse_flags(argv=None):
     return p.parse_args(argv)
 
 
-def slides_of(a, config, preset) -> list[layouts.SlideEntry]:
+def config_from_flags(a: argparse.Namespace) -> Preset:
+    """The paper preset on real slides (``--csv``), else the generated stand-in; flags override."""
+    preset = apply_flags(camelyon_paper() if a.csv else camelyon_quick(), a)
+    return preset if a.mpp is None else dataclasses.replace(preset, mpp=a.mpp)
+
+
+def slides_of(a: argparse.Namespace, preset: Preset) -> list[layouts.SlideEntry]:
     """The CAMELYON layout, or the generated PANDA-like slides with binary labels."""
     if a.csv:
         return layouts.camelyon_layout(a.csv, root=a.data_dir, seed=a.data_seed)
-    data_dir = Path(config.workdir) / "data"
+    data_dir = Path(preset.train.workdir) / "data"
     if not (data_dir / "train.csv").is_file():
-        make_panda_like(data_dir, n_slides=preset["n_slides"], seed=a.data_seed,
-                        side=preset["side"], workers=a.workers)
+        make_panda_like(data_dir, n_slides=preset.n_slides, seed=a.data_seed, side=preset.side,
+                        workers=a.workers)
     return [dataclasses.replace(s, label=int(s.label >= POSITIVE_GRADE))
             for s in layouts.panda_layout(data_dir, seed=a.data_seed)]
 
 
-def prepare_store(a, config, preset) -> None:
+def prepare_store(a: argparse.Namespace, preset: Preset) -> None:
+    config = preset.train
     if config.manifest_path.is_file():
         return
     rule = "camelyon" if a.csv else "panda"
-    mpp = preset.get("mpp") if a.csv else None
-    tile_dataset(slides_of(a, config, preset), config.store,
-                 TilingConfig(tile_size=preset["tile_size"], rule=rule, mpp=mpp),
+    tile_dataset(slides_of(a, preset), config.store,
+                 TilingConfig(tile_size=preset.tile_size, rule=rule, mpp=preset.mpp if a.csv else None),
                  workers=a.workers, progress=config.progress)
 
 
 def main(argv=None) -> int:
     a = parse_flags(argv)
-    config, preset = config_from_flags(a, task="camelyon", paper=PAPER, quick=QUICK,
-                                       real=bool(a.csv))
-    return run(a, config, lambda: prepare_store(a, config, preset))
+    preset = config_from_flags(a)
+    return run(a, preset, lambda: prepare_store(a, preset))
 
 
 if __name__ == "__main__":

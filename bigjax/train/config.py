@@ -1,4 +1,8 @@
-"""The configuration of one training run (what the experiment CLIs fill from their flags)."""
+"""The configuration of one training run (what the experiment CLIs fill from their presets and flags).
+
+Each setting has its one default here (the paper's PANDA setting; the optimiser's in
+``bigjax.train.optim.OptimizerConfig``); presets state only where they depart from it.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,14 @@ import dataclasses
 import json
 from pathlib import Path
 
+from bigjax.layers.execution import DEFAULT_PARTITION_BYTES
+from bigjax.train.optim import OptimizerConfig
+
 TASKS = {"panda": 6, "camelyon": 2}  # task -> number of classes
 SELECT_METRIC = {"panda": "qwk", "camelyon": "auc"}  # validation metric that picks the best checkpoint
+
+# the paper's PANDA optimiser: Adam, lr 1e-4 with L2 1e-4, cosine, batch 2 x accumulation 16
+PAPER_OPTIMIZER = OptimizerConfig(weight_decay=1e-4, schedule="cosine", accum=16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,14 +30,15 @@ class TrainConfig:
       manifest: the store's manifest CSV (default ``<store>/manifest.csv``); its split column picks
         train / val / test slides.
       task: "panda" (6 ISUP grades; QWK, accuracy) or "camelyon" (binary; accuracy, AUC).
-      encoder: "big", "inmemory", "frozen" or "precomputed" (see ``bigjax.train.encoders``).
+      encoder: an encoder mode name (``bigjax.train.modes.names()``: big, inmemory, frozen, ...).
       aggregator: a name of ``bigjax.models.mil.AGGREGATORS``.
-      depth, big_stages, max_partition_bytes: the ResNet encoder and its Big-Layers budget.
+      depth: the ResNet encoder's depth (18, 34, 50).
+      big_stages, max_partition_bytes: what runs as Big-Layers and their partition budget (modes that
+        stream only).
       init: torchvision/timm ResNet safetensors file; None = random init (a warning says so).
-      optimizer, lr, weight_decay, schedule, b1: see ``bigjax.train.optim.make_optimizer``.
+      optim: the optimiser, its schedule and gradient accumulation (``OptimizerConfig``).
       epochs: passes over the training slides (one bag per slide per epoch).
       batch_size: bags whose mean loss makes one gradient (the encoder sees their tiles together).
-      accum: gradients averaged into one optimiser update (optax.MultiSteps).
       tiles_per_bag: K tiles drawn per training bag.
       augment: one random augmentation draw per slide and epoch, applied to all its tiles.
       seed: parameters, data order, tile draws and augmentation are functions of it.
@@ -49,16 +60,11 @@ class TrainConfig:
     aggregator: str = "abmil"
     depth: int = 18
     big_stages: int = 4
-    max_partition_bytes: int = 256 * 2**20
+    max_partition_bytes: int = DEFAULT_PARTITION_BYTES
     init: str | None = None
-    optimizer: str = "adam"
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    schedule: str = "cosine"
-    b1: float = 0.9
+    optim: OptimizerConfig = PAPER_OPTIMIZER
     epochs: int = 20
     batch_size: int = 2
-    accum: int = 16
     tiles_per_bag: int = 256
     augment: bool = True
     seed: int = 0
@@ -74,9 +80,11 @@ class TrainConfig:
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"task {self.task!r}: choose one of {', '.join(TASKS)}")
-        for name in ("epochs", "batch_size", "accum", "tiles_per_bag", "val_draws", "embed_chunk"):
+        for name in ("epochs", "batch_size", "tiles_per_bag", "val_draws", "embed_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.optim.accum < 1:
+            raise ValueError(f"accum must be at least 1, got {self.optim.accum}")
 
     @property
     def n_classes(self) -> int:
@@ -95,4 +103,6 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, text: str, **overrides) -> "TrainConfig":
-        return cls(**{**json.loads(text), **overrides})
+        fields = json.loads(text)
+        fields["optim"] = OptimizerConfig(**fields.get("optim", {}))
+        return cls(**{**fields, **overrides})

@@ -165,8 +165,6 @@ class OptimizerConfig:
         lr: initial learning rate.
         weight_decay: L2 (adam, demon_adam) or decoupled (adamw) coefficient.
         schedule: "constant", "cosine" or "exponential" (see make_schedule).
-        steps_per_epoch: optimiser updates per epoch, i.e. batches per epoch // accum.
-        epochs: number of epochs; with steps_per_epoch it sets cosine length and DEMON's T.
         accum: micro-batches whose gradients are averaged into one update (optax.MultiSteps).
         b1, b2, eps: Adam moments and epsilon (b1 is DEMON's beta_init).
         clip_norm: if set, clip the global gradient norm to it before the optimiser.
@@ -176,8 +174,6 @@ class OptimizerConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     schedule: str = "constant"
-    steps_per_epoch: int = 1
-    epochs: int = 1
     accum: int = 1
     b1: float = 0.9
     b2: float = 0.999
@@ -185,12 +181,15 @@ class OptimizerConfig:
     clip_norm: float | None = None
 
 
-def make_optimizer(cfg: Any = None, /, **overrides) -> optax.GradientTransformation:
+def make_optimizer(cfg: Any = None, /, *, steps_per_epoch: int = 1, epochs: int = 1,
+                   **overrides) -> optax.GradientTransformation:
     """Build the optimiser a run asks for.
 
     Args:
-        cfg: None, a mapping, or any object (e.g. an experiment config dataclass); the fields of
+        cfg: None, a mapping, or any object (e.g. an ``OptimizerConfig``); the fields of
             OptimizerConfig it has are read, others ignored.
+        steps_per_epoch: optimiser updates per epoch, i.e. batches per epoch // accum.
+        epochs: number of epochs; with steps_per_epoch it sets cosine length and DEMON's T.
         **overrides: OptimizerConfig fields, taking precedence over cfg.
 
     Returns:
@@ -198,7 +197,7 @@ def make_optimizer(cfg: Any = None, /, **overrides) -> optax.GradientTransformat
         its schedule and DEMON count optimiser updates, not micro-batches.
     """
     c = _optimizer_config(cfg, overrides)
-    schedule = make_schedule(c.schedule, c.lr, c.steps_per_epoch, c.epochs)
+    schedule = make_schedule(c.schedule, c.lr, steps_per_epoch, epochs)
     if c.name == "adam":
         opt = optax.chain(
             optax.add_decayed_weights(c.weight_decay) if c.weight_decay else optax.identity(),
@@ -206,7 +205,7 @@ def make_optimizer(cfg: Any = None, /, **overrides) -> optax.GradientTransformat
     elif c.name == "adamw":
         opt = optax.adamw(schedule, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay)
     elif c.name == "demon_adam":
-        opt = demon_adam(schedule, total_steps=max(1, c.steps_per_epoch * c.epochs), b1=c.b1,
+        opt = demon_adam(schedule, total_steps=max(1, steps_per_epoch * epochs), b1=c.b1,
                          b2=c.b2, eps=c.eps, weight_decay=c.weight_decay)
     else:
         raise ValueError(f"unknown optimizer {c.name!r}; choose one of {', '.join(OPTIMIZERS)}")

@@ -6,37 +6,53 @@ from experiments import camelyon, panda
 
 
 def test_panda_quick_preset_without_data_dir():
-    config, preset = panda.config_from_flags(panda.parse_flags(["--encoder=big"]))
+    preset = panda.config_from_flags(panda.parse_flags(["--encoder=big"]))
+    config = preset.train
     assert config.workdir == "runs/panda" and config.store == "runs/panda/store"
     assert (config.tiles_per_bag, config.batch_size, config.big_stages) == (8, 4, 2)
-    assert preset["tile_size"] == 32 and config.task == "panda"
+    assert preset.tile_size == 32 and config.task == "panda"
 
 
 def test_panda_paper_defaults_with_data_dir():
-    config, preset = panda.config_from_flags(panda.parse_flags(["--data_dir=/PANDA"]))
-    assert preset["tile_size"] == 256
-    assert (config.tiles_per_bag, config.batch_size, config.accum, config.epochs) == (256, 2, 16, 20)
-    assert (config.schedule, config.lr, config.optimizer, config.weight_decay) == ("cosine", 1e-4, "adam", 1e-4)
+    preset = panda.config_from_flags(panda.parse_flags(["--data_dir=/PANDA"]))
+    config, optim = preset.train, preset.train.optim
+    assert preset.tile_size == 256
+    assert (config.tiles_per_bag, config.batch_size, optim.accum, config.epochs) == (256, 2, 16, 20)
+    assert (optim.schedule, optim.lr, optim.name, optim.weight_decay) == ("cosine", 1e-4, "adam", 1e-4)
     assert (config.eval_draws, config.eval_tiles) == (100, 256)
 
 
 def test_flags_override_the_preset():
     a = panda.parse_flags(["--data_dir=/P", "--lr=5e-5", "--epochs=3", "--encoder=frozen",
-                           "--aggregator=transmil", "--no-augment", "--workdir=/tmp/w", "--tiles_per_bag=64"])
-    config, _ = panda.config_from_flags(a)
-    assert (config.lr, config.epochs, config.encoder, config.aggregator) == (5e-5, 3, "frozen", "transmil")
+                           "--aggregator=transmil", "--no-augment", "--workdir=/tmp/w",
+                           "--tiles_per_bag=64", "--accum=4"])
+    config = panda.config_from_flags(a).train
+    assert (config.optim.lr, config.epochs, config.encoder, config.aggregator) == (
+        5e-5, 3, "frozen", "transmil")
     assert config.augment is False and config.store == "/tmp/w/store" and config.tiles_per_bag == 64
+    assert config.optim.accum == 4 and config.optim.schedule == "cosine"  # the rest stays the preset's
 
 
 def test_camelyon_paper_defaults():
-    a = camelyon.parse_flags(["--csv=slides.csv"])
-    config, preset = camelyon.config_from_flags(a, task="camelyon", paper=camelyon.PAPER,
-                                                quick=camelyon.QUICK, real=True)
+    preset = camelyon.config_from_flags(camelyon.parse_flags(["--csv=slides.csv"]))
+    config = preset.train
     assert config.task == "camelyon" and config.n_classes == 2 and config.select_metric == "auc"
-    assert (config.optimizer, config.lr, config.tiles_per_bag) == ("demon_adam", 5e-5, 512)
-    assert (config.eval_draws, config.eval_tiles) == (10, 2048) and preset["mpp"] == 0.5
+    assert (config.optim.name, config.optim.lr, config.tiles_per_bag) == ("demon_adam", 5e-5, 512)
+    assert (config.eval_draws, config.eval_tiles) == (10, 2048) and preset.mpp == 0.5
+
+
+def test_camelyon_quick_is_the_binary_stand_in():
+    config = camelyon.config_from_flags(camelyon.parse_flags([])).train
+    assert config.workdir == "runs/camelyon" and config.task == "camelyon"
+    assert (config.optim.name, config.optim.lr, config.optim.accum) == ("demon_adam", 1e-3, 1)
 
 
 def test_unknown_encoder_is_rejected():
     with pytest.raises(SystemExit):
         panda.parse_flags(["--encoder=huge"])
+
+
+@pytest.mark.parametrize("flag", ["--max_partition_bytes=1000000", "--big_stages=1"])
+def test_a_streaming_flag_with_a_mode_that_does_not_stream_is_refused(flag):
+    with pytest.raises(ValueError, match=rf"{flag.split('=')[0]} has no effect with --encoder=frozen"):
+        panda.config_from_flags(panda.parse_flags(["--encoder=frozen", flag]))

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bigjax.layers import Execution, host
+from bigjax.layers import host
 from tests.layers.helpers import EX, grad, rel_err, weighted_sum_loss
 
 RNG = np.random.default_rng(0)

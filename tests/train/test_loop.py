@@ -1,6 +1,5 @@
 """The training loop on a tiny generated PANDA-like store: resume, learning, NaN stop, eval_only."""
 
-import csv
 import dataclasses
 import json
 from pathlib import Path
@@ -10,30 +9,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bigjax.data import layouts
 from bigjax.data.bags import epoch_order
-from bigjax.data.synthetic import make_panda_like
-from bigjax.data.tiling import TilingConfig, tile_dataset
 from bigjax.train.config import TrainConfig
-from bigjax.train.encoders import FeatureCache
+from bigjax.train.features import FeatureCache
 from bigjax.train.loop import NonFiniteLossError, Run, evaluate_run, train
-
-SPLITS = ["train"] * 8 + ["val"] * 2 + ["test"] * 2
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """12 small generated slides tiled at 16 px: 8 train, 2 val, 2 test."""
-    root = tmp_path_factory.mktemp("panda")
-    data = make_panda_like(root / "data", n_slides=len(SPLITS), seed=0, side=(64, 96), workers=1)
-    with open(data / "train.csv") as f:
-        ids = [row["image_id"] for row in csv.DictReader(f)]
-    with open(root / "splits.csv", "w") as f:
-        f.write("image_id,split\n" + "".join(f"{i},{s}\n" for i, s in zip(ids, SPLITS)))
-    slides = layouts.panda_layout(data, splits_csv=root / "splits.csv")
-    tile_dataset(slides, root / "store", TilingConfig(tile_size=16), progress=False)
-    return root / "store"
-
+from bigjax.train.optim import OptimizerConfig
 
 def tiny(store, workdir, **overrides) -> TrainConfig:
     """A run small enough for a test: 4 tiles of 16 px, 2 bags x 2 accumulated, 2 epochs.
@@ -41,10 +21,11 @@ def tiny(store, workdir, **overrides) -> TrainConfig:
     The default encoder mode is ``precomputed`` (fast: one eval-mode compile of the encoder);
     the ``slow`` tests run the same checks through the Big-Layers encoder.
     """
-    base = dict(workdir=str(workdir), store=str(store), encoder="precomputed", aggregator="abmil", depth=18,
-                big_stages=1, max_partition_bytes=400_000, lr=1e-3, epochs=2, batch_size=2, accum=2,
-                tiles_per_bag=4, augment=True, val_draws=2, val_tiles=4, eval_draws=3, eval_tiles=4,
-                embed_chunk=16, log_every=1, progress=False)
+    optim = OptimizerConfig(lr=overrides.pop("lr", 1e-3), accum=overrides.pop("accum", 2))
+    base = dict(workdir=str(workdir), store=str(store), encoder="precomputed", aggregator="abmil",
+                depth=18, big_stages=1, max_partition_bytes=400_000, optim=optim, epochs=2,
+                batch_size=2, tiles_per_bag=4, augment=True, val_draws=2, val_tiles=4, eval_draws=3,
+                eval_tiles=4, embed_chunk=16, log_every=1, progress=False)
     return TrainConfig(**{**base, **overrides})
 
 
@@ -154,7 +135,7 @@ def test_short_run_lowers_the_training_loss(store, tmp_path):
 def test_nan_loss_stops_and_keeps_the_checkpoint(store, tmp_path):
     config = tiny(store, tmp_path, checkpoint_every=1)
     run = Run(config)
-    run.fill_cache(run.slides["train"])
+    run.prepare()
     # poison the cached embeddings of the slide that the second step of epoch 1 trains on
     slide = run.slides["train"][int(epoch_order(len(run.slides["train"]), config.seed, 0)[2])]
     cache = FeatureCache(tmp_path / "features")

@@ -1,0 +1,203 @@
+"""Encoder modes: how a run trains (or leaves frozen) its tile encoder — one object per mode.
+
+A mode owns everything that differs between them: building the encoder, what the optimiser updates, a
+batch of bags -> the step's inputs, the step, and eval-mode embeddings. The training loop only asks its
+mode; no other code compares mode names. Modes are looked up by name (``TrainConfig.encoder``) in a
+registry that code outside the package extends with ``@register("name")``.
+
+- ``big``: ``BigResNet`` trained end to end; its forward/backward run eagerly (Big-Layers) with the
+  run's ``Execution`` (devices, partition budget), the aggregator and loss on the compute device.
+- ``inmemory``: the plain ``ResNet`` trained end to end, the whole step jitted (for what fits).
+- ``frozen``: the encoder's eval-mode forward on the fly (augmented tiles), only the aggregator trained.
+- ``precomputed``: eval-mode embeddings of every tile computed once into a ``FeatureCache``; only the
+  aggregator trained, on cached rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import ClassVar
+
+import jax
+import numpy as np
+from flax import nnx
+
+from bigjax.data.augment import augment_bag
+from bigjax.data.bags import Bag
+from bigjax.layers.execution import Execution
+from bigjax.models.resnet import BigResNet, ResNet, load_torchvision
+from bigjax.train import features, steps
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EncoderMode", "register", "names", "get", "get_class", "STREAMING_SETTINGS"]
+
+_MODES: dict[str, type["EncoderMode"]] = {}
+# config fields only the modes that stream through Big-Layers read
+STREAMING_SETTINGS = ("big_stages", "max_partition_bytes")
+
+
+def register(name: str):
+    """Class decorator: make an ``EncoderMode`` subclass available as ``--encoder=name``."""
+    def add(cls):
+        cls.name = name
+        _MODES[name] = cls
+        return cls
+    return add
+
+
+def names() -> tuple[str, ...]:
+    """The registered mode names."""
+    return tuple(_MODES)
+
+
+def get_class(name: str) -> type["EncoderMode"]:
+    """The mode registered as ``name``."""
+    if name not in _MODES:
+        raise ValueError(f"encoder mode {name!r}: choose one of {', '.join(_MODES)}")
+    return _MODES[name]
+
+
+def get(config, workdir: Path) -> "EncoderMode":
+    """The mode object of a run (``config.encoder``), for the run's working folder."""
+    return get_class(config.encoder)(config, workdir)
+
+
+def plain_forward(encoder: nnx.Module, x: jax.Array) -> jax.Array:
+    """Eval-mode embeddings through the in-memory path of the encoder's parameters (jittable)."""
+    return ResNet.__call__(encoder, x, train=False)
+
+
+class EncoderMode:
+    """What one way of training the encoder does; subclasses override what differs.
+
+    Attributes:
+      name: the registered name (set by ``register``).
+      trains_encoder: whether the encoder's parameters are updated.
+      augments: whether training tiles are augmented (a mode that caches embeddings cannot).
+      settings: which of ``STREAMING_SETTINGS`` the mode reads (a flag given for another is an error).
+      eval_forward: (encoder, normalised tiles) -> eval-mode embeddings, jittable; a staticmethod.
+    """
+
+    name: ClassVar[str] = ""
+    trains_encoder: ClassVar[bool] = True
+    augments: ClassVar[bool] = True
+    settings: ClassVar[tuple[str, ...]] = ()
+    eval_forward = staticmethod(plain_forward)
+
+    def __init__(self, config, workdir: Path):
+        self.config, self.workdir = config, Path(workdir)
+
+    def build_encoder(self, rngs: nnx.Rngs) -> nnx.Module:
+        """The encoder (an NNX module with ``embed_dim``), from ``config.init`` or a random init."""
+        return self._initialised(ResNet(self.config.depth, rngs=rngs))
+
+    def _initialised(self, encoder: ResNet) -> ResNet:
+        c = self.config
+        if c.init:
+            load_torchvision(encoder, c.init)
+            log.info("encoder ResNet-%d initialised from %s", c.depth, c.init)
+        else:
+            log.warning("encoder ResNet-%d has random initial weights (no --init); the paper starts "
+                        "from ImageNet weights", c.depth)
+        return encoder
+
+    def trainable(self):
+        """The NNX filter of what the optimiser updates."""
+        return nnx.Param if self.trains_encoder else steps.HEAD_ONLY
+
+    def prepare(self, model: steps.MILClassifier, store, slides) -> None:
+        """Work before the first step or evaluation (e.g. fill a cache); nothing by default."""
+
+    def inputs(self, model: steps.MILClassifier, batch: list[Bag]):
+        """A batch of bags -> the step's inputs: normalised tiles (B, K, T, T, 3) on the device."""
+        return features.normalize(augmented_tiles(batch))
+
+    def step(self, model, optimizer, inputs, labels) -> jax.Array:
+        """One gradient and optimiser update; returns the batch loss."""
+        return steps.jitted_step(model, optimizer, inputs, labels, encode=self.trains_encoder)
+
+    def embed(self, model: steps.MILClassifier, store, row, indices: np.ndarray) -> jax.Array:
+        """Eval-mode embeddings (len(indices), D) of tiles of one slide (manifest row)."""
+        parts = [self.embed_tiles(model, store.read(row.slide_id, indices[i:i + 1024]))
+                 for i in range(0, len(indices), 1024)]
+        return jax.numpy.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def embed_tiles(self, model: steps.MILClassifier, tiles: np.ndarray) -> jax.Array:
+        """Eval-mode embeddings of uint8 tiles, in jitted chunks of ``config.embed_chunk``."""
+        return features.embed_tiles(self.eval_forward, model.encoder, tiles,
+                                    min(self.config.embed_chunk, max(len(tiles), 1)))
+
+
+def augmented_tiles(batch: list[Bag]) -> np.ndarray:
+    """uint8 (B, K, T, T, 3): each bag with its slide's augmentation draw, computed on the host CPU."""
+    cpu = jax.devices("cpu")[0]
+    return np.stack([bag.tiles if bag.aug is None else
+                     np.asarray(augment_bag(jax.device_put(bag.tiles, cpu), bag.aug)) for bag in batch])
+
+
+@register("big")
+class Big(EncoderMode):
+    """The Big ResNet trained end to end: eager gradients through Big-Layers, jitted update."""
+
+    settings = STREAMING_SETTINGS
+
+    def __init__(self, config, workdir: Path):
+        super().__init__(config, workdir)
+        self.execution = Execution(config.max_partition_bytes)
+
+    def build_encoder(self, rngs: nnx.Rngs) -> nnx.Module:
+        return self._initialised(BigResNet(self.config.depth, big_stages=self.config.big_stages,
+                                           rngs=rngs))
+
+    def inputs(self, model, batch: list[Bag]):
+        """Normalised tiles in host memory (numpy): the Big-Layers stream them to the device."""
+        return features.normalize_host(augmented_tiles(batch))
+
+    def step(self, model, optimizer, inputs, labels) -> jax.Array:
+        return steps.eager_step(model, optimizer, self._loss, inputs, labels)
+
+    def _loss(self, model, inputs, labels):
+        encode = lambda x: model.encoder(x, train=True, execution=self.execution)  # noqa: E731
+        return steps.batch_loss(model, steps.bag_features(encode, inputs), labels)
+
+
+@register("inmemory")
+class InMemory(EncoderMode):
+    """The plain ResNet trained end to end; the whole step is one jitted function."""
+
+
+@register("frozen")
+class Frozen(EncoderMode):
+    """The encoder's eval-mode forward on augmented tiles each step; only the aggregator trains."""
+
+    trains_encoder = False
+
+    def inputs(self, model, batch: list[Bag]):
+        tiles = augmented_tiles(batch)
+        b, k = tiles.shape[:2]
+        flat = tiles.reshape(b * k, *tiles.shape[2:])
+        return self.embed_tiles(model, flat).reshape(b, k, -1)
+
+
+@register("precomputed")
+class Precomputed(EncoderMode):
+    """Eval-mode embeddings of every tile computed once (``<workdir>/features``); aggregator only."""
+
+    trains_encoder = False
+    augments = False
+
+    def __init__(self, config, workdir: Path):
+        super().__init__(config, workdir)
+        self.cache = features.FeatureCache(self.workdir / "features")
+
+    def prepare(self, model, store, slides) -> None:
+        self.cache.fill(lambda tiles: self.embed_tiles(model, tiles), store, slides,
+                        progress=self.config.progress)
+
+    def inputs(self, model, batch: list[Bag]):
+        return np.stack([self.cache.features(b.slide_id, b.indices) for b in batch])
+
+    def embed(self, model, store, row, indices: np.ndarray):
+        return self.cache.features(row.slide_id, indices)

@@ -1,0 +1,92 @@
+"""The flags every experiment CLI shares, and how given flags override a preset.
+
+Every flag defaults to None (not given): the one default of each setting lives in ``TrainConfig`` /
+``OptimizerConfig``, and a preset states where a task departs from it. A flag that the chosen encoder
+mode does not read (``--max_partition_bytes`` with ``--encoder=frozen``) is refused, not dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from bigjax.train import modes
+from experiments.presets import Preset
+
+__all__ = ["training_flags", "apply_flags"]
+
+# flag -> TrainConfig field, OptimizerConfig field, Preset field
+TRAIN_FIELDS = ("encoder", "aggregator", "depth", "big_stages", "max_partition_bytes", "init",
+                "epochs", "batch_size", "tiles_per_bag", "augment", "seed", "eval_draws", "eval_tiles",
+                "checkpoint_every")
+OPTIM_FIELDS = {"optimizer": "name", "lr": "lr", "weight_decay": "weight_decay",
+                "schedule": "schedule", "accum": "accum"}
+PRESET_FIELDS = ("tile_size",)
+
+
+def training_flags(doc: str) -> argparse.ArgumentParser:
+    """The flags of every experiment (model, optimiser, schedule, run control); all default None."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--store", help="tile store to use/create (default <workdir>/store)")
+    p.add_argument("--workdir", help="run folder (default: the preset's, runs/<task>...)")
+    p.add_argument("--encoder", choices=modes.names(), help="encoder mode (default big)")
+    p.add_argument("--aggregator", help="MIL aggregator (default abmil)")
+    p.add_argument("--depth", type=int, choices=[18, 34, 50])
+    p.add_argument("--big_stages", type=int, help="ResNet stages run as Big-Layers (big mode)")
+    p.add_argument("--max_partition_bytes", type=int, help="Big-Layers partition budget (big mode)")
+    p.add_argument("--init", help="torchvision/timm ResNet .safetensors (default: random init)")
+    p.add_argument("--optimizer", choices=["adam", "adamw", "demon_adam"])
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight_decay", type=float)
+    p.add_argument("--schedule", choices=["constant", "cosine", "exponential"])
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch_size", type=int)
+    p.add_argument("--accum", type=int)
+    p.add_argument("--tiles_per_bag", type=int)
+    p.add_argument("--tile_size", type=int)
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction)
+    p.add_argument("--seed", type=int, help="training seed: init, bag order, draws (default 0)")
+    p.add_argument("--data_seed", type=int, default=0,
+                   help="seed of the generated data set and of the default split (kept apart from "
+                        "--seed so that seeds compare models on the same data)")
+    p.add_argument("--eval_draws", type=int)
+    p.add_argument("--eval_tiles", type=int)
+    p.add_argument("--checkpoint_every", type=int, help="also checkpoint every N steps")
+    p.add_argument("--resume", action="store_true", help="continue the run in --workdir")
+    p.add_argument("--eval_only", action="store_true", help="restore the best checkpoint and evaluate")
+    p.add_argument("--eval_manifest", help="with --eval_only: the test slides of another store's manifest")
+    p.add_argument("--workers", type=int, default=2, help="processes generating/tiling slides")
+    p.add_argument("--no_progress", action="store_true")
+    return p
+
+
+def apply_flags(preset: Preset, args: argparse.Namespace) -> Preset:
+    """The preset with every given flag applied (``--workdir`` alone also moves the store into it).
+
+    Raises:
+      ValueError: a flag the chosen encoder mode does not read.
+    """
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    train = preset.train
+    optim = dataclasses.replace(train.optim, **{OPTIM_FIELDS[k]: given[k]
+                                                for k in OPTIM_FIELDS if k in given})
+    fields = {k: given[k] for k in TRAIN_FIELDS if k in given}
+    if "workdir" in given:
+        fields.update(workdir=given["workdir"], store=str(Path(given["workdir"]) / "store"))
+    if "store" in given:
+        fields["store"] = given["store"]
+    train = dataclasses.replace(train, optim=optim, progress=not args.no_progress, **fields)
+    _check_mode_settings(train.encoder, given)
+    return dataclasses.replace(preset, train=train,
+                               **{k: given[k] for k in PRESET_FIELDS if k in given})
+
+
+def _check_mode_settings(encoder: str, given: dict) -> None:
+    if encoder not in modes.names():
+        raise ValueError(f"--encoder={encoder}: choose one of {', '.join(modes.names())}")
+    reads = modes.get_class(encoder).settings
+    unread = [k for k in modes.STREAMING_SETTINGS if k in given and k not in reads]
+    if unread:
+        raise ValueError(f"--{unread[0]} has no effect with --encoder={encoder}; it applies to "
+                         f"the modes that stream through Big-Layers (--encoder=big)")

@@ -1,0 +1,61 @@
+"""Encoder modes as objects: a mode defined outside the package trains through the unchanged loop."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from bigjax.train import modes
+from bigjax.train.loop import Run, train
+from tests.train.test_loop import tiny
+
+
+class MeanColour(nnx.Module):
+    """A toy tile encoder: each tile's mean colour through one linear layer."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.linear = nnx.Linear(3, 8, rngs=rngs)
+        self.embed_dim = 8
+
+    def __call__(self, x, *, train: bool):
+        return self.linear(jnp.mean(x, axis=(1, 2)))
+
+
+def _toy_forward(encoder, x):
+    return encoder(x, train=False)
+
+
+@modes.register("toy")
+class Toy(modes.EncoderMode):
+    """Trains the toy encoder end to end with the inherited jitted step."""
+
+    eval_forward = staticmethod(_toy_forward)
+
+    def build_encoder(self, rngs):
+        return MeanColour(rngs)
+
+
+def test_a_mode_defined_in_a_test_trains_through_the_loop(store, tmp_path):
+    config = tiny(store, tmp_path, encoder="toy", epochs=1)
+    before = nnx.clone(Run(config).model.encoder.linear.kernel[...])
+    results = train(config)
+    after = Run(config)
+    after.checkpoints.restore_latest(after.model, after.optimizer)
+    assert not np.allclose(after.model.encoder.linear.kernel[...], before)  # the encoder trained
+    assert "test QWK" in "\n".join(results["lines"])
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in rows if r["kind"] == "step"] == [1, 2, 3, 4]
+
+
+def test_unknown_mode_names_the_choices(store, tmp_path):
+    with pytest.raises(ValueError, match="choose one of big, inmemory, frozen, precomputed"):
+        Run(tiny(store, tmp_path, encoder="huge"))
+
+
+def test_modes_say_what_they_train_and_read():
+    assert modes.names()[:4] == ("big", "inmemory", "frozen", "precomputed")
+    big, frozen = (modes.get_class(n) for n in ("big", "frozen"))
+    assert big.trains_encoder and not frozen.trains_encoder
+    assert set(big.settings) == set(modes.STREAMING_SETTINGS) and not frozen.settings
