@@ -78,13 +78,19 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        if self.task not in TASKS:
-            raise ValueError(f"task {self.task!r}: choose one of {', '.join(TASKS)}")
-        for name in ("epochs", "batch_size", "tiles_per_bag", "val_draws", "embed_chunk"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.optim.accum < 1:
-            raise ValueError(f"accum must be at least 1, got {self.optim.accum}")
+        """Refuse a bad setting before any work, naming it (the CLIs' flags have the same names)."""
+        from bigjax.models.mil import AGGREGATORS
+
+        _choose("task", self.task, TASKS)
+        _choose("aggregator", self.aggregator, AGGREGATORS)
+        _choose("depth", self.depth, (18, 34, 50))
+        for name in ("epochs", "batch_size", "tiles_per_bag", "val_draws", "embed_chunk",
+                     "log_every", "max_partition_bytes"):
+            _at_least(name, getattr(self, name), 1)
+        for name in ("seed", "val_tiles", "eval_draws", "eval_tiles", "checkpoint_every"):
+            _at_least(name, getattr(self, name), 0)
+        if not 0 <= self.big_stages <= 4:
+            raise ValueError(f"--big_stages={self.big_stages}: must be in 0..4")
 
     @property
     def n_classes(self) -> int:
@@ -101,8 +107,32 @@ class TrainConfig:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)
 
+    def differences(self, other: "TrainConfig", ignore=("progress",)) -> list[str]:
+        """``name: ours (theirs)`` for each setting that differs, nested optimiser fields included."""
+        ours, theirs = _flat(dataclasses.asdict(self)), _flat(dataclasses.asdict(other))
+        return [f"{k}: {ours[k]!r} (was {theirs[k]!r})" for k in ours
+                if k not in ignore and ours[k] != theirs.get(k)]
+
     @classmethod
     def from_json(cls, text: str, **overrides) -> "TrainConfig":
         fields = json.loads(text)
         fields["optim"] = OptimizerConfig(**fields.get("optim", {}))
         return cls(**{**fields, **overrides})
+
+
+def _choose(name, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"--{name}={value}: choose one of {', '.join(map(str, choices))}")
+
+
+def _at_least(name, value, low) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"--{name}={value}: must be an integer >= {low}")
+
+
+def _flat(fields: dict) -> dict:
+    """Nested config dicts as one level: optim.lr, optim.accum, ..."""
+    out = {}
+    for k, v in fields.items():
+        out.update({f"{k}.{kk}": vv for kk, vv in v.items()} if isinstance(v, dict) else {k: v})
+    return out

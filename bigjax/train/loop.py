@@ -206,6 +206,7 @@ def evaluate_run(workdir: str | Path, manifest: str | Path | None = None, **over
 def _start(run: Run, resume: bool) -> dict:
     """Fresh meta, or the latest checkpoint's (restored into the model and optimiser)."""
     if resume:
+        _same_config(run)
         meta = run.checkpoints.restore_latest(run.model, run.optimizer)
         if meta is not None:
             log.info("resuming %s at step %d", run.workdir, meta["step"])
@@ -215,6 +216,17 @@ def _start(run: Run, resume: bool) -> dict:
         raise FileExistsError(f"workdir {run.workdir} already holds checkpoints; pass --resume to "
                               f"continue that run, or choose another --workdir")
     return {"step": 0, "best": None, "best_step": None, "loss_sum": 0.0, "loss_count": 0}
+
+
+def _same_config(run: Run) -> None:
+    """A resumed run keeps its settings: a changed one would silently give another run."""
+    saved = run.workdir / "config.json"
+    if not saved.is_file():
+        return
+    changed = run.config.differences(TrainConfig.from_json(saved.read_text()))
+    if changed:
+        raise ValueError(f"--resume of {run.workdir} with other settings ({'; '.join(changed)}); "
+                         "resume with the run's own settings, or start another --workdir")
 
 
 def _augment(run: Run):

@@ -180,6 +180,21 @@ class OptimizerConfig:
     eps: float = 1e-8
     clip_norm: float | None = None
 
+    def __post_init__(self):
+        """Refuse settings that cannot train (``--lr=0`` trained on silently before)."""
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"--optimizer={self.name}: choose one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"--schedule={self.schedule}: choose one of {', '.join(SCHEDULES)}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr={self.lr}: the learning rate must be positive")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"--weight_decay={self.weight_decay}: must be >= 0")
+        if isinstance(self.accum, bool) or not isinstance(self.accum, int) or self.accum < 1:
+            raise ValueError(f"--accum={self.accum}: must be an integer >= 1")
+        if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
+            raise ValueError(f"b1={self.b1}, b2={self.b2}: Adam's moments must be in [0, 1)")
+
 
 def make_optimizer(cfg: Any = None, /, *, steps_per_epoch: int = 1, epochs: int = 1,
                    **overrides) -> optax.GradientTransformation:
@@ -204,11 +219,9 @@ def make_optimizer(cfg: Any = None, /, *, steps_per_epoch: int = 1, epochs: int 
             optax.adam(schedule, b1=c.b1, b2=c.b2, eps=c.eps))
     elif c.name == "adamw":
         opt = optax.adamw(schedule, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay)
-    elif c.name == "demon_adam":
+    else:  # "demon_adam": OptimizerConfig refuses other names
         opt = demon_adam(schedule, total_steps=max(1, steps_per_epoch * epochs), b1=c.b1,
                          b2=c.b2, eps=c.eps, weight_decay=c.weight_decay)
-    else:
-        raise ValueError(f"unknown optimizer {c.name!r}; choose one of {', '.join(OPTIMIZERS)}")
     if c.clip_norm is not None:
         opt = optax.chain(optax.clip_by_global_norm(c.clip_norm), opt)
     if c.accum > 1:

@@ -145,3 +145,9 @@ def test_nan_loss_stops_and_keeps_the_checkpoint(store, tmp_path):
         train(config)
     meta, _ = saved_state(config)
     assert meta["step"] == 1
+
+
+def test_resume_with_other_settings_is_refused(uninterrupted):
+    config, _ = uninterrupted
+    with pytest.raises(ValueError, match=r"batch_size: 1 \(was 2\)"):
+        train(dataclasses.replace(config, batch_size=1), resume=True)

@@ -1,0 +1,42 @@
+"""Settings are refused before any work, each error naming the setting and its value."""
+
+import dataclasses
+
+import pytest
+
+from bigjax.train.config import TrainConfig
+from bigjax.train.optim import OptimizerConfig
+
+
+def _config(**fields):
+    return TrainConfig(workdir="w", store="s", **fields)
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(aggregator="bogus"), r"--aggregator=bogus: choose one of abmil"),
+    (dict(seed=-1), r"--seed=-1: must be an integer >= 0"),
+    (dict(big_stages=5), r"--big_stages=5: must be in 0..4"),
+    (dict(batch_size=0), r"--batch_size=0: must be an integer >= 1"),
+    (dict(depth=20), r"--depth=20: choose one of 18, 34, 50"),
+])
+def test_bad_run_settings_are_refused(fields, message):
+    with pytest.raises(ValueError, match=message):
+        _config(**fields)
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(lr=0.0), r"--lr=0.0: the learning rate must be positive"),
+    (dict(lr=-1.0), r"--lr=-1.0"),
+    (dict(accum=0), r"--accum=0"),
+    (dict(name="sgd"), r"--optimizer=sgd: choose one of adam"),
+])
+def test_bad_optimiser_settings_are_refused(fields, message):
+    with pytest.raises(ValueError, match=message):
+        OptimizerConfig(**fields)
+
+
+def test_differences_name_nested_settings_and_json_round_trips():
+    a = _config()
+    b = dataclasses.replace(a, batch_size=8, optim=dataclasses.replace(a.optim, lr=3e-4))
+    assert sorted(b.differences(a)) == ["batch_size: 8 (was 2)", "optim.lr: 0.0003 (was 0.0001)"]
+    assert TrainConfig.from_json(b.to_json()) == b
