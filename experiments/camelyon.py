@@ -26,8 +26,8 @@ from bigjax.data import layouts
 from bigjax.data.synthetic import make_panda_like
 from bigjax.data.tiling import TilingConfig, tile_dataset
 from experiments.flags import apply_flags, training_flags
-from experiments.panda import run
 from experiments.presets import Preset, camelyon_paper, camelyon_quick
+from experiments.run import run
 
 POSITIVE_GRADE = 3  # generated stand-in: ISUP grade >= 3 is the positive class
 

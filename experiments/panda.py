@@ -24,9 +24,9 @@ from pathlib import Path
 from bigjax.data import layouts
 from bigjax.data.synthetic import make_panda_like
 from bigjax.data.tiling import TilingConfig, tile_dataset
-from bigjax.train.loop import NonFiniteLossError, evaluate_run, train
 from experiments.flags import apply_flags, training_flags
 from experiments.presets import Preset, panda_paper, panda_quick
+from experiments.run import run
 
 
 def parse_flags(argv=None) -> argparse.Namespace:
@@ -62,23 +62,6 @@ def main(argv=None) -> int:
     a = parse_flags(argv)
     preset = config_from_flags(a)
     return run(a, preset, lambda: prepare_store(a, preset))
-
-
-def run(a: argparse.Namespace, preset: Preset, prepare) -> int:
-    """--eval_only, or prepare the store and train; a NaN/inf loss exits with status 1 and its message."""
-    # force: a library imported earlier may have configured the root logger (INFO lines were lost)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
-    config = preset.train
-    if a.eval_only:
-        evaluate_run(config.workdir, manifest=a.eval_manifest, progress=config.progress)
-        return 0
-    prepare()
-    try:
-        train(config, resume=a.resume)
-    except NonFiniteLossError as err:
-        logging.error("%s", err)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":
