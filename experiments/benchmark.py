@@ -1,16 +1,22 @@
-"""Runtime benchmark: one training step of Big ResNet-18 vs its jitted in-memory twin.
+"""Runtime benchmark: one training step of Big ResNet-18 vs its jitted in-memory twin, or a sweep.
 
     python -m experiments.benchmark --quick        # small inputs, about a minute on 2 CPU cores
     python -m experiments.benchmark                # the targets: 1x1024x1024 and 32x256x256
+    python -m experiments.benchmark --sweep --out=runs/sweep   # step time vs side, fits, plot
+    python -m experiments.benchmark --sweep --gpu-scale        # sides 4,096 ... 32,768 (a GPU)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+
+import jax
 from dataclasses import dataclass
 
+from bigjax.bench.report import write_sweep
 from bigjax.bench.step import benchmark_step
+from bigjax.bench.sweep import CONFIGS, SweepConfig, run_sweep
 
 FULL = [(1, 1024, 1024, 3), (32, 256, 256, 3)]
 QUICK = [(1, 512, 512, 3), (8, 128, 128, 3)]
@@ -34,15 +40,40 @@ def parse(argv=None) -> Config:
     p.add_argument("--max_partition_bytes", type=int, default=Config.budget)
     p.add_argument("--separate", action="store_true", help="the paper's separate ops, not fused")
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--out", help="also write the results as JSON lines to this file")
+    p.add_argument("--out", help="also write the results as JSON lines to this file; with --sweep "
+                                 "the folder for sweep.md/.json/.png (default runs/sweep)")
+    p.add_argument("--sweep", action="store_true", help="time vs input side per configuration")
+    p.add_argument("--sides", help="with --sweep: comma-separated sides (default 256,...,2048; "
+                                   "ResNet-50: 256,...,1024)")
+    p.add_argument("--gpu-scale", dest="gpu_scale", action="store_true",
+                   help="with --sweep: sides 4096,8192,16384,32768")
+    p.add_argument("--configs", help=f"with --sweep: comma-separated subset of {','.join(CONFIGS)}")
     p.add_argument("--profile", action="store_true", help="break one Big-Layers step down by category")
     a = p.parse_args(argv)
+    if a.sweep:
+        return _sweep_config(a)
     return Config(a.depth, tuple(QUICK if a.quick else FULL), a.max_partition_bytes,
                   not a.separate, a.reps, a.out, a.profile)
 
 
+def _sweep_config(a) -> tuple[SweepConfig, str]:
+    if a.sides:
+        sides = tuple(int(s) for s in a.sides.split(","))
+    elif a.gpu_scale:
+        sides = (4096, 8192, 16384, 32768)
+    else:
+        sides = (256, 512, 1024, 2048) if a.depth != 50 else (256, 512, 768, 1024)
+    configs = tuple(a.configs.split(",")) if a.configs else CONFIGS
+    return SweepConfig(a.depth, sides, configs, a.max_partition_bytes, reps=a.reps), a.out or "runs/sweep"
+
+
 def main(argv=None) -> None:
     cfg = parse(argv)
+    if isinstance(cfg, tuple):
+        sweep, out = cfg
+        points = run_sweep(sweep)
+        print(write_sweep(points, out, f"ResNet-{sweep.depth}, {jax.devices()[0].platform}"), end="")
+        return
     print(f"{'input':>18} {'budget':>12} {'conv parts':>10} {'big s':>8} {'jit s':>8} {'ratio':>6}"
           f" {'big peak MB':>11} {'peak MB':>8}")
     for shape in cfg.shapes:
