@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-SPLITS = ("train", "val", "test")
-NO_LABEL = -1
+from bigjax.data.manifest import NO_LABEL, SPLITS
+
 ISUP_GRADES = 6  # PANDA labels 0..5
 
 
