@@ -64,3 +64,27 @@ def test_mean_std_and_format():
     assert format_metric("QWK", [0.58, 0.64], "100 draws of 256 tiles") == \
         "QWK 0.61 ± 0.03 (100 draws of 256 tiles)"
     assert format_metric("AUC", 0.9123, digits=3) == "AUC 0.912"
+
+
+@pytest.mark.parametrize("y_true, y_pred, n_classes, message", [
+    ([-1, 0, 1, 2], [5, 0, 1, 2], 6, r"y_true: 1 of 4 are not class labels \(an integer 0..5\): -1 at index 0"),
+    ([0, 1, 2], [0, 6, 7], 6, r"y_pred: 2 of 3 are not class labels \(an integer 0..5\): 6 at index 1, 7 at index 2"),
+    ([0, 1.5], [0, 1], None, r"y_true: 1 of 2 are not class labels \(an integer >= 0\): 1.5 at index 1"),
+    ([0, 1], [0, 1, 1], None, r"y_pred has shape \(3,\); expected \(2,\)"),
+])
+def test_qwk_refuses_labels_outside_the_classes(y_true, y_pred, n_classes, message):
+    with pytest.raises(ValueError, match=r"quadratic_weighted_kappa: " + message):
+        quadratic_weighted_kappa(y_true, y_pred, n_classes)
+
+
+def test_accuracy_and_auc_refuse_labels_outside_the_classes():
+    with pytest.raises(ValueError, match=r"accuracy: y_true: 1 of 3 are not class labels \(an integer 0..2\)"):
+        accuracy([0, 3, 1], [0, 1, 1], n_classes=3)
+    with pytest.raises(ValueError, match=r"accuracy: y_true: .*-1 at index 1"):
+        accuracy([0, -1], [0, 1])
+    with pytest.raises(ValueError, match=r"roc_auc: y_true: 1 of 3 are not class labels \(an integer 0..1\): 2 at"):
+        roc_auc([0, 1, 2], [0.1, 0.9, 0.5])
+    with pytest.raises(ValueError, match=r"roc_auc: y_true: .*3 at index 0"):
+        roc_auc([3, 0], np.full((2, 3), 1 / 3))
+    with pytest.raises(ValueError, match=r"roc_auc: probs of shape \(2,\) for 2 labels, 1 not finite"):
+        roc_auc([0, 1], [0.1, np.nan])
