@@ -2,6 +2,9 @@
 
 import argparse
 import errno
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -90,3 +93,15 @@ def test_exit_statuses_of_normal_ends(capsys):
     parser.add_argument("--epochs", type=int)
     assert run_cli(lambda argv: parser.parse_args(argv) and 0, ["--epochs=x"]) == 2
     assert "invalid int value" in capsys.readouterr().err
+
+
+def test_a_cli_with_a_bad_layout_prints_one_line(tmp_path):
+    """A real process: validation inside bigjax, reported by run_cli as one line with status 2."""
+    (tmp_path / "train.csv").write_text("image_id,isup_grade\na,1\nb,abc\n")
+    code = ("import sys; from bigjax.errors import run_cli; from bigjax.data.layouts import panda_layout; "
+            "sys.exit(run_cli(lambda argv: panda_layout(argv[0]) and 0))")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=os.getcwd()), timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [f"error: layout file {tmp_path / 'train.csv'}, line 3, column isup_grade: "
+                                        f"'abc' is not a class label (an integer 0..5)"]

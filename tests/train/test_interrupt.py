@@ -2,7 +2,9 @@
 
 import gc
 import os
+import random
 import signal
+import subprocess
 import sys
 import time
 
@@ -78,3 +80,46 @@ def test_an_interrupt_inside_a_gc_callback_is_not_lost(monkeypatch):
         collect_with_signal_inside()
         assert stop.requested()
     assert dropped == [KeyboardInterrupt]
+
+
+TRAINER = """
+import sys
+import jax.numpy as jnp
+from bigjax.errors import Interrupted, run_cli
+from bigjax.train.interrupt import stop_on_interrupt
+
+
+def main(argv):
+    x = jnp.ones((64, 64))
+    with stop_on_interrupt() as stop:
+        print("ready", flush=True)
+        for step in range(1, 10**7):
+            x = jnp.tanh(x @ x.T * 1e-3)  # device arrays die each step: JAX's gc callback runs often
+            cycle = []
+            cycle.append(cycle)
+            if stop.requested():
+                raise Interrupted(f"stopped at step {step}; continue with --resume")
+
+
+sys.exit(run_cli(main))
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_jax_loop_every_time(tmp_path):
+    """Ctrl-C at random moments of a JAX loop: each run stops between steps with status 130 and one line."""
+    script = tmp_path / "trainer.py"
+    script.write_text(TRAINER)
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    for attempt in range(5):
+        child = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        assert child.stdout.readline().strip() == "ready"
+        time.sleep(random.Random(attempt).uniform(0.1, 1.0))
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=60)
+        assert child.returncode == 130, (attempt, err)
+        lines = [line for line in err.splitlines() if line]
+        assert lines[0].startswith("interrupted: stopping after this step"), err
+        assert lines[1].startswith("error: stopped at step ") and lines[1].endswith("continue with --resume")
+        assert len(lines) == 2, err
