@@ -8,7 +8,8 @@ One commit per save. The best model is not a second checkpoint written beside th
 kept step of the same orbax manager, and every step names the best step at its time. orbax writes a
 step to a temporary folder and renames it when complete, so a kill at any moment leaves the steps
 committed before it, each naming a best that is still on disk: old steps are deleted only after the
-new one is committed, and a step named as best by a kept step is never deleted.
+new one is committed, a step named as best by a kept step is never deleted, and a deletion is a rename
+out of the way (into ``checkpoints/deleted/``, emptied afterwards) so it is atomic too.
 
 Layout under the workdir::
 
@@ -16,12 +17,14 @@ Layout under the workdir::
     checkpoints/<step>/opt      optimiser state
     checkpoints/<step>/meta     the loop's meta dict (JSON)
     checkpoints/<step>/best     {"step": the best step when this one was saved, or null}
+    checkpoints/deleted/        steps being deleted
 
 References: orbax.checkpoint.CheckpointManager (atomic step folders, Composite items).
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import jax
@@ -30,6 +33,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 __all__ = ["RunCheckpoints", "state_tree", "load_state_tree"]
+
+DELETED = "deleted"  # subfolder that steps are renamed into before they are removed
 
 
 def state_tree(model: nnx.Module, optimizer: nnx.Optimizer | None = None) -> dict:
@@ -67,7 +72,8 @@ class RunCheckpoints:
         self.latest = ocp.CheckpointManager(
             Path(workdir).absolute() / "checkpoints",
             options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False,
-                                                 cleanup_tmp_directories=True))
+                                                 cleanup_tmp_directories=True, todelete_subdir=DELETED))
+        self._purge_deleted()
 
     @property
     def directory(self) -> Path:
@@ -96,7 +102,7 @@ class RunCheckpoints:
         if step in self.latest.all_steps():
             if best_step == self._best_of(step):
                 return
-            self.latest.delete(step)  # the steps before it still name a best on disk
+            self._delete(step)  # the steps before it still name a best on disk
         tree = state_tree(model, optimizer)
         self.latest.save(step, args=ocp.args.Composite(
             model=ocp.args.StandardSave(tree["model"]), opt=ocp.args.StandardSave(tree["opt"]),
@@ -127,7 +133,15 @@ class RunCheckpoints:
         kept |= {self._best_of(s) for s in steps[:self.keep]}
         for step in steps:
             if step not in kept:
-                self.latest.delete(step)
+                self._delete(step)
+
+    def _delete(self, step: int) -> None:
+        self.latest.delete(step)  # a rename into DELETED
+        self._purge_deleted()
+
+    def _purge_deleted(self) -> None:
+        if jax.process_index() == 0:
+            shutil.rmtree(self.directory / DELETED, ignore_errors=True)
 
     def _restore(self, step: int, model, optimizer) -> dict:
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_tree(model, optimizer))
