@@ -102,6 +102,26 @@ def _one_of(where: str, row: dict, column: str, allowed: tuple[str, ...]) -> str
     return row[column]
 
 
+def require_splits(rows: Iterable[ManifestRow], needed: Iterable[str], hint: str = "") -> None:
+    """Refuse, before any work, a store in which a split the run needs has no tiled slide.
+
+    Args:
+      rows: the manifest.
+      needed: the splits the run uses (e.g. ("train", "val", "test")).
+      hint: what the user can pass to fix it, appended to the message.
+    Raises:
+      ValueError: naming the empty splits and how many slides each split got, tiled or not.
+    """
+    rows = list(rows)
+    empty = [s for s in needed if not select(rows, s)]
+    if empty:
+        counts = ", ".join(f"{s} {len(select(rows, s))}" for s in SPLITS)
+        untiled = {status: sum(r.status == status for r in rows) for status in ("failed", "empty")}
+        raise ValueError(f"no tiled slide in split{'s' if len(empty) > 1 else ''} {', '.join(empty)} "
+                         f"(tiled slides: {counts}; {untiled['failed']} failed, {untiled['empty']} without tissue)"
+                         + (f"; {hint}" if hint else ""))
+
+
 def select(rows: Iterable[ManifestRow], split: str | None = None) -> list[ManifestRow]:
     """The rows with tiles (status "ok"), of `split` when given, in manifest order."""
     return [r for r in rows if r.status == "ok" and r.n_tiles > 0 and (split is None or r.split == split)]

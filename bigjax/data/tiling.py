@@ -11,6 +11,7 @@ listed as "empty". The settings that define the tiles (tile size, rule, µm per 
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -74,7 +75,7 @@ def tile_dataset(slides: Sequence[SlideEntry], store_dir: str | os.PathLike, con
     if config.rule not in RULES:
         raise ValueError(f"foreground rule {config.rule!r}: expected one of {RULES}")
     ids = [s.slide_id for s in slides]
-    repeated = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) != len(ids) else []
+    repeated = sorted(i for i, n in collections.Counter(ids).items() if n > 1)
     if repeated:
         raise ValueError(f"slide ids are not unique; repeated: {', '.join(map(repr, repeated[:5]))}"
                          f"{' ...' if len(repeated) > 5 else ''}")

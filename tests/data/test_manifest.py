@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from bigjax.data.manifest import FIELDS, ManifestRow, read_manifest, select, write_manifest
+from bigjax.data.manifest import FIELDS, ManifestRow, read_manifest, require_splits, select, write_manifest
 
 ROWS = [ManifestRow("a", 0, "train", 12, "ok", "a", "/s/a.tiff"),
         ManifestRow("b", 5, "val", 0, "empty", "b", "/s/b.tiff"),
@@ -47,3 +47,13 @@ def test_repeated_slide_and_missing_file(tmp_path):
         read_manifest(path)
     with pytest.raises(FileNotFoundError, match="tile the slides first"):
         read_manifest(tmp_path / "none.csv")
+
+
+def test_require_splits_before_any_work():
+    rows = [dataclasses.replace(ROWS[0], slide_id=f"t{i}") for i in range(24)] + ROWS[1:]
+    require_splits(rows, ["train"])
+    with pytest.raises(ValueError, match=r"^no tiled slide in splits val, test \(tiled slides: train 24, val 0, "
+                                         r"test 0; 1 failed, 1 without tissue\); pass --splits_csv$"):
+        require_splits(rows, ["train", "val", "test"], hint="pass --splits_csv")
+    with pytest.raises(ValueError, match=r"^no tiled slide in split train "):
+        require_splits(ROWS, ["train", "val"])
