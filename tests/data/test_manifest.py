@@ -55,5 +55,6 @@ def test_require_splits_before_any_work():
     with pytest.raises(ValueError, match=r"^no tiled slide in splits val, test \(tiled slides: train 24, val 0, "
                                          r"test 0; 1 failed, 1 without tissue\); pass --splits_csv$"):
         require_splits(rows, ["train", "val", "test"], hint="pass --splits_csv")
-    with pytest.raises(ValueError, match=r"^no tiled slide in split train "):
+    with pytest.raises(ValueError, match=r"^no tiled slide in split val \(tiled slides: train 1, val 0, test 0; "
+                                         r"1 failed, 1 without tissue\)$"):
         require_splits(ROWS, ["train", "val"])
