@@ -69,8 +69,12 @@ class RunCheckpoints:
         if keep < 1:
             raise ValueError(f"keep={keep}: at least the latest checkpoint must be kept")
         self.keep = keep
+        root = Path(workdir).absolute()
+        if (root / "best").is_dir():
+            raise ValueError(f"workdir {root} holds checkpoints of an older bigjax (best/ apart from checkpoints/); "
+                             f"evaluate it with that version, or choose another --workdir")
         self.latest = ocp.CheckpointManager(
-            Path(workdir).absolute() / "checkpoints",
+            root / "checkpoints",
             options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False,
                                                  cleanup_tmp_directories=True, todelete_subdir=DELETED))
         self._purge_deleted()

@@ -102,6 +102,12 @@ def test_one_committed_folder_per_save(tmp_path):
     assert not any("tmp" in p.name for p in tmp_path.rglob("*"))
 
 
+def test_an_older_layout_is_refused_by_name(tmp_path):
+    (tmp_path / "best" / "3").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"older bigjax \(best/ apart from checkpoints/\)"):
+        RunCheckpoints(tmp_path)
+
+
 def test_meta_round_trips(tmp_path):
     model, opt = model_and_optimizer(0)
     checkpoints = RunCheckpoints(tmp_path)
