@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = ["non_finite_count", "first_non_finite"]
 
@@ -16,20 +17,26 @@ __all__ = ["non_finite_count", "first_non_finite"]
 def non_finite_count(tree) -> int:
     """Number of NaN/inf entries over the floating-point leaves of ``tree`` (params, optimiser state).
 
-    Integer, boolean and PRNG-key leaves are skipped. Leaves are counted in one jitted call per
-    placement (device and memory kind), so no array moves between devices.
+    Integer, boolean and PRNG-key leaves are skipped. Device leaves are counted in one jitted call per
+    placement, so no array moves between devices; host-memory leaves (``pinned_host``), which a GPU
+    kernel cannot read, and numpy leaves are counted with numpy.
     """
     groups: dict = {}
+    host = 0
     for leaf in _float_leaves(tree):
-        groups.setdefault(getattr(leaf, "sharding", None), []).append(leaf)
-    return sum(int(_count(leaves)) for leaves in groups.values())
+        sharding = getattr(leaf, "sharding", None)
+        if sharding is None or sharding.memory_kind not in (None, "device"):
+            host += int(np.sum(~np.isfinite(np.asarray(leaf))))
+        else:
+            groups.setdefault(sharding, []).append(leaf)
+    return host + sum(int(_count(leaves)) for leaves in groups.values())
 
 
 def first_non_finite(tree) -> tuple[str, int] | None:
     """(path, count) of the first leaf, in tree order, holding a NaN or inf; None when all are finite."""
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         if _is_float(leaf):
-            count = int(_count([leaf]))
+            count = non_finite_count(leaf)
             if count:
                 name = jax.tree_util.keystr(path, simple=True, separator="/")
                 return name.removesuffix("/value"), count  # an NNX Variable's payload

@@ -37,6 +37,9 @@ def test_mixed_leaves_and_placements():
     tree = {"a": jax.device_put(jnp.array([1.0, jnp.nan, jnp.inf]), host),
             "b": jax.device_put(jnp.array([jnp.nan], jnp.bfloat16), compute),
             "c": np.array([np.nan, 1.0], np.float64), "steps": jnp.array([3, 4]),
-            "key": jax.random.key(0), "flag": np.array([True])}
-    assert non_finite_count(tree) == 2 + 1 + 1
+            "key": jax.random.key(0), "flag": np.array([True]),
+            "pinned": jax.device_put(jnp.array([jnp.nan, 0.0, jnp.nan]),
+                                     jax.sharding.SingleDeviceSharding(compute, memory_kind="pinned_host"))}
+    assert non_finite_count(tree) == 2 + 1 + 1 + 2
+    assert first_non_finite(tree) == ("a", 2)
     assert non_finite_count({}) == 0
