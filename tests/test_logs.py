@@ -28,18 +28,23 @@ class Records(logging.Handler):
 def console(monkeypatch):
     """The root logger at INFO, as the CLIs configure it, with a handler recording what reaches it;
     the logging state and hooks that quiet_libraries changes come back afterwards."""
-    for name in (*NOISY_LOGGERS, "asyncio"):
-        logger = logging.getLogger(name)
-        for attr in ("level", "propagate", "handlers", "filters"):
-            monkeypatch.setattr(logger, attr, getattr(logger, attr) if attr in ("level", "propagate")
-                                else list(getattr(logger, attr)))
+    loggers = [logging.getLogger(name) for name in (*NOISY_LOGGERS, "asyncio")]
+    saved = [(lg, lg.level, lg.propagate, list(lg.handlers), list(lg.filters)) for lg in loggers]
     monkeypatch.setattr(threading, "excepthook", threading.excepthook)
     monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
     root, records = logging.getLogger(), Records()
-    monkeypatch.setattr(root, "level", logging.INFO)
+    root_level = root.level
+    root.setLevel(logging.INFO)  # setLevel, not the attribute: loggers cache isEnabledFor
     root.addHandler(records)
     yield records
     root.removeHandler(records)
+    root.setLevel(root_level)
+    for logger, level, propagate, handlers, filters in saved:
+        for added in set(logger.handlers) - set(handlers):
+            added.close()
+        logger.handlers[:], logger.filters[:] = handlers, filters
+        logger.propagate = propagate
+        logger.setLevel(level)
 
 
 def save_and_restore(path):
