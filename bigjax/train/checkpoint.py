@@ -2,7 +2,9 @@
 
 A checkpoint holds the whole NNX state of the model (parameters, BatchNorm statistics, RNG streams)
 and of the optimiser (optax state, gradient accumulators), plus a JSON ``meta`` dict (the global
-step, epoch, best metric so far) and a pointer to the best step. Saves are synchronous.
+step, epoch, best metric so far) and a pointer to the best step. Saves are synchronous, and a state
+holding NaN or inf is never saved (``save`` raises ``Diverged``), so the latest checkpoint is always
+one to resume from.
 
 One commit per save. The best model is not a second checkpoint written beside the latest: it is a
 kept step of the same orbax manager, and every step names the best step at its time. orbax writes a
@@ -31,6 +33,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+
+from bigjax.errors import Diverged
+from bigjax.train.finite import first_non_finite, non_finite_count
 
 __all__ = ["RunCheckpoints", "state_tree", "load_state_tree"]
 
@@ -101,7 +106,16 @@ class RunCheckpoints:
         """Commit model, optimiser and meta as ``step``; with ``best``, this step becomes the best.
 
         Saving a step that is already committed is a no-op unless it must now become the best.
+
+        Raises:
+          Diverged: the model or optimiser state holds NaN or inf (nothing is written).
         """
+        state = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
+        total = non_finite_count(state)
+        if total:
+            layer, count = first_non_finite(state)
+            raise Diverged(f"refusing to save step {step}: {total:,} non-finite values in the model and optimiser "
+                           f"state, {count:,} of them in {layer}")
         best_step = step if best else self.best_step()
         if step in self.latest.all_steps():
             if best_step == self._best_of(step):

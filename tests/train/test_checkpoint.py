@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
+from bigjax.errors import Diverged
 from bigjax.models import mil
 from bigjax.train.checkpoint import RunCheckpoints
 from bigjax.train.optim import make_optimizer
@@ -102,6 +103,17 @@ def test_one_committed_folder_per_save(tmp_path):
     assert not any("tmp" in p.name for p in tmp_path.rglob("*"))
 
 
+def test_a_non_finite_state_is_never_saved(tmp_path):
+    model, opt = model_and_optimizer(0)
+    checkpoints = RunCheckpoints(tmp_path)
+    checkpoints.save(1, model, opt, {"step": 1}, best=True)
+    model.embed.kernel[...] = model.embed.kernel[...].at[0, :3].set(jnp.nan)
+    with pytest.raises(Diverged, match=r"refusing to save step 2: 3 non-finite values in the model and optimiser "
+                                       r"state, 3 of them in model/embed/kernel"):
+        checkpoints.save(2, model, opt, {"step": 2}, best=True)
+    assert checkpoints.latest.all_steps() == [1] and checkpoints.best_step() == 1
+
+
 def test_an_older_layout_is_refused_by_name(tmp_path):
     (tmp_path / "best" / "3").mkdir(parents=True)
     with pytest.raises(ValueError, match=r"older bigjax \(best/ apart from checkpoints/\)"):
@@ -154,6 +166,7 @@ SAVER = """
 import sys
 from flax import nnx
 import optax
+from bigjax.errors import Diverged
 from bigjax.models import mil
 from bigjax.train.checkpoint import RunCheckpoints
 model = mil.build("abmil", 8, 3, rngs=nnx.Rngs(0), hidden=16, attn_dim=8)
