@@ -1,9 +1,11 @@
 """Evaluation metrics of the paper (scikit-learn's where it has them) and their reporting.
 
-Inputs are host values (numpy arrays or lists); every function returns a Python float.
+Inputs are host values (numpy arrays or lists); every function returns a Python float. Labels are
+checked first: a label outside 0..n_classes-1 (or a non-integer one) raises ValueError naming the
+values and their positions, instead of silently dropping out of the metric.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from sklearn import metrics as skm
@@ -31,16 +33,24 @@ def quadratic_weighted_kappa(y_true, y_pred, n_classes: int | None = None) -> fl
     References:
         Cohen 1968; sklearn.metrics.cohen_kappa_score(weights="quadratic").
     """
-    y_true, y_pred = np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)
+    y_true = class_labels(y_true, n_classes, "quadratic_weighted_kappa: y_true")
+    y_pred = class_labels(y_pred, n_classes, "quadratic_weighted_kappa: y_pred", like=y_true)
     if n_classes is None:
         n_classes = int(max(y_true.max(), y_pred.max())) + 1
     return float(skm.cohen_kappa_score(y_true, y_pred, labels=np.arange(n_classes),
                                        weights="quadratic", replace_undefined_by=0.0))
 
 
-def accuracy(y_true, y_pred) -> float:
-    """Fraction of predictions equal to the labels (sklearn.metrics.accuracy_score)."""
-    return float(skm.accuracy_score(np.asarray(y_true), np.asarray(y_pred)))
+def accuracy(y_true, y_pred, n_classes: int | None = None) -> float:
+    """Fraction of predictions equal to the labels (as sklearn.metrics.accuracy_score, without its overhead).
+
+    Args:
+        y_true: integer labels (n,).
+        y_pred: integer predictions (n,).
+        n_classes: when given, labels and predictions must lie in 0..n_classes-1.
+    """
+    y_true = class_labels(y_true, n_classes, "accuracy: y_true")
+    return float(np.mean(y_true == class_labels(y_pred, n_classes, "accuracy: y_pred", like=y_true)))
 
 
 def roc_auc(y_true, probs) -> float:
@@ -57,7 +67,11 @@ def roc_auc(y_true, probs) -> float:
     Returns:
         the AUC, or NaN when y_true holds a single class (AUC undefined).
     """
-    y_true, probs = np.asarray(y_true), np.asarray(probs, np.float64)
+    probs = np.asarray(probs, np.float64)
+    y_true = class_labels(y_true, 2 if probs.ndim == 1 else probs.shape[1], "roc_auc: y_true")
+    if probs.shape[0] != len(y_true) or not np.all(np.isfinite(probs)):
+        raise ValueError(f"roc_auc: probs of shape {probs.shape} for {len(y_true)} labels"
+                         + ("" if np.all(np.isfinite(probs)) else f", {np.sum(~np.isfinite(probs))} not finite"))
     if probs.ndim == 2 and probs.shape[1] == 2:
         probs = probs[:, 1]
     if probs.ndim == 1:
@@ -67,6 +81,33 @@ def roc_auc(y_true, probs) -> float:
     per_class = [skm.roc_auc_score(y_true == c, probs[:, c]) for c in range(probs.shape[1])
                  if 0 < np.sum(y_true == c) < len(y_true)]
     return float(np.mean(per_class)) if per_class else float("nan")
+
+
+def class_labels(y, n_classes: int | None, name: str = "labels", like: np.ndarray | None = None) -> np.ndarray:
+    """``y`` as a 1-D int64 array of class labels in 0..n_classes-1 (any value >= 0 without n_classes).
+
+    Args:
+        y: labels or predictions.
+        n_classes: number of classes, or None.
+        name: what ``y`` is, for the message.
+        like: labels ``y`` must match in length.
+
+    Raises:
+        ValueError: naming the values outside the range (or not integers) and where they are.
+    """
+    y = np.asarray(y)
+    if y.ndim != 1 or (like is not None and len(y) != len(like)):
+        raise ValueError(f"{name} has shape {y.shape}; expected ({'n' if like is None else len(like)},)")
+    if y.size and not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)
+                       or y.dtype == bool):
+        raise ValueError(f"{name} has dtype {y.dtype}; expected integer class labels")
+    bad = (y < 0) | (y != np.round(y)) | (False if n_classes is None else y >= n_classes)
+    if np.any(bad):
+        where = np.flatnonzero(bad)
+        allowed = f"an integer 0..{n_classes - 1}" if n_classes is not None else "an integer >= 0"
+        values = ", ".join(f"{y[i].item()!r} at index {i}" for i in where[:5]) + (" ..." if len(where) > 5 else "")
+        raise ValueError(f"{name}: {len(where)} of {len(y)} are not class labels ({allowed}): {values}")
+    return y.astype(np.int64)
 
 
 def mean_std(values: Sequence[float] | float, ddof: int = 0) -> tuple[float, float]:
@@ -84,16 +125,51 @@ def mean_std(values: Sequence[float] | float, ddof: int = 0) -> tuple[float, flo
     return float(np.mean(values)), std
 
 
+def bootstrap_ci(metric: Callable[..., float], *arrays, n_boot: int = 1000, level: float = 0.95,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of ``metric(*arrays)``, resampling slides (rows).
+
+    Each of ``n_boot`` resamples draws n rows with replacement, the same rows from every array, and
+    evaluates the metric; the interval is the (1-level)/2 and (1+level)/2 quantiles of those values.
+    Undefined resamples (NaN, e.g. an AUC of a resample holding one class) are left out.
+
+    Args:
+        metric: e.g. ``functools.partial(quadratic_weighted_kappa, n_classes=6)``.
+        *arrays: per-slide arrays of equal length n (labels, predictions or probabilities).
+        n_boot: resamples.
+        level: coverage of the interval.
+        seed: seed of the resampling.
+
+    Returns:
+        (low, high); (nan, nan) if no resample is defined.
+
+    References:
+        Efron & Tibshirani 1993, An Introduction to the Bootstrap, ch. 13 (percentile interval).
+    """
+    arrays = [np.asarray(a) for a in arrays]
+    n = len(arrays[0])
+    if n == 0 or any(len(a) != n for a in arrays):
+        raise ValueError(f"bootstrap_ci: arrays of lengths {[len(a) for a in arrays]}; expected one length > 0")
+    rows = np.random.default_rng(seed).integers(0, n, (n_boot, n))
+    values = np.array([metric(*(a[r] for a in arrays)) for r in rows], np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return float("nan"), float("nan")
+    low, high = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
 def format_metric(name: str, values: Sequence[float] | float, context: str | None = None,
-                  digits: int = 2) -> str:
-    """One report line: `format_metric("QWK", v, "100 draws of 256 tiles")` ->
-    "QWK 0.61 ± 0.03 (100 draws of 256 tiles)".
+                  digits: int = 2, ci: tuple[float, float] | None = None) -> str:
+    """One report line: `format_metric("QWK", v, "100 draws of 256 tiles", ci=(0.52, 0.70))` ->
+    "QWK 0.61 ± 0.03 [95% CI 0.52, 0.70] (100 draws of 256 tiles)".
 
     Args:
         name: metric name.
         values: one value (printed without ±) or repeated measurements (mean ± std).
         context: what the repetitions were, printed in parentheses.
         digits: decimals.
+        ci: a 95 % confidence interval (``bootstrap_ci``), printed in brackets.
 
     Returns:
         the formatted line.
@@ -102,4 +178,6 @@ def format_metric(name: str, values: Sequence[float] | float, context: str | Non
     text = f"{name} {mean:.{digits}f}"
     if np.ndim(values) > 0 and len(values) > 1:
         text += f" ± {std:.{digits}f}"
+    if ci is not None:
+        text += f" [95% CI {ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
     return f"{text} ({context})" if context else text

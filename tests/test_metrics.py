@@ -1,12 +1,13 @@
 """Metrics against scikit-learn, and their undefined cases."""
 
+import functools
 import warnings
 
 import numpy as np
 import pytest
-from sklearn.metrics import cohen_kappa_score, roc_auc_score
+from sklearn.metrics import accuracy_score, cohen_kappa_score, roc_auc_score
 
-from bigjax.metrics import accuracy, format_metric, mean_std, quadratic_weighted_kappa, roc_auc
+from bigjax.metrics import accuracy, bootstrap_ci, format_metric, mean_std, quadratic_weighted_kappa, roc_auc
 
 
 def test_qwk_equals_sklearn():
@@ -35,6 +36,9 @@ def test_qwk_of_a_constant_prediction_is_zero_not_nan():
 
 def test_accuracy():
     assert accuracy([0, 1, 2, 2], [0, 1, 1, 2]) == pytest.approx(0.75)
+    rng = np.random.default_rng(2)
+    y, pred = rng.integers(0, 4, 50), rng.integers(0, 4, 50)
+    assert accuracy(y, pred) == pytest.approx(accuracy_score(y, pred))
 
 
 def test_roc_auc_binary_and_multiclass():
@@ -64,3 +68,53 @@ def test_mean_std_and_format():
     assert format_metric("QWK", [0.58, 0.64], "100 draws of 256 tiles") == \
         "QWK 0.61 ± 0.03 (100 draws of 256 tiles)"
     assert format_metric("AUC", 0.9123, digits=3) == "AUC 0.912"
+
+
+@pytest.mark.parametrize("y_true, y_pred, n_classes, message", [
+    ([-1, 0, 1, 2], [5, 0, 1, 2], 6, r"y_true: 1 of 4 are not class labels \(an integer 0..5\): -1 at index 0"),
+    ([0, 1, 2], [0, 6, 7], 6, r"y_pred: 2 of 3 are not class labels \(an integer 0..5\): 6 at index 1, 7 at index 2"),
+    ([0, 1.5], [0, 1], None, r"y_true: 1 of 2 are not class labels \(an integer >= 0\): 1.5 at index 1"),
+    ([0, 1], [0, 1, 1], None, r"y_pred has shape \(3,\); expected \(2,\)"),
+])
+def test_qwk_refuses_labels_outside_the_classes(y_true, y_pred, n_classes, message):
+    with pytest.raises(ValueError, match=r"quadratic_weighted_kappa: " + message):
+        quadratic_weighted_kappa(y_true, y_pred, n_classes)
+
+
+def test_accuracy_and_auc_refuse_labels_outside_the_classes():
+    with pytest.raises(ValueError, match=r"accuracy: y_true: 1 of 3 are not class labels \(an integer 0..2\)"):
+        accuracy([0, 3, 1], [0, 1, 1], n_classes=3)
+    with pytest.raises(ValueError, match=r"accuracy: y_true: .*-1 at index 1"):
+        accuracy([0, -1], [0, 1])
+    with pytest.raises(ValueError, match=r"roc_auc: y_true: 1 of 3 are not class labels \(an integer 0..1\): 2 at"):
+        roc_auc([0, 1, 2], [0.1, 0.9, 0.5])
+    with pytest.raises(ValueError, match=r"roc_auc: y_true: .*3 at index 0"):
+        roc_auc([3, 0], np.full((2, 3), 1 / 3))
+    with pytest.raises(ValueError, match=r"roc_auc: probs of shape \(2,\) for 2 labels, 1 not finite"):
+        roc_auc([0, 1], [0.1, np.nan])
+
+
+def test_bootstrap_ci_of_accuracy_matches_the_normal_interval():
+    rng = np.random.default_rng(0)
+    n = 400
+    y = rng.integers(0, 6, n)
+    pred = np.where(rng.random(n) < 0.7, y, (y + 1) % 6)
+    p = accuracy(y, pred)
+    half = 1.96 * np.sqrt(p * (1 - p) / n)  # the binomial proportion's normal-approximation interval
+    low, high = bootstrap_ci(accuracy, y, pred, n_boot=2000)
+    assert low == pytest.approx(p - half, abs=0.01) and high == pytest.approx(p + half, abs=0.01)
+    assert bootstrap_ci(accuracy, y, pred, n_boot=2000) == (low, high)  # seeded
+    assert bootstrap_ci(accuracy, y[:40], pred[:40])[1] - bootstrap_ci(accuracy, y[:40], pred[:40])[0] > 2 * half
+
+
+def test_bootstrap_ci_skips_undefined_resamples_and_formats():
+    qwk = functools.partial(quadratic_weighted_kappa, n_classes=6)
+    y = np.array([0, 1, 2, 3, 4, 5] * 3)
+    low, high = bootstrap_ci(qwk, y, y, n_boot=200)
+    assert low == pytest.approx(1.0) and high == pytest.approx(1.0)
+    auc = bootstrap_ci(roc_auc, np.array([0, 1]), np.array([0.2, 0.8]), n_boot=50)  # half the resamples one class
+    assert auc == (1.0, 1.0)
+    with pytest.raises(ValueError, match=r"lengths \[3, 2\]"):
+        bootstrap_ci(accuracy, [0, 1, 1], [0, 1])
+    assert format_metric("QWK", [0.58, 0.64], "100 draws of 256 tiles", ci=(0.523, 0.701)) == \
+        "QWK 0.61 ± 0.03 [95% CI 0.52, 0.70] (100 draws of 256 tiles)"

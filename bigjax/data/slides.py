@@ -9,7 +9,8 @@ one level in bands of tile rows and yields only the tiles that pass a foreground
   a tile when >= 50 % of its footprint is tissue.
 
 Only whole tiles are used (the ragged right and bottom edges are dropped), so tiles never overlap
-and never need padding.
+and never need padding. Samples of more than 8 bits (16-bit, 12-bit in 16) are scaled to 8 bits,
+v × 255 / (2^bits − 1) rounded; float or signed samples are refused, naming the file.
 """
 from __future__ import annotations
 
@@ -86,6 +87,7 @@ class TiffSlide:
         except Exception as err:  # tifffile raises many types on corrupt files
             raise SlideReadError(f"slide {path}: unreadable TIFF ({err})") from err
         _check_data_in_file(path, self._pages)
+        self._bits = [_bits_per_sample(path, page) for page in self._pages]
         mpp0 = _tiff_mpp(self._pages[0]) or base_mpp
         h0, w0 = self._pages[0].shape[:2]
         self.levels = []
@@ -108,7 +110,7 @@ class TiffSlide:
         fh = self._tif.filehandle
         for (data, index) in fh.read_segments(offsets, counts, indices=indices, sort=True):
             chunk = page.decode(data, index, jpegtables=page.jpegtables, jpegheader=page.jpegheader)[0]
-            chunk = _to_rgb(chunk.reshape(chunk.shape[-3:]))
+            chunk = _to_rgb(chunk.reshape(chunk.shape[-3:]), self._bits[level])
             cy, cx = (index // nx) * ch, (index % nx) * cw
             chunk = chunk[:page.shape[0] - cy, :page.shape[1] - cx]  # drop the edge tiles' padding
             _paste(out, chunk, cy - y, cx - x)
@@ -289,11 +291,24 @@ def _downsample(ratio_h: float, ratio_w: float) -> float:
     return float(round(d)) if abs(d - round(d)) < 0.1 * d else d
 
 
-def _to_rgb(chunk: np.ndarray) -> np.ndarray:
-    """A decoded (h, w, s) chunk as uint8 RGB: grey is repeated, alpha dropped."""
+def _bits_per_sample(path: Path, page) -> int:
+    """Bits per sample of an unsigned-integer page (8 to 16); other sample types raise SlideReadError."""
+    bits = page.bitspersample
+    bits = bits[0] if isinstance(bits, tuple) else int(bits)
+    if page.dtype is None or page.dtype.kind != "u" or not 8 <= bits <= 16:
+        raise SlideReadError(f"slide {path}: {bits}-bit {page.dtype} samples are not supported "
+                             f"(unsigned integers of 8 to 16 bits)")
+    return bits
+
+
+def _to_rgb(chunk: np.ndarray, bits: int = 8) -> np.ndarray:
+    """A decoded (h, w, s) chunk as uint8 RGB: grey is repeated, alpha dropped, > 8 bits scaled to 8."""
     if chunk.shape[-1] == 1:
         chunk = np.repeat(chunk, 3, axis=-1)
-    return chunk[..., :3].astype(np.uint8, copy=False)
+    chunk = chunk[..., :3]
+    if bits > 8:  # v * 255 / (2**bits - 1), rounded; without this uint16 wraps mod 256
+        chunk = np.rint(chunk.astype(np.float32) * (255 / (2 ** bits - 1)))
+    return chunk.astype(np.uint8, copy=False)
 
 
 def _paste(out: np.ndarray, chunk: np.ndarray, dy: int, dx: int) -> None:

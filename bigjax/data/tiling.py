@@ -5,10 +5,13 @@ that pass the foreground rule and writes them with `SlideWriter` into `slides/.<
 to `slides/<id>` only when complete, so a crash mid-slide loses nothing already written. A slide
 whose folder exists is skipped on the next run. Missing, truncated or unreadable slides are logged
 with their path and listed as "failed" (and retried on the next run); slides without tissue are
-listed as "empty".
+listed as "empty". The settings that define the tiles (tile size, rule, µm per pixel) are recorded in
+`<store>/tiling.json`; tiling or training with other settings on the same store is refused
+(`check_tiling`).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -29,6 +32,9 @@ from bigjax.data.slides import RULES, SlideReadError, foreground_tiles, open_sli
 from bigjax.data.store import SHARD_TILES, SlideWriter
 
 log = logging.getLogger(__name__)
+
+TILING_FILE = "tiling.json"
+TILING_SETTINGS = ("tile_size", "rule", "mpp", "base_mpp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,10 +75,15 @@ def tile_dataset(slides: Sequence[SlideEntry], store_dir: str | os.PathLike, con
     if config.rule not in RULES:
         raise ValueError(f"foreground rule {config.rule!r}: expected one of {RULES}")
     ids = [s.slide_id for s in slides]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"slide ids are not unique ({len(ids) - len(set(ids))} repeats)")
+    repeated = sorted(i for i, n in collections.Counter(ids).items() if n > 1)
+    if repeated:
+        raise ValueError(f"slide ids are not unique; repeated: {', '.join(map(repr, repeated[:5]))}"
+                         f"{' ...' if len(repeated) > 5 else ''}")
     root = Path(store_dir)
+    asked = defining_settings(config)
+    check_tiling(root, **asked)
     (root / "slides").mkdir(parents=True, exist_ok=True)
+    (root / TILING_FILE).write_text(json.dumps(asked, indent=1))
     rows = {s.slide_id: row for s in slides if (row := finished_row(root, s, config)) is not None}
     todo = [s for s in slides if s.slide_id not in rows]
     with logging_redirect_tqdm(), tqdm(total=len(slides), initial=len(rows), desc="tiling slides", unit="slide",
@@ -83,6 +94,42 @@ def tile_dataset(slides: Sequence[SlideEntry], store_dir: str | os.PathLike, con
             rows[row.slide_id] = row
             bar.update()
     return write_manifest(root / "manifest.csv", [rows[i] for i in ids])
+
+
+def defining_settings(config: TilingConfig) -> dict:
+    """The settings that define a store's tiles (not how they are stored)."""
+    return {"tile_size": config.tile_size, "rule": config.rule, "mpp": config.mpp, "base_mpp": config.base_mpp}
+
+
+def stored_tiling(store_dir: str | os.PathLike) -> dict | None:
+    """The defining settings a store was tiled with (`tiling.json`; for older stores, read from a slide's
+    meta.json, without base_mpp), or None for a store with no slide yet."""
+    root = Path(store_dir)
+    if (root / TILING_FILE).is_file():
+        return json.loads((root / TILING_FILE).read_text())
+    for meta_path in sorted((root / "slides").glob("*/meta.json")):
+        meta = json.loads(meta_path.read_text())
+        return {"tile_size": meta["tile_size"], "rule": meta["rule"], "mpp": meta["mpp_requested"]}
+    return None
+
+
+def check_tiling(store_dir: str | os.PathLike, **asked) -> None:
+    """Refuse settings that differ from those the store was tiled with (e.g. ``check_tiling(store, tile_size=64)``).
+
+    Raises:
+      ValueError: naming each setting, the store's value and the value asked.
+    """
+    stored = stored_tiling(store_dir)
+    if stored is None:
+        return
+    unknown = set(asked) - set(TILING_SETTINGS)
+    if unknown:
+        raise ValueError(f"check_tiling: unknown settings {sorted(unknown)}; expected some of {TILING_SETTINGS}")
+    differ = [k for k, v in asked.items() if k in stored and stored[k] != v]
+    if differ:
+        raise ValueError(f"store {store_dir} was tiled with " + ", ".join(f"{k}={stored[k]}" for k in differ)
+                         + "; asked " + ", ".join(f"{k}={asked[k]}" for k in differ)
+                         + ": use those settings or a new store folder")
 
 
 def tile_slide(entry: SlideEntry, root: Path, config: TilingConfig) -> ManifestRow:

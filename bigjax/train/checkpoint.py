@@ -2,17 +2,31 @@
 
 A checkpoint holds the whole NNX state of the model (parameters, BatchNorm statistics, RNG streams)
 and of the optimiser (optax state, gradient accumulators), plus a JSON ``meta`` dict (the global
-step, epoch, best metric so far). Saves are synchronous and atomic: orbax writes to a temporary
-folder and renames it when complete, so a kill mid-save leaves the previous checkpoint intact.
+step, epoch, best metric so far) and a pointer to the best step. Saves are synchronous, and a state
+holding NaN or inf is never saved (``save`` raises ``Diverged``), so the latest checkpoint is always
+one to resume from.
+
+One commit per save. The best model is not a second checkpoint written beside the latest: it is a
+kept step of the same orbax manager, and every step names the best step at its time. orbax writes a
+step to a temporary folder and renames it when complete, so a kill at any moment leaves the steps
+committed before it, each naming a best that is still on disk: old steps are deleted only after the
+new one is committed, a step named as best by a kept step is never deleted, and a deletion is a rename
+out of the way (into ``checkpoints/deleted/``, emptied afterwards) so it is atomic too.
 
 Layout under the workdir::
 
-    checkpoints/<step>/   latest (max_to_keep=2), written at every epoch end (and every N steps)
-    best/<step>/          the model (no optimiser) with the best validation metric (max_to_keep=1)
+    checkpoints/<step>/model    model state (what ``restore_best`` reads)
+    checkpoints/<step>/opt      optimiser state
+    checkpoints/<step>/meta     the loop's meta dict (JSON)
+    checkpoints/<step>/best     {"step": the best step when this one was saved, or null}
+    checkpoints/deleted/        steps being deleted
+
+References: orbax.checkpoint.CheckpointManager (atomic step folders, Composite items).
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import jax
@@ -20,7 +34,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from bigjax.errors import Diverged
+from bigjax.train.finite import first_non_finite, non_finite_count
+
 __all__ = ["RunCheckpoints", "state_tree", "load_state_tree"]
+
+DELETED = "deleted"  # subfolder that steps are renamed into before they are removed
 
 
 def state_tree(model: nnx.Module, optimizer: nnx.Optimizer | None = None) -> dict:
@@ -44,57 +63,110 @@ def load_state_tree(tree: dict, model: nnx.Module, optimizer: nnx.Optimizer | No
 
 
 class RunCheckpoints:
-    """The latest and the best checkpoints of one run's workdir.
+    """The latest and the best checkpoints of one run's workdir, committed together.
 
     Args:
       workdir: the run's folder.
-      keep: latest checkpoints kept (the newest ``keep`` steps).
+      keep: latest checkpoints kept (the newest ``keep`` steps), besides the best ones they name.
     """
 
     def __init__(self, workdir: str | Path, keep: int = 2):
+        if keep < 1:
+            raise ValueError(f"keep={keep}: at least the latest checkpoint must be kept")
+        self.keep = keep
         root = Path(workdir).absolute()
-        options = dict(create=True, enable_async_checkpointing=False)
+        if (root / "best").is_dir():
+            raise ValueError(f"workdir {root} holds checkpoints of an older bigjax (best/ apart from checkpoints/); "
+                             f"evaluate it with that version, or choose another --workdir")
         self.latest = ocp.CheckpointManager(
-            root / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=keep, **options))
-        self.best = ocp.CheckpointManager(
-            root / "best", options=ocp.CheckpointManagerOptions(max_to_keep=1, **options))
+            root / "checkpoints",
+            options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False,
+                                                 cleanup_tmp_directories=True, todelete_subdir=DELETED))
+        self._purge_deleted()
+
+    @property
+    def directory(self) -> Path:
+        """The folder holding the step folders."""
+        return Path(self.latest.directory)
+
+    def latest_step(self) -> int | None:
+        """The newest committed step, or None."""
+        return self.latest.latest_step()
+
+    def best_step(self) -> int | None:
+        """The best step named by the newest step whose best is on disk, or None."""
+        steps = set(self.latest.all_steps())
+        for step in sorted(steps, reverse=True):
+            best = self._best_of(step)
+            if best in steps:
+                return best
+        return None
 
     def save(self, step: int, model, optimizer, meta: dict, *, best: bool = False) -> None:
-        """Save model and optimiser to the latest checkpoints (and the model alone as the best)."""
-        _save(self.latest, step, state_tree(model, optimizer), meta)
-        if best:
-            _save(self.best, step, state_tree(model), meta)
+        """Commit model, optimiser and meta as ``step``; with ``best``, this step becomes the best.
+
+        Saving a step that is already committed is a no-op unless it must now become the best.
+
+        Raises:
+          Diverged: the model or optimiser state holds NaN or inf (nothing is written).
+        """
+        state = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
+        total = non_finite_count(state)
+        if total:
+            layer, count = first_non_finite(state)
+            raise Diverged(f"refusing to save step {step}: {total:,} non-finite values in the model and optimiser "
+                           f"state, {count:,} of them in {layer}")
+        best_step = step if best else self.best_step()
+        if step in self.latest.all_steps():
+            if best_step == self._best_of(step):
+                return
+            self._delete(step)  # the steps before it still name a best on disk
+        tree = state_tree(model, optimizer)
+        self.latest.save(step, args=ocp.args.Composite(
+            model=ocp.args.StandardSave(tree["model"]), opt=ocp.args.StandardSave(tree["opt"]),
+            meta=ocp.args.JsonSave(meta), best=ocp.args.JsonSave({"step": best_step})))
+        self.latest.wait_until_finished()
+        self._delete_old()
 
     def restore_latest(self, model, optimizer) -> dict | None:
         """Restore the newest checkpoint into model and optimiser; its meta, or None if there is none."""
-        return _restore(self.latest, model, optimizer)
+        step = self.latest_step()
+        return None if step is None else self._restore(step, model, optimizer)
 
     def restore_best(self, model) -> dict | None:
-        """Restore the best checkpoint's model state; its meta, or None if there is none."""
-        return _restore(self.best, model, None)
+        """Restore the best checkpoint's model state; its meta, or None if no step was saved as best."""
+        step = self.best_step()
+        return None if step is None else self._restore(step, model, None)
 
     def close(self) -> None:
         self.latest.close()
-        self.best.close()
 
+    def _best_of(self, step: int) -> int | None:
+        return self.latest.restore(step, args=ocp.args.Composite(best=ocp.args.JsonRestore()))["best"]["step"]
 
-def _save(manager: ocp.CheckpointManager, step: int, tree: dict, meta: dict) -> None:
-    if manager.latest_step() == step:
-        return  # already saved (a step checkpoint at the end of an epoch)
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
-                                               meta=ocp.args.JsonSave(meta)))
-    manager.wait_until_finished()
+    def _delete_old(self) -> None:
+        """Delete steps older than the newest ``keep``, except the bests these name (after the commit)."""
+        steps = sorted(self.latest.all_steps(), reverse=True)
+        kept = set(steps[:self.keep])
+        kept |= {self._best_of(s) for s in steps[:self.keep]}
+        for step in steps:
+            if step not in kept:
+                self._delete(step)
 
+    def _delete(self, step: int) -> None:
+        self.latest.delete(step)  # a rename into DELETED
+        self._purge_deleted()
 
-def _restore(manager: ocp.CheckpointManager, model, optimizer) -> dict | None:
-    step = manager.latest_step()
-    if step is None:
-        return None
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_tree(model, optimizer))
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-    load_state_tree(restored["state"], model, optimizer)
-    return dict(restored["meta"])
+    def _purge_deleted(self) -> None:
+        if jax.process_index() == 0:
+            shutil.rmtree(self.directory / DELETED, ignore_errors=True)
+
+    def _restore(self, step: int, model, optimizer) -> dict:
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_tree(model, optimizer))
+        items = {name: ocp.args.StandardRestore(tree) for name, tree in target.items()}
+        restored = self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **items))
+        load_state_tree({name: restored[name] for name in target}, model, optimizer)
+        return dict(restored["meta"])
 
 
 def _key_to_data(x):

@@ -111,3 +111,27 @@ def test_openslide_backend_reads_level_zero_like_tifffile(panda_dir):
         assert theirs.levels[0].mpp == pytest.approx(0.5)
         h, w = ours.levels[0].shape
         np.testing.assert_array_equal(theirs.read_region(0, 7, 3, h - 9, w - 5), ours.read_region(0, 7, 3, h - 9, w - 5))
+
+
+def test_16_bit_slides_are_scaled_to_8_bits(tmp_path):
+    rgb16 = np.zeros((64, 96, 3), np.uint16)
+    rgb16[:, :48] = [31010, 65535, 257]
+    rgb16[:, 48:] = [0, 12850, 40000]
+    path = tmp_path / "deep.tiff"
+    tifffile.imwrite(path, rgb16, photometric="rgb", tile=(32, 32))
+    with open_slide(path) as slide:
+        got = slide.read_region(0, 0, 0, 64, 96)
+    np.testing.assert_array_equal(got, np.rint(rgb16 / 257.0).astype(np.uint8))  # 31010 -> 121, not 34
+    assert tuple(got[0, 0]) == (121, 255, 1)
+
+
+def test_12_bit_grey_in_16_and_float_samples(tmp_path):
+    grey = np.full((32, 32), 4095, np.uint16)
+    path = tmp_path / "grey12.tiff"
+    tifffile.imwrite(path, grey, photometric="minisblack", bitspersample=12)
+    with open_slide(path) as slide:
+        assert (slide.read_region(0, 0, 0, 32, 32) == 255).all()
+    path = tmp_path / "float.tiff"
+    tifffile.imwrite(path, np.ones((32, 32, 3), np.float32), photometric="rgb")
+    with pytest.raises(SlideReadError, match=r"float.tiff: 32-bit float32 samples are not supported"):
+        open_slide(path)

@@ -10,7 +10,7 @@ from bigjax.data.layouts import SlideEntry, panda_layout
 from bigjax.data.manifest import read_manifest
 from bigjax.data.store import TileStore
 from bigjax.data.synthetic import write_pyramid_tiff
-from bigjax.data.tiling import TilingConfig, tile_dataset
+from bigjax.data.tiling import TilingConfig, check_tiling, stored_tiling, tile_dataset
 
 from .conftest import TILE
 
@@ -105,3 +105,29 @@ def test_tiles_at_a_lower_magnification(panda_dir, tmp_path):
     assert (coords % 64 == 0).all()  # level-0 pixels: 16 px tiles at downsample 4
     for tile, (y, x) in zip(tiles, coords // 4):
         np.testing.assert_array_equal(tile, level1[y:y + 16, x:x + 16])
+
+
+def test_tiling_settings_recorded_and_a_mismatch_refused(store_dir, tmp_path):
+    assert stored_tiling(store_dir) == {"tile_size": TILE, "rule": "panda", "mpp": None, "base_mpp": None}
+    check_tiling(store_dir, tile_size=TILE, rule="panda")
+    with pytest.raises(ValueError, match=rf"store {store_dir} was tiled with tile_size={TILE}; asked tile_size=64: "
+                                         r"use those settings or a new store folder"):
+        check_tiling(store_dir, tile_size=64)
+    with pytest.raises(ValueError, match=r"tiled with tile_size=32, rule=panda; asked tile_size=64, rule=camelyon"):
+        check_tiling(store_dir, tile_size=64, rule="camelyon")
+    with pytest.raises(ValueError, match=r"unknown settings \['tilesize'\]"):
+        check_tiling(store_dir, tilesize=64)
+    old = tmp_path / "old"  # a store from before tiling.json: the settings come from a slide's meta.json
+    shutil.copytree(store_dir, old)
+    (old / "tiling.json").unlink()
+    assert stored_tiling(old) == {"tile_size": TILE, "rule": "panda", "mpp": None}
+    with pytest.raises(ValueError, match="tile_size=32; asked tile_size=64"):
+        check_tiling(old, tile_size=64)
+    assert stored_tiling(tmp_path / "new") is None
+    check_tiling(tmp_path / "new", tile_size=64)
+
+
+def test_repeated_slide_ids_are_named(panda_dir, tmp_path):
+    slides = panda_layout(panda_dir)[:2]
+    with pytest.raises(ValueError, match=rf"slide ids are not unique; repeated: '{slides[1].slide_id}'$"):
+        tile_dataset([*slides, slides[1]], tmp_path, TilingConfig(tile_size=TILE), progress=False)
