@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from dataclasses import dataclass
 
 import jax
-from dataclasses import dataclass
 
 from bigjax.bench.report import write_sweep
 from bigjax.bench.step import benchmark_step
 from bigjax.bench.sweep import CONFIGS, SweepConfig, run_sweep
+from bigjax.errors import run_cli
 
 FULL = [(1, 1024, 1024, 3), (32, 256, 256, 3)]
 QUICK = [(1, 512, 512, 3), (8, 128, 128, 3)]
@@ -94,4 +96,4 @@ def _mb(n) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

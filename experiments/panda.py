@@ -23,7 +23,8 @@ from pathlib import Path
 
 from bigjax.data import layouts
 from bigjax.data.synthetic import make_panda_like
-from bigjax.data.tiling import TilingConfig, tile_dataset
+from bigjax.data.tiling import TilingConfig, check_tiling, tile_dataset
+from bigjax.errors import run_cli
 from experiments.flags import apply_flags, training_flags
 from experiments.presets import Preset, panda_paper, panda_quick
 from experiments.run import run
@@ -45,6 +46,7 @@ def prepare_store(a: argparse.Namespace, preset: Preset) -> None:
     """Tile PANDA (or the generated PANDA-like set, generated first) into the run's store."""
     config = preset.train
     if config.manifest_path.is_file():
+        check_tiling(config.store, tile_size=preset.tile_size)
         return
     data_dir = a.data_dir
     if data_dir is None:
@@ -65,4 +67,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -1,29 +1,36 @@
-"""Run a training experiment from its parsed flags: --eval_only, or prepare the store and train."""
+"""Run a training experiment from its parsed flags: --eval_only, or prepare the store and train.
+
+Library INFO logs (orbax, absl) go to ``<workdir>/libraries.log``, not the console; Ctrl-C stops at the
+end of the current step with the latest checkpoint saved; errors reach the user as one line through
+``bigjax.errors.run_cli`` (the CLIs' ``__main__``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 from typing import Callable
 
-from bigjax.train.loop import NonFiniteLossError, evaluate_run, train
+from bigjax.logs import quiet_libraries
+from bigjax.train.interrupt import stop_on_interrupt
+from bigjax.train.loop import evaluate_run, train
 from experiments.presets import Preset
 
 __all__ = ["run"]
 
 
 def run(a: argparse.Namespace, preset: Preset, prepare: Callable[[], None]) -> int:
-    """--eval_only, or ``prepare()`` the store and train; a NaN/inf loss exits 1 with its message."""
+    """--eval_only, or ``prepare()`` the store and train (Ctrl-C: save, stop, say how to resume)."""
     # force: a library imported earlier may have configured the root logger (INFO lines were lost)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
     config = preset.train
+    Path(config.workdir).mkdir(parents=True, exist_ok=True)
+    quiet_libraries(log_file=Path(config.workdir) / "libraries.log")
     if a.eval_only:
         evaluate_run(config.workdir, manifest=a.eval_manifest, progress=config.progress)
         return 0
     prepare()
-    try:
-        train(config, resume=a.resume)
-    except NonFiniteLossError as err:
-        logging.error("%s", err)
-        return 1
+    with stop_on_interrupt() as stop:
+        train(config, resume=a.resume, should_stop=stop.requested)
     return 0

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import sys
 from pathlib import Path
 
 from bigjax.data import layouts
@@ -20,6 +21,7 @@ from bigjax.data.manifest import read_manifest
 from bigjax.data.store import TileStore
 from bigjax.data.synthetic import make_panda_like
 from bigjax.data.tiling import TilingConfig, tile_dataset
+from bigjax.errors import run_cli
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,4 +99,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -107,8 +107,10 @@ def _draw_probs(graphdef, state, feats):
 
 
 def _result(split, protocol, task, labels, probs) -> ProtocolResult:
-    n_classes = probs.shape[-1]
-    values = {m: [score(m, labels, p, n_classes) for p in probs] for m in TASK_METRICS[task]}
+    """Metrics over the labelled slides (an external test set may have none: label -1)."""
+    n_classes, known = probs.shape[-1], labels >= 0
+    values = {m: [score(m, labels[known], p[known], n_classes) for p in probs]
+              for m in TASK_METRICS[task]} if known.any() else {}
     return ProtocolResult(split, protocol, values, labels, probs)
 
 

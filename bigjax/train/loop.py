@@ -27,7 +27,8 @@ from flax import nnx
 from tqdm import tqdm
 
 from bigjax.data.bags import Bag, train_bags
-from bigjax.data.manifest import read_manifest, select
+from bigjax.data.manifest import read_manifest, require_splits, select
+from bigjax.errors import Diverged, Interrupted
 from bigjax.data.store import TileStore
 from bigjax.models import mil
 from bigjax.train import modes
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 __all__ = ["MILClassifier", "NonFiniteLossError", "build_model", "Run", "train", "evaluate_run"]
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(Diverged):
     """The training loss became NaN or inf; the message names the step and the checkpoint kept."""
 
 
@@ -76,7 +77,7 @@ class Run:
         self.workdir = Path(config.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.mode = modes.get(config, self.workdir)
-        rows = read_manifest(manifest or config.manifest_path)
+        rows = read_manifest(manifest or config.manifest_path, n_classes=config.n_classes)
         self.slides = {s: select(rows, s) for s in ("train", "val", "test")}
         self.store = TileStore(store or config.store)
         self.model = build_model(config, self.mode)
@@ -113,7 +114,8 @@ class Run:
 
 
 def train(config: TrainConfig, *, resume: bool = False,
-          on_step: Callable[[int], None] | None = None) -> dict:
+          on_step: Callable[[int], None] | None = None,
+          should_stop: Callable[[], bool] | None = None) -> dict:
     """Train, validate every epoch, checkpoint, then evaluate the best checkpoint on the test slides.
 
     Args:
@@ -121,23 +123,28 @@ def train(config: TrainConfig, *, resume: bool = False,
       resume: continue from the latest checkpoint in ``config.workdir`` (else the workdir must
         have none).
       on_step: called with the global step after every step (tests use it to simulate a kill).
+      should_stop: polled after every step; True saves the latest checkpoint and stops (the CLIs
+        pass ``bigjax.train.interrupt``'s Ctrl-C request).
     Returns:
       the final results (as written to ``<workdir>/results.json``).
     Raises:
       NonFiniteLossError: the loss became NaN/inf; the last good checkpoint is kept.
+      Interrupted: ``should_stop`` asked to stop; the run continues with ``resume=True``.
     """
     run = Run(config)
+    require_splits([s for split in run.slides.values() for s in split], ("train", "val"),
+                   hint="pass --splits_csv or re-tile the store")
     meta = _start(run, resume)
     (run.workdir / "config.json").write_text(config.to_json())
     run.prepare()
     augment = _augment(run)
     for epoch in range(meta["step"] // run.steps_per_epoch, config.epochs):
-        _train_epoch(run, meta, epoch, augment, on_step)
+        _train_epoch(run, meta, epoch, augment, on_step, should_stop)
         _end_epoch(run, meta, epoch)
     return _final_evaluation(run)
 
 
-def _train_epoch(run: Run, meta: dict, epoch: int, augment, on_step) -> None:
+def _train_epoch(run: Run, meta: dict, epoch: int, augment, on_step, should_stop) -> None:
     """The epoch's steps from where the last checkpoint stopped: data, step, metrics, checkpoint."""
     c, step = run.config, meta["step"]
     first = step - epoch * run.steps_per_epoch
@@ -164,6 +171,11 @@ def _train_epoch(run: Run, meta: dict, epoch: int, augment, on_step) -> None:
             run.checkpoints.save(step, run.model, run.optimizer, meta)
         if on_step is not None:
             on_step(step)
+        if should_stop is not None and should_stop():
+            meta["step"] = step
+            run.checkpoints.save(step, run.model, run.optimizer, meta)
+            raise Interrupted(f"stopped at step {step}; the checkpoint is in {run.checkpoints.directory}:"
+                              " continue with --resume")
     bar.close()
     meta["step"] = step
 
@@ -189,7 +201,7 @@ def evaluate_run(workdir: str | Path, manifest: str | Path | None = None, **over
     """Restore the best checkpoint of a finished (or running) run and evaluate it (``--eval_only``).
 
     Args:
-      workdir: the run's folder (holds config.json and best/).
+      workdir: the run's folder (holds config.json and checkpoints/).
       manifest: evaluate the "test" slides of another store's manifest (an external test set;
         the store is the manifest's folder); default: the run's own test slides.
       **overrides: config fields to change (e.g. eval_draws=10).
@@ -212,7 +224,7 @@ def _start(run: Run, resume: bool) -> dict:
             log.info("resuming %s at step %d", run.workdir, meta["step"])
             return meta
         log.info("no checkpoint in %s: starting from scratch", run.workdir)
-    elif run.checkpoints.latest.latest_step() is not None:
+    elif run.checkpoints.latest_step() is not None:
         raise FileExistsError(f"workdir {run.workdir} already holds checkpoints; pass --resume to "
                               f"continue that run, or choose another --workdir")
     return {"step": 0, "best": None, "best_step": None, "loss_sum": 0.0, "loss_count": 0}
@@ -242,12 +254,12 @@ def _augment(run: Run):
 
 
 def _stop_non_finite(loss: float, step: int, epoch: int, batch: list[Bag], ckpt: RunCheckpoints):
-    kept = ckpt.latest.latest_step()
-    where = (f"checkpoint of step {kept} in {ckpt.latest.directory} is kept" if kept is not None
+    kept = ckpt.latest_step()
+    where = (f"the last good checkpoint, of step {kept} in {ckpt.directory}, is kept" if kept is not None
              else "no checkpoint was saved yet")
     raise NonFiniteLossError(
         f"training loss is {loss} at step {step + 1} (epoch {epoch + 1}, slides "
-        f"{', '.join(b.slide_id for b in batch)}); stopped without saving. The last good {where}; "
+        f"{', '.join(b.slide_id for b in batch)}); stopped without saving: {where}; "
         f"lower --lr or check the data, then --resume")
 
 
@@ -256,7 +268,8 @@ def _final_evaluation(run: Run, tag: str = "") -> dict:
     c = run.config
     meta = run.checkpoints.restore_best(run.model)
     if meta is None:
-        raise FileNotFoundError(f"no best checkpoint in {run.workdir / 'best'}: nothing trained yet")
+        raise FileNotFoundError(f"no best checkpoint in {run.checkpoints.directory}: nothing trained "
+                                "yet (train first, or check --workdir)")
     run.prepare()
     results = []
     if not tag and run.slides["val"]:
