@@ -34,22 +34,25 @@ from flax import nnx
 
 from bigjax.models.vit_configs import ALIASES, CONFIGS, ViTConfig
 
-__all__ = ["ViT", "ViTConfig", "CONFIGS", "build", "load_timm", "resample_pos_embed",
-           "resize_matrix"]
+__all__ = ["ViT", "ViTConfig", "CONFIGS", "build", "config_for", "load_timm", "resample_pos_embed",
+           "resize_matrix", "embed_tokens", "pool_tokens", "timm_names"]
 
 LN_EPS = 1e-6  # timm.layers.LayerNorm
 
 
-def build(name: str, *, rngs: nnx.Rngs | None = None, **overrides) -> "ViT":
-    """The ViT named ``name`` (a key of ``CONFIGS`` or ``ALIASES``), with config fields overridden.
-
-    E.g. ``build("uni2_h")``, ``build("vit_base_patch16", img_size=256)``, or a tiny test model
-    ``build("vit_small_patch16_224", embed_dim=8, depth=2, num_heads=2)``.
-    """
+def config_for(name: str, **overrides) -> ViTConfig:
+    """The config named ``name`` (a key of ``CONFIGS`` or ``ALIASES``) with fields overridden."""
     key = ALIASES.get(name, name)
     if key not in CONFIGS:
         raise KeyError(f"unknown ViT {name!r}; known: {sorted(CONFIGS)} and {sorted(ALIASES)}")
-    return ViT(replace(CONFIGS[key], **overrides), rngs=rngs)
+    return replace(CONFIGS[key], **overrides)
+
+
+def build(name: str, *, rngs: nnx.Rngs | None = None, **overrides) -> "ViT":
+    """The ViT named ``name`` with config fields overridden, e.g. ``build("uni2_h")``,
+    ``build("vit_base_patch16", img_size=256)`` or a tiny test model
+    ``build("vit_small_patch16_224", embed_dim=8, depth=2, num_heads=2)``."""
+    return ViT(config_for(name, **overrides), rngs=rngs)
 
 
 class PatchEmbed(nnx.Module):
@@ -163,35 +166,52 @@ class ViT(nnx.Module):
         c = self.config
         return 2 * c.embed_dim if c.pool == "cls_mean" else c.embed_dim
 
+    def embed_parts(self):
+        """The modules and tokens ``embed_tokens`` reads (what a streaming path moves to the device)."""
+        return self.patch_embed, self.cls_token, self.reg_token, self.pos_embed
+
+    def head_parts(self):
+        return self.norm, self.fc_norm
+
     def embed(self, x):
         """Patch tokens plus position embedding, with the class and register tokens in front."""
-        c = self.config
-        patches = self.patch_embed(x)
-        n, gh, gw, d = patches.shape
-        pos = resample_pos_embed(self.pos_embed[...], (gh, gw), c.grid, c.embedded_prefix,
-                                 antialias=c.pos_antialias)
-        tokens = patches.reshape(n, gh * gw, d)
-        prefix = [jnp.broadcast_to(t[...], (n, *t.shape[1:]))
-                  for t in (self.cls_token, self.reg_token) if t is not None]
-        if c.no_embed_class:  # deit-3 / DINOv2-registers: the prefix tokens get no position
-            return jnp.concatenate([*prefix, tokens + pos], axis=1)
-        return jnp.concatenate([*prefix, tokens], axis=1) + pos
+        return embed_tokens(self.config, self.embed_parts(), x)
 
     def head(self, tokens):
         """Final norm and the card's embedding: class token, patch mean, or both (Virchow)."""
-        c = self.config
-        if c.pool == "avg":
-            return self.fc_norm(jnp.mean(tokens[:, c.num_prefix:], axis=1))
-        tokens = self.norm(tokens)
-        if c.pool == "token":
-            return tokens[:, 0]
-        return jnp.concatenate([tokens[:, 0], jnp.mean(tokens[:, c.num_prefix:], axis=1)], axis=-1)
+        return pool_tokens(self.config, self.head_parts(), tokens)
 
     def __call__(self, x, *, train: bool = False):
         tokens = self.embed(jnp.asarray(x, jnp.float32))
         for block in self.blocks:
             tokens = block(tokens)
         return self.head(tokens)
+
+
+def embed_tokens(c: ViTConfig, parts, x):
+    """timm's ``patch_embed`` + ``_pos_embed``: (N, H, W, 3) tiles → (N, prefix + gh*gw, D) tokens."""
+    patch_embed, cls_token, reg_token, pos_embed = parts
+    patches = patch_embed(x)
+    n, gh, gw, d = patches.shape
+    pos = resample_pos_embed(pos_embed[...], (gh, gw), c.grid, c.embedded_prefix,
+                             antialias=c.pos_antialias)
+    tokens = patches.reshape(n, gh * gw, d)
+    prefix = [jnp.broadcast_to(t[...], (n, *t.shape[1:])) for t in (cls_token, reg_token)
+              if t is not None]
+    if c.no_embed_class:  # deit-3 / DINOv2-registers: the prefix tokens get no position
+        return jnp.concatenate([*prefix, tokens + pos], axis=1)
+    return jnp.concatenate([*prefix, tokens], axis=1) + pos
+
+
+def pool_tokens(c: ViTConfig, parts, tokens):
+    """timm's final ``norm`` + ``pool`` (+ ``fc_norm`` for 'avg'), or Virchow's class + patch mean."""
+    norm, fc_norm = parts
+    if c.pool == "avg":
+        return fc_norm(jnp.mean(tokens[:, c.num_prefix:], axis=1))
+    tokens = norm(tokens)
+    if c.pool == "token":
+        return tokens[:, 0]
+    return jnp.concatenate([tokens[:, 0], jnp.mean(tokens[:, c.num_prefix:], axis=1)], axis=-1)
 
 
 def resize_matrix(old: int, new: int, antialias: bool) -> np.ndarray:
