@@ -58,10 +58,10 @@ def build(name: str, *, rngs: nnx.Rngs | None = None, **overrides) -> "ViT":
 class PatchEmbed(nnx.Module):
     """Non-overlapping ``p x p`` patches projected to ``D``: timm's ``Conv2d(3, D, p, stride=p)``."""
 
-    def __init__(self, patch: int, dim: int, rngs: nnx.Rngs):
+    def __init__(self, patch: int, dim: int, dtype, rngs: nnx.Rngs):
         self.patch = patch
         self.proj = nnx.Conv(3, dim, (patch, patch), strides=(patch, patch), padding="VALID",
-                             rngs=rngs)
+                             dtype=dtype, rngs=rngs)
 
     def __call__(self, x):
         _, h, w, _ = x.shape
@@ -74,31 +74,33 @@ class PatchEmbed(nnx.Module):
 class Attention(nnx.Module):
     """Multi-head self-attention with timm's fused ``qkv`` projection and output ``proj``."""
 
-    def __init__(self, dim: int, heads: int, qkv_bias: bool, rngs: nnx.Rngs):
+    def __init__(self, dim: int, heads: int, qkv_bias: bool, dtype, rngs: nnx.Rngs):
         if dim % heads:
             raise ValueError(f"embed dim {dim} is not divisible by {heads} heads")
         self.heads = heads
-        self.qkv = nnx.Linear(dim, 3 * dim, use_bias=qkv_bias, rngs=rngs)
-        self.proj = nnx.Linear(dim, dim, rngs=rngs)
+        self.qkv = nnx.Linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.proj = nnx.Linear(dim, dim, dtype=dtype, rngs=rngs)
 
     def __call__(self, x):
         n, length, dim = x.shape
         qkv = self.qkv(x).reshape(n, length, 3, self.heads, dim // self.heads)
         q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # (N, heads, L, hd)
         scores = jnp.einsum("nhqd,nhkd->nhqk", q, k) / math.sqrt(dim // self.heads)
-        out = jnp.einsum("nhqk,nhkd->nhqd", jax.nn.softmax(scores, axis=-1), v)
+        # softmax in float32 whatever the matmul dtype, as torch autocast does
+        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+        out = jnp.einsum("nhqk,nhkd->nhqd", probs, v)
         return self.proj(out.transpose(0, 2, 1, 3).reshape(n, length, dim))
 
 
 class Mlp(nnx.Module):
     """timm's ``Mlp`` (fc1, exact GELU, fc2) or ``SwiGLUPacked`` (fc1 to 2h, SiLU(a) * b, fc2 from h)."""
 
-    def __init__(self, dim: int, hidden: int, swiglu: bool, rngs: nnx.Rngs):
+    def __init__(self, dim: int, hidden: int, swiglu: bool, dtype, rngs: nnx.Rngs):
         if swiglu and hidden % 2:
             raise ValueError(f"a packed SwiGLU needs an even hidden width, got {hidden}")
         self.swiglu = swiglu
-        self.fc1 = nnx.Linear(dim, hidden, rngs=rngs)
-        self.fc2 = nnx.Linear(hidden // 2 if swiglu else hidden, dim, rngs=rngs)
+        self.fc1 = nnx.Linear(dim, hidden, dtype=dtype, rngs=rngs)
+        self.fc2 = nnx.Linear(hidden // 2 if swiglu else hidden, dim, dtype=dtype, rngs=rngs)
 
     def __call__(self, x):
         h = self.fc1(x)
@@ -124,12 +126,12 @@ class Block(nnx.Module):
     """Pre-norm transformer block: ``x + ls1(attn(norm1(x)))``, then ``x + ls2(mlp(norm2(x)))``."""
 
     def __init__(self, c: ViTConfig, rngs: nnx.Rngs):
-        d = c.embed_dim
+        d, dtype = c.embed_dim, jnp.dtype(c.dtype)
         self.norm1 = nnx.LayerNorm(d, epsilon=LN_EPS, rngs=rngs)
-        self.attn = Attention(d, c.num_heads, c.qkv_bias, rngs)
+        self.attn = Attention(d, c.num_heads, c.qkv_bias, dtype, rngs)
         self.ls1 = LayerScale(d, c.init_values) if c.init_values else None
         self.norm2 = nnx.LayerNorm(d, epsilon=LN_EPS, rngs=rngs)
-        self.mlp = Mlp(d, int(d * c.mlp_ratio), c.mlp == "swiglu", rngs)
+        self.mlp = Mlp(d, int(d * c.mlp_ratio), c.mlp == "swiglu", dtype, rngs)
         self.ls2 = LayerScale(d, c.init_values) if c.init_values else None
 
     def __call__(self, x):
@@ -152,7 +154,7 @@ class ViT(nnx.Module):
         rngs = rngs or nnx.Rngs(0)
         c = self.config = config
         d, init = c.embed_dim, nnx.initializers.normal(0.02)
-        self.patch_embed = PatchEmbed(c.patch_size, d, rngs)
+        self.patch_embed = PatchEmbed(c.patch_size, d, jnp.dtype(c.dtype), rngs)
         self.cls_token = nnx.Param(init(rngs.params(), (1, 1, d))) if c.class_token else None
         self.reg_token = nnx.Param(init(rngs.params(), (1, c.reg_tokens, d))) if c.reg_tokens else None
         self.pos_embed = nnx.Param(init(rngs.params(), (1, c.pos_embed_len, d)))

@@ -43,6 +43,8 @@ class ViTConfig:
       no_embed_class: the position embedding covers the patch grid only (prefix tokens get none).
       pos_antialias: the resize rule for other tile sizes (timm's ``resample_abs_pos_embed`` default).
       normalization: (mean, std) per RGB channel, applied to [0, 1] pixels before the model.
+      dtype: the matmuls' dtype ("bfloat16" for mixed-precision fine-tuning, as torch AMP): parameters,
+        the residual stream, LayerNorms and the softmax stay float32.
     """
 
     name: str = ""
@@ -61,6 +63,7 @@ class ViTConfig:
     pool: str = "token"
     pos_antialias: bool = True
     normalization: tuple = IMAGENET
+    dtype: str = "float32"
 
     def __post_init__(self):
         if self.mlp not in ("gelu", "swiglu"):

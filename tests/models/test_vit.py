@@ -243,3 +243,17 @@ def test_named_configs_have_the_cards_shapes():
     assert int(1536 * vit.CONFIGS["uni2_h"].mlp_ratio) == 8192  # SwiGLUPacked fc1, fc2 from 4096
     with pytest.raises(KeyError, match="unknown ViT 'vit_tiny'"):
         vit.build("vit_tiny")
+
+
+def test_bfloat16_matmuls_stay_close_to_float32():
+    f32 = vit.build("vit_base_patch16_224", **TINY, **CASES["dinov2_reg_swiglu"])
+    bf16 = vit.build("vit_base_patch16_224", **TINY, **CASES["dinov2_reg_swiglu"], dtype="bfloat16")
+    weights = _timm_state(f32.config, np.random.default_rng(3))
+    vit.load_timm(f32, weights)
+    vit.load_timm(bf16, weights)
+    x = np.random.default_rng(4).normal(size=(2, 12, 12, 3)).astype(np.float32)
+    assert bf16.blocks[0].attn.qkv(bf16.embed(x)).dtype == np.dtype("bfloat16")
+    a, b = np.asarray(_embed(f32, x)), np.asarray(_embed(bf16, x))
+    assert b.dtype == np.float32  # the residual stream and the final norm stay float32
+    err = np.abs(a - b).max() / np.abs(a).max()
+    assert 1e-4 < err < 5e-2
