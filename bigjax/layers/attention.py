@@ -226,7 +226,7 @@ def _attention_bwd(spec, res, g):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def block_bytes(q_shape, k_shape, dv: int, block_q: int, block_k: int, itemsize: int = 4) -> int:
+def block_bytes(q_shape, dv: int, block_q: int, block_k: int, itemsize: int = 4) -> int:
     """Device bytes of one streaming step: q, dO blocks, k, v blocks, the score/probability blocks,
     the accumulators and row statistics (the backward's, which is the larger)."""
     batch = math.prod(q_shape[:-2])
@@ -257,7 +257,7 @@ def streamed_attention(q, k, v, *, block_q: int, block_k: int, execution: Execut
             raise ValueError(f"{name} must be a positive number of tokens, got {size!r}")
     if q.shape[:-2] != k.shape[:-2] or k.shape[:-1] != v.shape[:-1] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q {q.shape}, k {k.shape}, v {v.shape} do not fit (..., L, d) attention")
-    need = block_bytes(q.shape, k.shape, v.shape[-1], block_q, block_k, np.dtype(q.dtype).itemsize)
+    need = block_bytes(q.shape, v.shape[-1], block_q, block_k, np.dtype(q.dtype).itemsize)
     if need > execution.max_partition_bytes:
         raise ValueError(
             f"budget {execution.max_partition_bytes:,} B is below one attention step of "

@@ -83,7 +83,7 @@ def test_kernels_run_on_compute_blocks_stream_from_the_host():
 
 def test_budget_below_one_step_is_named():
     q, k, v = _inputs((1, 2, 64, 8), (1, 2, 64, 8), 8)
-    need = block_bytes(q.shape, k.shape, 8, 16, 16)
+    need = block_bytes(q.shape, 8, 16, 16)
     with pytest.raises(ValueError, match=f"budget 1,000 B is below one attention step of 16 queries x 16 "
                                          f"keys .* \\(needs {need:,} B\\)"):
         streamed_attention(q, k, v, block_q=16, block_k=16, execution=Execution(1000))
