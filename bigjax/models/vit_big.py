@@ -129,7 +129,9 @@ def tile_bytes(kind: str, config: ViTConfig, in_shape, itemsize: int = 4) -> int
     """Estimated device bytes of one tile in a stage's backward kernel (the larger pass).
 
     Block: input, output and their cotangents, qkv, attention scores and probabilities per head, the
-    MLP's hidden activations (twice for SwiGLU's halves), doubled for the pullback's residuals.
+    MLP's hidden activations, doubled for the pullback's residuals. For ViT-B/16 at 224² this gives
+    34.1 MB per tile, where XLA:CPU's compiled memory analysis of the block's backward kernel grows by
+    31.7 MB per tile (8 → 16 tiles; docs/benchmarks.md, "ViT").
     """
     d, heads = config.embed_dim, config.num_heads
     hidden = int(d * config.mlp_ratio)
@@ -138,7 +140,7 @@ def tile_bytes(kind: str, config: ViTConfig, in_shape, itemsize: int = 4) -> int
         floats = 2 * int(np.prod(in_shape)) + 4 * length * d
     elif kind == "block":
         length = in_shape[0]
-        floats = 2 * (8 * length * d + 2 * heads * length * length + 2 * length * hidden)
+        floats = 2 * (10 * length * d + 2 * heads * length * length + 3 * length * hidden)
     else:
         floats = 3 * int(np.prod(in_shape)) + 4 * d
     return floats * itemsize
