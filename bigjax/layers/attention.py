@@ -13,7 +13,8 @@ After the last key block ``o_i = acc / l`` and the log-sum-exp ``L_i = m + log l
 The backward (its own ``custom_vjp``, Algorithm 4 of the paper) recomputes ``p = exp(s − L_i)`` block by
 block instead of keeping the ``(Lq, Lk)`` matrix, with ``D_i = rowsum(dO_i ∘ O_i)``:
 
-    dv_j += pᵀ dO_i;  dp = dO_i v_jᵀ;  ds = p ∘ (dp − D_i);  dq_i += ds k_j · scale;  dk_j += dsᵀ q_i · scale
+    dv_j += pᵀ dO_i;  dp = dO_i v_jᵀ;  ds = p ∘ (dp − D_i)
+    dq_i += ds k_j · scale;  dk_j += dsᵀ q_i · scale
 
 in two passes — key blocks outer for ``dk, dv``, query blocks outer for ``dq`` — so each accumulator
 stays on the device for its whole loop and only finished blocks travel back to the host.
