@@ -45,7 +45,8 @@ def test_big_vit_equals_in_memory_vit_with_gradients():
     def loss(model, x, **kw):
         return jnp.sum(model(x, train=True, **kw) * w)
 
-    emb = big(x, train=False, execution=ex)
+    with jax.transfer_guard("disallow"):  # every move of the streamed forward is explicit
+        emb = big(jax.device_put(x, ex.host), train=False, execution=ex)
     assert emb.devices() == {ex.compute}
     assert _rel(emb, nnx.jit(lambda m, x: m(x))(twin, x)) < 1e-5
     assert seen["vit_forward"] >= 2 * 3 + 2  # each block in 3 partitions (2, 2, 1 tiles), embed, head
