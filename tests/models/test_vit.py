@@ -4,10 +4,11 @@ written out independently; and the loader's errors."""
 
 import math
 
+import jax
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
 from flax import nnx
+from safetensors.numpy import save_file
 from scipy.special import erf
 
 from bigjax.models import vit
@@ -257,3 +258,14 @@ def test_bfloat16_matmuls_stay_close_to_float32():
     assert b.dtype == np.float32  # the residual stream and the final norm stay float32
     err = np.abs(a - b).max() / np.abs(a).max()
     assert 1e-4 < err < 5e-2
+
+
+@pytest.mark.parametrize("name,millions", [
+    ("vit_base_patch16_224", 85.8), ("uni2_h", 681),
+    pytest.param("virchow2", 632, marks=pytest.mark.slow),
+    pytest.param("prov_gigapath", 1130, marks=pytest.mark.slow)])
+def test_parameter_counts_match_the_cards(name, millions):
+    """timm's count less the classifier (ViT-B: 86.57M - 0.77M), the cards' for the pathology models."""
+    model = nnx.eval_shape(lambda: vit.build(name))
+    count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert abs(count / 1e6 - millions) / millions < 5e-3, count
