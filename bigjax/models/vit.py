@@ -23,7 +23,7 @@ Darcet et al., "Vision Transformers Need Registers" (2024); timm ``models/vision
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Mapping
 

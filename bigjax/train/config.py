@@ -32,7 +32,8 @@ class TrainConfig:
       task: "panda" (6 ISUP grades; QWK, accuracy) or "camelyon" (binary; accuracy, AUC).
       encoder: an encoder mode name (``bigjax.train.modes.names()``: big, inmemory, frozen, ...).
       aggregator: a name of ``bigjax.models.mil.AGGREGATORS``.
-      depth: the ResNet encoder's depth (18, 34, 50).
+      arch: the encoder architecture (``bigjax.models.arch.names()``: resnet18|34|50, ViTs by timm
+        name such as vit_base_patch16_224, pathology foundation models such as uni).
       big_stages, max_partition_bytes: what runs as Big-Layers and their partition budget (modes that
         stream only).
       init: torchvision/timm ResNet safetensors file; None = random init (a warning says so).
@@ -58,7 +59,7 @@ class TrainConfig:
     task: str = "panda"
     encoder: str = "big"
     aggregator: str = "abmil"
-    depth: int = 18
+    arch: str = "resnet18"
     big_stages: int = 4
     max_partition_bytes: int = DEFAULT_PARTITION_BYTES
     init: str | None = None
@@ -79,11 +80,12 @@ class TrainConfig:
 
     def __post_init__(self):
         """Refuse a bad setting before any work, naming it (the CLIs' flags have the same names)."""
+        from bigjax.models import arch
         from bigjax.models.mil import AGGREGATORS
 
         _choose("task", self.task, TASKS)
         _choose("aggregator", self.aggregator, AGGREGATORS)
-        _choose("depth", self.depth, (18, 34, 50))
+        _choose("arch", self.arch, arch.names())
         for name in ("epochs", "batch_size", "tiles_per_bag", "val_draws", "embed_chunk",
                      "log_every", "max_partition_bytes"):
             _at_least(name, getattr(self, name), 1)

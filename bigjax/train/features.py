@@ -1,6 +1,7 @@
 """Tiles to the encoder's input, eval-mode embeddings of tiles, and the cache of precomputed ones.
 
-Tiles arrive as uint8 (N, T, T, 3); ``normalize`` maps them to float32 with ImageNet mean/std. In eval
+Tiles arrive as uint8 (N, T, T, 3); ``normalize`` maps them to float32 with the architecture's mean and
+std (ImageNet's for ResNets, the model card's for ViTs: ``bigjax.models.arch.normalization``). In eval
 mode BatchNorm uses running statistics, so a tile's embedding does not depend on the other tiles of its
 batch: ``embed_tiles`` runs any number of tiles in fixed-size chunks (few compiles) through a jittable
 eval-mode forward, and ``FeatureCache`` keeps every tile's embedding for the ``precomputed`` mode.
@@ -16,36 +17,35 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "normalize", "normalize_host", "embed_tiles",
-           "FeatureCache"]
-
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+__all__ = ["normalize", "normalize_host", "embed_tiles", "FeatureCache"]
 
 # (encoder, normalised float32 tiles) -> eval-mode embeddings; jittable, a module-level function
 EvalForward = Callable[[nnx.Module, jax.Array], jax.Array]
 
 
-def normalize(tiles) -> jax.Array:
-    """uint8 (..., T, T, 3) tiles -> float32, scaled to [0, 1] and standardised by ImageNet mean/std."""
+def normalize(tiles, mean, std) -> jax.Array:
+    """uint8 (..., T, T, 3) tiles -> float32, scaled to [0, 1] and standardised by (mean, std)."""
     x = jnp.asarray(tiles).astype(jnp.float32) / 255.0
-    return (x - IMAGENET_MEAN) / IMAGENET_STD
+    return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
-def normalize_host(tiles: np.ndarray) -> np.ndarray:
+def normalize_host(tiles: np.ndarray, mean, std) -> np.ndarray:
     """``normalize`` in numpy, for tiles that stay in host memory (the Big-Layers' input)."""
-    return (tiles.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+    return ((tiles.astype(np.float32) / 255.0 - np.asarray(mean, np.float32))
+            / np.asarray(std, np.float32))
 
 
-@nnx.jit(static_argnums=0)
-def _embed_chunk(forward: EvalForward, encoder: nnx.Module, tiles: jax.Array) -> jax.Array:
-    return forward(encoder, normalize(tiles))
+@nnx.jit(static_argnums=(0, 3))
+def _embed_chunk(forward: EvalForward, encoder: nnx.Module, tiles: jax.Array, norm) -> jax.Array:
+    return forward(encoder, normalize(tiles, *norm))
 
 
-def embed_tiles(forward: EvalForward, encoder: nnx.Module, tiles: np.ndarray,
+def embed_tiles(forward: EvalForward, encoder: nnx.Module, tiles: np.ndarray, norm,
                 chunk: int = 64) -> jax.Array:
     """Eval-mode embeddings (N, D) of uint8 tiles (N, T, T, 3), at most ``chunk`` tiles per jitted call.
 
+    Args:
+      norm: the (mean, std) tiles are standardised with, as tuples (static: part of the compile key).
     Each call's tiles are zero-padded to a power of two (or to ``chunk``), so a few shapes compile.
     """
     out = []
@@ -53,7 +53,7 @@ def embed_tiles(forward: EvalForward, encoder: nnx.Module, tiles: np.ndarray,
         part = tiles[start:start + chunk]
         size = min(chunk, 1 << (len(part) - 1).bit_length())
         padded = np.concatenate([part, np.zeros((size - len(part), *part.shape[1:]), part.dtype)])
-        out.append(_embed_chunk(forward, encoder, padded)[:len(part)])
+        out.append(_embed_chunk(forward, encoder, padded, norm)[:len(part)])
     return jnp.concatenate(out) if len(out) > 1 else out[0]
 
 

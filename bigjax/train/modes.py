@@ -26,7 +26,7 @@ from flax import nnx
 from bigjax.data.augment import augment_bag
 from bigjax.data.bags import Bag
 from bigjax.layers.execution import Execution
-from bigjax.models.resnet import BigResNet, ResNet, load_torchvision
+from bigjax.models import arch
 from bigjax.train import features, steps
 
 log = logging.getLogger(__name__)
@@ -64,11 +64,6 @@ def get(config, workdir: Path) -> "EncoderMode":
     return get_class(config.encoder)(config, workdir)
 
 
-def plain_forward(encoder: nnx.Module, x: jax.Array) -> jax.Array:
-    """Eval-mode embeddings through the in-memory path of the encoder's parameters (jittable)."""
-    return ResNet.__call__(encoder, x, train=False)
-
-
 class EncoderMode:
     """What one way of training the encoder does; subclasses override what differs.
 
@@ -77,30 +72,35 @@ class EncoderMode:
       trains_encoder: whether the encoder's parameters are updated.
       augments: whether training tiles are augmented (a mode that caches embeddings cannot).
       settings: which of ``STREAMING_SETTINGS`` the mode reads (a flag given for another is an error).
-      eval_forward: (encoder, normalised tiles) -> eval-mode embeddings, jittable; a staticmethod.
+    The encoder architecture (``config.arch``: a ResNet or a ViT) gives the model, its weights loader,
+    the input normalisation and the eval-mode forward (``bigjax.models.arch``).
     """
 
     name: ClassVar[str] = ""
     trains_encoder: ClassVar[bool] = True
     augments: ClassVar[bool] = True
     settings: ClassVar[tuple[str, ...]] = ()
-    eval_forward = staticmethod(plain_forward)
+    streams: ClassVar[bool] = False  # the encoder is built to stream through Big-Layers
 
     def __init__(self, config, workdir: Path):
         self.config, self.workdir = config, Path(workdir)
+        self.mean, self.std = arch.normalization(config.arch)
+
+    @property
+    def eval_forward(self):
+        """(encoder, normalised tiles) -> eval-mode embeddings: a module-level jittable function."""
+        return arch.eval_forward(self.config.arch)
 
     def build_encoder(self, rngs: nnx.Rngs) -> nnx.Module:
         """The encoder (an NNX module with ``embed_dim``), from ``config.init`` or a random init."""
-        return self._initialised(ResNet(self.config.depth, rngs=rngs))
-
-    def _initialised(self, encoder: ResNet) -> ResNet:
         c = self.config
+        encoder = arch.build(c.arch, big=self.streams, big_stages=c.big_stages, rngs=rngs)
         if c.init:
-            load_torchvision(encoder, c.init)
-            log.info("encoder ResNet-%d initialised from %s", c.depth, c.init)
+            arch.load(encoder, c.arch, c.init)
+            log.info("encoder %s initialised from %s", c.arch, c.init)
         else:
-            log.warning("encoder ResNet-%d has random initial weights (no --init); the paper starts "
-                        "from ImageNet weights", c.depth)
+            log.warning("encoder %s has random initial weights (no --init); the paper starts "
+                        "from pretrained weights", c.arch)
         return encoder
 
     def trainable(self):
@@ -112,7 +112,7 @@ class EncoderMode:
 
     def inputs(self, model: steps.MILClassifier, batch: list[Bag]):
         """A batch of bags -> the step's inputs: normalised tiles (B, K, T, T, 3) on the device."""
-        return features.normalize(augmented_tiles(batch))
+        return features.normalize(augmented_tiles(batch), self.mean, self.std)
 
     def step(self, model, optimizer, inputs, labels) -> jax.Array:
         """One gradient and optimiser update; returns the batch loss."""
@@ -127,6 +127,7 @@ class EncoderMode:
     def embed_tiles(self, model: steps.MILClassifier, tiles: np.ndarray) -> jax.Array:
         """Eval-mode embeddings of uint8 tiles, in jitted chunks of ``config.embed_chunk``."""
         return features.embed_tiles(self.eval_forward, model.encoder, tiles,
+                                    (self.mean, self.std),
                                     min(self.config.embed_chunk, max(len(tiles), 1)))
 
 
@@ -142,18 +143,15 @@ class Big(EncoderMode):
     """The Big ResNet trained end to end: eager gradients through Big-Layers, jitted update."""
 
     settings = STREAMING_SETTINGS
+    streams = True
 
     def __init__(self, config, workdir: Path):
         super().__init__(config, workdir)
         self.execution = Execution(config.max_partition_bytes)
 
-    def build_encoder(self, rngs: nnx.Rngs) -> nnx.Module:
-        return self._initialised(BigResNet(self.config.depth, big_stages=self.config.big_stages,
-                                           rngs=rngs))
-
     def inputs(self, model, batch: list[Bag]):
         """Normalised tiles in host memory (numpy): the Big-Layers stream them to the device."""
-        return features.normalize_host(augmented_tiles(batch))
+        return features.normalize_host(augmented_tiles(batch), self.mean, self.std)
 
     def step(self, model, optimizer, inputs, labels) -> jax.Array:
         return steps.eager_step(model, optimizer, self._loss, inputs, labels)

@@ -80,7 +80,7 @@ def write_results(workdir: str | Path, results: Sequence[ProtocolResult], meta: 
     """Print the final table and write it to results[_tag].md and results[_tag].json in the workdir."""
     lines = [line for r in results for line in r.lines()]
     head = (f"{config.task} · encoder={config.encoder} · aggregator={config.aggregator} · "
-            f"ResNet-{config.depth} · best checkpoint step {meta.get('best_step', meta.get('step'))}")
+            f"{config.arch} · best checkpoint step {meta.get('best_step', meta.get('step'))}")
     text = "\n".join([head, *lines]) + "\n"
     print(text, end="", flush=True)
     suffix = f"_{tag}" if tag else ""

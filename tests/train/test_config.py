@@ -17,7 +17,7 @@ def _config(**fields):
     (dict(seed=-1), r"--seed=-1: must be an integer >= 0"),
     (dict(big_stages=5), r"--big_stages=5: must be in 0..4"),
     (dict(batch_size=0), r"--batch_size=0: must be an integer >= 1"),
-    (dict(depth=20), r"--depth=20: choose one of 18, 34, 50"),
+    (dict(arch="resnet20"), r"--arch=resnet20: choose one of resnet18, resnet34, resnet50, vit_"),
 ])
 def test_bad_run_settings_are_refused(fields, message):
     with pytest.raises(ValueError, match=message):

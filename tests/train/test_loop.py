@@ -23,7 +23,7 @@ def tiny(store, workdir, **overrides) -> TrainConfig:
     """
     optim = OptimizerConfig(lr=overrides.pop("lr", 1e-3), accum=overrides.pop("accum", 2))
     base = dict(workdir=str(workdir), store=str(store), encoder="precomputed", aggregator="abmil",
-                depth=18, big_stages=1, max_partition_bytes=400_000, optim=optim, epochs=2,
+                arch="resnet18", big_stages=1, max_partition_bytes=400_000, optim=optim, epochs=2,
                 batch_size=2, tiles_per_bag=4, augment=True, val_draws=2, val_tiles=4, eval_draws=3,
                 eval_tiles=4, embed_chunk=16, log_every=1, progress=False)
     return TrainConfig(**{**base, **overrides})

@@ -59,3 +59,14 @@ def test_modes_say_what_they_train_and_read():
     big, frozen = (modes.get_class(n) for n in ("big", "frozen"))
     assert big.trains_encoder and not frozen.trains_encoder
     assert set(big.settings) == set(modes.STREAMING_SETTINGS) and not frozen.settings
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["frozen", "big"])
+def test_a_vit_encoder_runs_through_the_modes(store, tmp_path, mode):
+    """--arch picks a ViT by timm name; its model-card normalisation and eval forward come with it."""
+    config = tiny(store, tmp_path, encoder=mode, arch="vit_small_patch16_224", epochs=1,
+                  max_partition_bytes=2**30)
+    results = train(config)
+    assert "test QWK" in "\n".join(results["lines"])
+    assert modes.get(config, tmp_path).mean == (0.5, 0.5, 0.5)  # timm's augreg ViTs: inception
