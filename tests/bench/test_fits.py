@@ -34,19 +34,27 @@ def test_too_few_points_are_refused():
         fit_power_law([1.0, 2.0], [1.0, 2.0])
 
 
-def test_a_two_point_sweep_runs_and_writes_table_json_and_plot(tmp_path):
-    cfg = SweepConfig(depth=18, sides=(32, 48), configs=("inmemory", "checkpoint", "big2"),
-                      budget=4 * 2**20, warmup=1, reps=2)
+def _two_point_sweep(tmp_path, configs):
+    cfg = SweepConfig(depth=18, sides=(32, 48), configs=configs, budget=4 * 2**20, warmup=1, reps=2)
     points = run_sweep(cfg, progress=False)
     assert [(p.config, p.side, p.status) for p in points] == [
-        (c, s, "ok") for s in (32, 48) for c in ("inmemory", "checkpoint", "big2")]
+        (c, s, "ok") for s in (32, 48) for c in configs]
     assert all(p.mean_s > 0 and p.std_s >= 0 for p in points)
     assert all(p.device_peak_bytes for p in points if p.config in ("inmemory", "checkpoint"))
     text = write_sweep(points, tmp_path, "test")
     assert "| inmemory |" in text and "32² s" in text
     saved = json.loads((tmp_path / "sweep.json").read_text())
-    assert len(saved["points"]) == 6 and saved["fits"]["big2"] is None  # 2 points: no fit
+    assert len(saved["points"]) == 2 * len(configs) and saved["fits"]["big2"] is None  # 2 points
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_two_point_sweep_runs_and_writes_table_json_and_plot(tmp_path):
+    _two_point_sweep(tmp_path, ("inmemory", "big2"))
+
+
+@pytest.mark.slow
+def test_every_sweep_configuration_runs(tmp_path):
+    _two_point_sweep(tmp_path, ("inmemory", "checkpoint", "big0", "big2", "big4", "big4_separate"))
 
 
 def test_a_point_that_cannot_fit_the_host_is_skipped():
