@@ -43,6 +43,8 @@ class SweepConfig:
       budget: Big-Layers partition budget (bytes).
       warmup, reps: untimed and timed iterations per point.
       host_fraction: a point whose predicted host memory exceeds this share of RAM is skipped.
+      compiled_memory: also compile the jitted steps ahead of time for XLA's memory analysis (a
+        second compile per point: the CPU's device-memory figure).
     """
 
     depth: int = 18
@@ -52,6 +54,7 @@ class SweepConfig:
     warmup: int = 1
     reps: int = 3
     host_fraction: float = 0.6
+    compiled_memory: bool = True
 
 
 @dataclasses.dataclass
@@ -112,7 +115,7 @@ def _setup(name: str, cfg: SweepConfig, x: np.ndarray):
         optimizer = nnx.Optimizer(model, _adamw(), wrt=nnx.Param)
         step = _jitted_step(forward)
         xd = jnp.asarray(x)
-        compiled = memory.compiled_bytes(step, model, optimizer, xd)
+        compiled = memory.compiled_bytes(step, model, optimizer, xd) if cfg.compiled_memory else None
         return (lambda: step(model, optimizer, xd)), compiled
     stages = 4 if name == "big4_separate" else int(name[3:])
     model = BigResNet(cfg.depth, big_stages=stages, fused=name != "big4_separate", rngs=nnx.Rngs(0))
