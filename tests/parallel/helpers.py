@@ -15,11 +15,13 @@ TILES = np.random.default_rng(0).normal(size=(5, 29, 27, 3)).astype(np.float32) 
 LABEL = 2
 
 
-def tiny_resnet(big: bool = False, seed: int = 0) -> ResNet:
+def tiny_resnet(big: bool = False, seed: int = 0, stages: int = 2) -> ResNet:
+    """ResNet-18's stem and the first block of its first ``stages`` (1 or 2) stages."""
     model = BigResNet(18, big_stages=4, rngs=nnx.Rngs(seed)) if big else ResNet(18, rngs=nnx.Rngs(seed))
-    model.layer1, model.layer2 = nnx.List([model.layer1[0]]), nnx.List([model.layer2[0]])
+    model.layer1 = nnx.List([model.layer1[0]])
+    model.layer2 = nnx.List([model.layer2[0]] if stages == 2 else [])
     model.layer3, model.layer4 = nnx.List([]), nnx.List([])
-    model.embed_dim = 128
+    model.embed_dim = 64 * stages
     return model
 
 
