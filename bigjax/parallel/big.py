@@ -37,6 +37,7 @@ from bigjax.layers.execution import Execution
 from bigjax.models.mil import bag_loss
 from bigjax.models.resnet import BigResNet
 from bigjax.models.resnet_paths import Folded, Fused
+from bigjax.parallel.encoder import fresh
 from bigjax.parallel.exchange import aggregate, encoder_vjp
 from bigjax.parallel.mesh import ShardLayout
 
@@ -110,7 +111,7 @@ def _replica_forward(graphdef, params, stats, tiles, ex):
     params, stats = jax.device_put((params, stats), ex.compute)
 
     def forward(params):
-        model = nnx.merge(graphdef, params, jax.tree.map(jnp.asarray, stats))
+        model = nnx.merge(graphdef, params, fresh(stats))
         return model(tiles, train=True, execution=ex), nnx.state(model, nnx.BatchStat)
 
     return jax.vjp(forward, params, has_aux=True)
@@ -119,7 +120,7 @@ def _replica_forward(graphdef, params, stats, tiles, ex):
 def _lockstep_forward(graphdef, params, stats, shards, executions):
     """All engines' forward in lockstep (synchronised BatchNorm); one VJP for all of them."""
     def forward(params):
-        model = nnx.merge(graphdef, params, jax.tree.map(jnp.asarray, stats))
+        model = nnx.merge(graphdef, params, fresh(stats))
         path = Lockstep(tuple(executions))
         xs = tuple(ex.to_host(x) for x, ex in zip(shards, executions))
         hs = model.stages(path, model.stem(path, xs, True), 0, 4, True)

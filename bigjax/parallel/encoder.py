@@ -20,7 +20,13 @@ from flax import nnx
 from bigjax.models.resnet import ResNet
 from bigjax.parallel.batchnorm import ShardedInMemory
 
-__all__ = ["encode"]
+__all__ = ["encode", "fresh"]
+
+
+def fresh(state):
+    """The same values in new ``Variable``s: a module merged from them inside a transformation
+    (``jax.vjp``, ``jax.grad``) may update them there (flax refuses to mutate outer-trace ones)."""
+    return jax.tree.map(lambda v: v, state)
 
 
 def _cast(tree, dtype):
@@ -37,8 +43,7 @@ def encode(graphdef, params, stats, tiles, mask, *, sync_bn: bool, dtype=jnp.flo
       sync_bn: BatchNorm statistics over every shard (True) or this shard's only.
       dtype: compute dtype (float32 or bfloat16).
     """
-    # fresh Variables in this trace (tree.map rebuilds them), so BatchNorm may update them here
-    model = nnx.merge(graphdef, _cast(params, dtype), jax.tree.map(jnp.asarray, stats))
+    model = nnx.merge(graphdef, _cast(params, dtype), fresh(stats))
     x = tiles.astype(dtype)
     if isinstance(model, ResNet):
         path = ShardedInMemory(mask, sync_bn)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from bigjax.parallel.encoder import encode
+from bigjax.parallel.encoder import encode, fresh
 from bigjax.parallel.mesh import AXIS, ShardLayout
 
 __all__ = ["gather", "aggregate", "scatter", "pseudo_loss", "encoder_vjp", "explicit_shard_step"]
@@ -45,7 +45,7 @@ def gather(features: jax.Array, layout: ShardLayout) -> jax.Array:
 def aggregate(head_def, head_params, head_rest, features, label, loss_fn):
     """Aggregator loss, its gradients (head parameters, features), and the head's updated state."""
     def loss(params, features):
-        head = nnx.merge(head_def, params, head_rest)
+        head = nnx.merge(head_def, params, fresh(head_rest))
         return loss_fn(head(features, train=True), label), nnx.split(head, nnx.Param, ...)[2]
 
     (value, rest), (g_head, g_features) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(

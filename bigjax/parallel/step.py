@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from bigjax.models.mil import bag_loss
-from bigjax.parallel.encoder import encode
+from bigjax.parallel.encoder import encode, fresh
 from bigjax.parallel.exchange import explicit_shard_step
 from bigjax.parallel.mesh import AXIS, ShardLayout, encoder_mesh, replicate, to_mesh
 
@@ -38,7 +38,7 @@ def _xla_step(enc_params, enc_stats, head_params, head_rest, tiles, mask, label,
 
     def loss(enc_params, head_params):
         features, stats = encode_shards(enc_params, enc_stats, tiles, mask)
-        head = nnx.merge(head_def, head_params, head_rest)
+        head = nnx.merge(head_def, head_params, fresh(head_rest))
         value = loss_fn(head(features[jnp.asarray(layout.index)], train=True), label)
         return value, (stats, nnx.split(head, nnx.Param, ...)[2])
 

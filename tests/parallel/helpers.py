@@ -25,8 +25,8 @@ def tiny_resnet(big: bool = False, seed: int = 0, stages: int = 2) -> ResNet:
     return model
 
 
-def head(name: str = "abmil", in_dim: int = 128):
-    return mil.build(name, in_dim, 3, rngs=nnx.Rngs(1))
+def head(name: str = "abmil", in_dim: int = 128, **kwargs):
+    return mil.build(name, in_dim, 3, rngs=nnx.Rngs(1), **kwargs)
 
 
 def _slide_loss(encoder, head, tiles):

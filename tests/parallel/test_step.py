@@ -7,6 +7,7 @@ More devices: tests/parallel/test_distributed.py runs the same check on 4 device
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -24,6 +25,7 @@ def reference():
 
 @pytest.mark.parametrize("collectives", ["explicit", "xla"])
 def test_mesh_gradients_equal_one_device_with_synchronised_batch_norm(reference, collectives):
+    """Campanella et al.'s Fig. 3 on two devices: loss, every gradient, the running statistics."""
     loss0, g_enc0, g_head0, stats0 = reference
     encoder, agg = tiny_resnet(), head()
     loss, (g_enc, g_head) = mesh_value_and_grad(encoder, agg, TILES, LABEL, mesh=encoder_mesh(2),
@@ -34,6 +36,44 @@ def test_mesh_gradients_equal_one_device_with_synchronised_batch_norm(reference,
     assert_close(nnx.state(encoder, nnx.BatchStat), stats0, 1e-6)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("collectives", ["explicit", "xla"])
+def test_gma_with_dropout_on_the_mesh_equals_one_device(collectives):
+    """The replicated aggregator draws the same dropout masks on every shard as on one device."""
+    loss0, (g_enc0, g_head0) = one_device(tiny_resnet(), ref_head := head("gma", dropout=0.25))
+    agg = head("gma", dropout=0.25)
+    loss, (g_enc, g_head) = mesh_value_and_grad(tiny_resnet(), agg, TILES, LABEL,
+                                                mesh=encoder_mesh(2), collectives=collectives)
+    assert rel(loss, loss0) < 1e-6
+    assert_close(g_enc, g_enc0, 1e-5)
+    assert_close(g_head, g_head0, 1e-5)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.all(np.asarray(a) == np.asarray(b))),
+                                     nnx.state(agg, nnx.RngCount), nnx.state(ref_head, nnx.RngCount)))
+
+
+@pytest.mark.slow
+def test_five_adam_steps_on_the_mesh_take_the_one_device_losses():
+    def train(grads_of):
+        encoder, agg = tiny_resnet(), head()
+        params = (nnx.state(encoder, nnx.Param), nnx.state(agg, nnx.Param))
+        opt = optax.adam(1e-3)
+        state, losses = opt.init(params), []
+        for _ in range(5):
+            loss, grads = grads_of(encoder, agg)
+            updates, state = opt.update(grads, state, params)
+            params = optax.apply_updates(params, updates)
+            nnx.update(encoder, params[0])
+            nnx.update(agg, params[1])
+            losses.append(float(np.asarray(loss)))
+        return np.array(losses)
+
+    ours = train(lambda e, h: mesh_value_and_grad(e, h, TILES, LABEL, mesh=encoder_mesh(2)))
+    theirs = train(lambda e, h: one_device(e, h))
+    assert np.all(np.diff(theirs) < 0)  # the steps do something
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5)
+
+
+@pytest.mark.slow
 def test_per_shard_batch_norm_differs_and_equals_each_shard_on_its_own(reference):
     loss_sync, g_enc_sync = reference[0], reference[1]
     encoder, agg = tiny_resnet(), head()
