@@ -98,8 +98,11 @@ def to_mesh(x, mesh: Mesh, spec: P = P()) -> jax.Array:
     Built from per-device slices (``make_array_from_callback``), so it works in a multi-process run
     where each process holds the same ``x`` and owns only its own devices.
     """
+    sharding = NamedSharding(mesh, spec)
+    if isinstance(x, jax.Array) and x.sharding == sharding:  # e.g. state the last step returned
+        return x
     x = np.asarray(jax.device_get(x))
-    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda i: x[i])
+    return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
 
 
 def replicate(tree, mesh: Mesh):
