@@ -5,14 +5,16 @@
 compiles the mesh step (``mesh_value_and_grad``'s jitted program) on a one-device mesh — the program
 every shard runs, collectives aside — for each count of tiles per device, float32 and bfloat16, reads
 ``temp_size_in_bytes`` and the argument bytes, and extrapolates linearly (temp grows linearly in the
-tiles) to the count that fits ``device_gb``. Also prints the bytes each shard exchanges per step: the
-gathered features and the scattered feature gradients, float32, (n_tiles x D) each.
+tiles) to the count that fits ``device_gb``. Also prints what each device exchanges per step: the
+all-gathered features, no feature gradients (the aggregator is replicated, each shard slices its
+rows), and the psum of the encoder gradients.
 """
 
 from __future__ import annotations
 
 import argparse
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -60,9 +62,10 @@ def main(argv=None):
         fit = int((opts.device_gb * 2**30 - fixed) // per_tile)
         print(f"ResNet-{opts.depth} {opts.tile}px {name}: temp {[s[0] for s in sizes]} B at "
               f"{counts} tiles; {per_tile / 2**20:.1f} MiB/tile; ~{fit} tiles fit {opts.device_gb:g} GB")
-    print(f"exchange per shard per step: features + their gradients = 2 x n_tiles x {embed} x 4 B "
-          f"= {2 * embed * 4} B per tile of the slide")
-
+    params = sum(v.size for v in jax.tree.leaves(nnx.state(ResNet(opts.depth), nnx.Param)))
+    print(f"exchange per device per step: features all-gathered {embed * 4} B per tile of the slide; "
+          f"feature gradients 0 B (each shard slices the replicated gradient); encoder gradient "
+          f"psum over {params:,} float32 parameters ({params * 4 / 2**20:.1f} MiB)")
 
 if __name__ == "__main__":
     main()
