@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from bigjax.layers.conv import conv2d
 from bigjax.layers.modules import BigBatchNorm
 from bigjax.models.resnet_paths import InMemory
 from bigjax.parallel.mesh import AXIS
@@ -59,6 +60,19 @@ def _update_running(bn: BigBatchNorm, mean, var, count, sync: bool) -> None:
     bn.var[...] = (1 - m) * bn.var[...] + m * unbiased
 
 
+def _conv_bn_train(x, kernel, bias, scale, shift, mask, geom, eps, axis):
+    """conv, then BatchNorm with masked (and, with ``axis``, synchronised) batch moments."""
+    y = conv2d(x, kernel, geom)
+    y = y if bias is None else y + bias
+    mean, var, count = masked_moments(y, mask, axis)
+    a = scale.astype(jnp.float32) * lax.rsqrt(var + eps)
+    b = shift.astype(jnp.float32) - mean * a
+    return (y.astype(jnp.float32) * a + b).astype(y.dtype), (mean, var, count)
+
+
+_conv_bn_remat = jax.checkpoint(_conv_bn_train, static_argnums=(6, 7, 8))
+
+
 @dataclass(frozen=True)
 class ShardedInMemory:
     """In-memory layers of one shard; BatchNorm over the real tiles of the shard or of all shards.
@@ -66,20 +80,23 @@ class ShardedInMemory:
     Attributes:
       mask: (rows,) 1.0 for a real tile of this shard, 0.0 for padding.
       sync: synchronised statistics (psum over ``AXIS``) or per-shard statistics.
+      remat: ``jax.checkpoint`` each conv + BatchNorm: the backward recomputes the conv output and
+        its normalisation from the block's input instead of keeping them.
     """
 
     mask: jax.Array
     sync: bool
+    remat: bool = False
 
     def conv_bn(self, x, conv, bn, train):
-        y = conv.plain(x)
         if not train:
-            return bn.plain(y, train=False).astype(y.dtype)
-        mean, var, count = masked_moments(y, self.mask, AXIS if self.sync else None)
+            return bn.plain(conv.plain(x), train=False).astype(x.dtype)
+        fn = _conv_bn_remat if self.remat else _conv_bn_train
+        bias = None if conv.bias is None else conv.bias[...]
+        out, (mean, var, count) = fn(x, conv.kernel[...], bias, bn.scale[...], bn.bias[...],
+                                     self.mask, conv.geom, bn.eps, AXIS if self.sync else None)
         _update_running(bn, mean, var, count, self.sync)
-        a = bn.scale[...].astype(jnp.float32) * lax.rsqrt(var + bn.eps)
-        b = bn.bias[...].astype(jnp.float32) - mean * a
-        return (y.astype(jnp.float32) * a + b).astype(y.dtype)
+        return out
 
     relu = staticmethod(InMemory.relu)
     add_relu = staticmethod(InMemory.add_relu)

@@ -34,7 +34,8 @@ def _cast(tree, dtype):
                         tree)
 
 
-def encode(graphdef, params, stats, tiles, mask, *, sync_bn: bool, dtype=jnp.float32):
+def encode(graphdef, params, stats, tiles, mask, *, sync_bn: bool, dtype=jnp.float32,
+           remat: bool = False):
     """Features (rows, D) float32 of one shard's tiles, and the encoder's updated ``BatchStat``s.
 
     Args:
@@ -42,11 +43,12 @@ def encode(graphdef, params, stats, tiles, mask, *, sync_bn: bool, dtype=jnp.flo
       tiles: this shard's (rows, H, W, 3) tiles, padding included; mask: (rows,) 1 = real tile.
       sync_bn: BatchNorm statistics over every shard (True) or this shard's only.
       dtype: compute dtype (float32 or bfloat16).
+      remat: recompute each conv + BatchNorm in the backward (``jax.checkpoint``), ResNets only.
     """
     model = nnx.merge(graphdef, _cast(params, dtype), fresh(stats))
     x = tiles.astype(dtype)
     if isinstance(model, ResNet):
-        path = ShardedInMemory(mask, sync_bn)
+        path = ShardedInMemory(mask, sync_bn, remat)
         h = model.stages(path, model.stem(path, x, True), 0, 4, True)
         features = jnp.mean(h.astype(jnp.float32), axis=(1, 2))
     elif not jax.tree.leaves(stats):

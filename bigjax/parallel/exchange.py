@@ -77,7 +77,7 @@ def encoder_vjp(pull, features, feature_grads):
 
 
 def explicit_shard_step(enc_params, enc_stats, head_params, head_rest, tiles, mask, label, *,
-                        enc_def, head_def, layout: ShardLayout, sync_bn: bool, dtype, loss_fn):
+                        enc_def, head_def, layout: ShardLayout, sync_bn: bool, dtype, remat, loss_fn):
     """Steps 1–6 of the module docstring on one shard (the body of a ``shard_map``).
 
     Returns:
@@ -87,7 +87,8 @@ def explicit_shard_step(enc_params, enc_stats, head_params, head_rest, tiles, ma
     replica = lax.pcast(enc_params, AXIS, to="varying")  # this shard's copy of the encoder
 
     def forward(params):
-        return encode(enc_def, params, enc_stats, tiles, mask, sync_bn=sync_bn, dtype=dtype)
+        return encode(enc_def, params, enc_stats, tiles, mask, sync_bn=sync_bn, dtype=dtype,
+                      remat=remat)
 
     features, pull, stats = jax.vjp(forward, replica, has_aux=True)
     loss, g_head, g_features, head_rest = aggregate(

@@ -3,9 +3,9 @@
     python -m bigjax.parallel.memory --depth=18 --tile=224 --tiles=2,4 --device_gb=80
 
 compiles the mesh step (``mesh_value_and_grad``'s jitted program) on a one-device mesh — the program
-every shard runs, collectives aside — for each count of tiles per device, float32 and bfloat16, reads
-``temp_size_in_bytes`` and the argument bytes, and extrapolates linearly (temp grows linearly in the
-tiles) to the count that fits ``device_gb``. Also prints what each device exchanges per step: the
+every shard runs, collectives aside — for each count of tiles per device, float32 (with and without
+remat) and bfloat16, reads ``temp_size_in_bytes`` and the argument bytes, and extrapolates linearly
+(temp grows linearly in the tiles) to the count that fits ``device_gb``. Also prints what each device exchanges per step: the
 all-gathered features, no feature gradients (the aggregator is replicated, each shard slices its
 rows), and the psum of the encoder gradients.
 """
@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 __all__ = ["step_memory"]
 
 
-def step_memory(depth: int, tile: int, tiles: int, dtype) -> tuple[int, int]:
+def step_memory(depth: int, tile: int, tiles: int, dtype, remat: bool) -> tuple[int, int]:
     """(temp bytes, argument bytes) of one shard's compiled step with ``tiles`` tiles."""
     mesh = encoder_mesh(1)
     encoder = ResNet(depth, rngs=nnx.Rngs(0))
@@ -41,7 +41,7 @@ def step_memory(depth: int, tile: int, tiles: int, dtype) -> tuple[int, int]:
             to_mesh(layout.mask, mesh, P(AXIS)), to_mesh(np.int32(0), mesh))
     compiled = step._step.lower(
         *args, mesh=mesh, enc_def=enc_def, head_def=head_def, layout=layout, sync_bn=True,
-        dtype=dtype, loss_fn=mil.bag_loss, collectives="explicit").compile()
+        dtype=dtype, remat=remat, loss_fn=mil.bag_loss, collectives="explicit").compile()
     m = compiled.memory_analysis()
     return m.temp_size_in_bytes, m.argument_size_in_bytes
 
@@ -55,8 +55,9 @@ def main(argv=None):
     opts = parser.parse_args(argv)
     counts = [int(t) for t in opts.tiles.split(",")]
     embed = 512 if opts.depth < 50 else 2048
-    for name, dtype in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16)):
-        sizes = [step_memory(opts.depth, opts.tile, k, dtype) for k in counts]
+    for name, dtype, remat in (("float32", jnp.float32, False), ("float32 remat", jnp.float32, True),
+                               ("bfloat16", jnp.bfloat16, False)):
+        sizes = [step_memory(opts.depth, opts.tile, k, dtype, remat) for k in counts]
         per_tile = (sizes[1][0] - sizes[0][0]) / (counts[1] - counts[0])
         fixed = sizes[0][0] - per_tile * counts[0] + sizes[0][1]
         fit = int((opts.device_gb * 2**30 - fixed) // per_tile)

@@ -30,10 +30,10 @@ _SPECS = (P(), P(), P(), P(), P(AXIS), P(AXIS), P())  # params, stats, head, hea
 
 
 def _xla_step(enc_params, enc_stats, head_params, head_rest, tiles, mask, label, *, mesh, enc_def,
-              head_def, layout, sync_bn, dtype, loss_fn):
+              head_def, layout, sync_bn, dtype, remat, loss_fn):
     """The plain version: autodiff of (sharded encoder -> gathered features -> aggregator loss)."""
     encode_shards = jax.shard_map(
-        functools.partial(encode, enc_def, sync_bn=sync_bn, dtype=dtype), mesh=mesh,
+        functools.partial(encode, enc_def, sync_bn=sync_bn, dtype=dtype, remat=remat), mesh=mesh,
         in_specs=(P(), P(), P(AXIS), P(AXIS)), out_specs=(P(AXIS), P()))
 
     def loss(enc_params, head_params):
@@ -48,10 +48,10 @@ def _xla_step(enc_params, enc_stats, head_params, head_rest, tiles, mask, label,
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "enc_def", "head_def", "layout", "sync_bn",
-                                             "dtype", "loss_fn", "collectives"))
-def _step(*args, mesh, enc_def, head_def, layout, sync_bn, dtype, loss_fn, collectives):
+                                             "dtype", "remat", "loss_fn", "collectives"))
+def _step(*args, mesh, enc_def, head_def, layout, sync_bn, dtype, remat, loss_fn, collectives):
     settings = dict(enc_def=enc_def, head_def=head_def, layout=layout, sync_bn=sync_bn, dtype=dtype,
-                    loss_fn=loss_fn)
+                    remat=remat, loss_fn=loss_fn)
     if collectives == "xla":
         return _xla_step(*args, mesh=mesh, **settings)
     body = functools.partial(explicit_shard_step, **settings)
@@ -60,7 +60,7 @@ def _step(*args, mesh, enc_def, head_def, layout, sync_bn, dtype, loss_fn, colle
 
 def mesh_value_and_grad(encoder: nnx.Module, head: nnx.Module, tiles, label, *,
                         mesh: Mesh | None = None, sync_bn: bool = True, dtype=jnp.float32,
-                        collectives: str = "explicit", loss_fn=bag_loss):
+                        remat: bool = False, collectives: str = "explicit", loss_fn=bag_loss):
     """Slide loss and gradients with the slide's tiles spread over ``mesh`` (one jitted step).
 
     Args:
@@ -75,6 +75,7 @@ def mesh_value_and_grad(encoder: nnx.Module, head: nnx.Module, tiles, label, *,
         shard (False, Campanella et al.'s DDP practice).
       dtype: compute dtype of the encoder, ``jnp.float32`` or ``jnp.bfloat16`` (parameters, gradients
         and the aggregator stay float32).
+      remat: ``jax.checkpoint`` each conv + BatchNorm of a ResNet encoder (less memory, more compute).
       collectives: "explicit" (the paper's gather / aggregate / scatter / pseudo-loss VJP) or "xla"
         (``jax.value_and_grad`` of the sharded function).
       loss_fn: ``loss_fn(head_output, label)``, default ``bag_loss``.
@@ -92,7 +93,7 @@ def mesh_value_and_grad(encoder: nnx.Module, head: nnx.Module, tiles, label, *,
                to_mesh(layout.mask, mesh, P(AXIS)), to_mesh(np.int32(label), mesh))
     loss, g_enc, g_head, stats, rest = _step(
         *state, *sharded, mesh=mesh, enc_def=enc_def, head_def=head_def, layout=layout,
-        sync_bn=sync_bn, dtype=dtype, loss_fn=loss_fn, collectives=collectives)
+        sync_bn=sync_bn, dtype=dtype, remat=remat, loss_fn=loss_fn, collectives=collectives)
     nnx.update(encoder, stats)
     nnx.update(head, rest)
     return loss, (g_enc, g_head)

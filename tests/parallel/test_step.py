@@ -37,6 +37,16 @@ def test_mesh_gradients_equal_one_device_with_synchronised_batch_norm(reference,
 
 
 @pytest.mark.slow
+def test_remat_gives_the_same_gradients(reference):
+    loss0, g_enc0, g_head0, _ = reference
+    loss, (g_enc, g_head) = mesh_value_and_grad(tiny_resnet(), head(), TILES, LABEL,
+                                                mesh=encoder_mesh(2), remat=True)
+    assert rel(loss, loss0) < 1e-6
+    assert_close(g_enc, g_enc0, 1e-5)
+    assert_close(g_head, g_head0, 1e-5)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("collectives", ["explicit", "xla"])
 def test_gma_with_dropout_on_the_mesh_equals_one_device(collectives):
     """The replicated aggregator draws the same dropout masks on every shard as on one device."""
