@@ -34,11 +34,10 @@ from flax import nnx
 
 from bigjax.layers import big_conv2d_stats, host
 from bigjax.layers.execution import Execution
-from bigjax.models.mil import bag_loss
 from bigjax.models.resnet import BigResNet
 from bigjax.models.resnet_paths import Folded, Fused
 from bigjax.parallel.encoder import fresh
-from bigjax.parallel.exchange import aggregate, encoder_vjp
+from bigjax.parallel.exchange import aggregate, encoder_vjp, slide_loss
 from bigjax.parallel.mesh import ShardLayout
 
 __all__ = ["big_mesh_value_and_grad", "Lockstep", "merge_shard_moments"]
@@ -142,7 +141,7 @@ def _tree_sum(trees, device):
 
 def big_mesh_value_and_grad(encoder: BigResNet, head: nnx.Module, tiles, label, *,
                             executions: Sequence[Execution], sync_bn: bool = False,
-                            loss_fn=bag_loss):
+                            loss_fn=slide_loss):
     """Slide loss and gradients with the tiles spread over N Big-Layers engines (one per execution).
 
     Args:
@@ -151,7 +150,7 @@ def big_mesh_value_and_grad(encoder: BigResNet, head: nnx.Module, tiles, label, 
       tiles: (n_tiles, H, W, 3) float32 host array; shard k gets ``ShardLayout(n, N).split`` part k.
       executions: one per shard, e.g. ``Execution(budget, compute=dev_k, host=cpu)``.
       sync_bn: BatchNorm over all tiles (lockstep engines, equal to one device) or per shard.
-      loss_fn: ``loss_fn(head_output, label)``.
+      loss_fn: ``loss_fn(head, features, label)`` -> scalar, as ``mesh_value_and_grad``'s.
     Returns:
       ``(loss, (encoder_grads, head_grads))`` on the aggregator device.
     """

@@ -26,10 +26,16 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from bigjax.models.mil import bag_loss
 from bigjax.parallel.encoder import encode, fresh
 from bigjax.parallel.mesh import AXIS, ShardLayout
 
-__all__ = ["gather", "aggregate", "scatter", "pseudo_loss", "encoder_vjp", "explicit_shard_step"]
+__all__ = ["slide_loss", "gather", "aggregate", "scatter", "pseudo_loss", "encoder_vjp", "explicit_shard_step"]
+
+
+def slide_loss(head, features, label):
+    """The default objective: the aggregator's bag loss of the slide (``mil.bag_loss``)."""
+    return bag_loss(head(features, train=True), label)
 
 
 def gather(features: jax.Array, layout: ShardLayout) -> jax.Array:
@@ -46,7 +52,7 @@ def aggregate(head_def, head_params, head_rest, features, label, loss_fn):
     """Aggregator loss, its gradients (head parameters, features), and the head's updated state."""
     def loss(params, features):
         head = nnx.merge(head_def, params, fresh(head_rest))
-        return loss_fn(head(features, train=True), label), nnx.split(head, nnx.Param, ...)[2]
+        return loss_fn(head, features, label), nnx.split(head, nnx.Param, ...)[2]
 
     (value, rest), (g_head, g_features) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
         head_params, features)

@@ -22,6 +22,7 @@ from flax import nnx
 from bigjax.models import mil
 from bigjax.models.resnet import ResNet
 from bigjax.parallel import step
+from bigjax.parallel.exchange import slide_loss
 from bigjax.parallel.mesh import AXIS, ShardLayout, encoder_mesh, replicate, to_mesh
 from jax.sharding import PartitionSpec as P
 
@@ -41,7 +42,7 @@ def step_memory(depth: int, tile: int, tiles: int, dtype, remat: bool) -> tuple[
             to_mesh(layout.mask, mesh, P(AXIS)), to_mesh(np.int32(0), mesh))
     compiled = step._step.lower(
         *args, mesh=mesh, enc_def=enc_def, head_def=head_def, layout=layout, sync_bn=True,
-        dtype=dtype, remat=remat, loss_fn=mil.bag_loss, collectives="explicit").compile()
+        dtype=dtype, remat=remat, loss_fn=slide_loss, collectives="explicit").compile()
     m = compiled.memory_analysis()
     return m.temp_size_in_bytes, m.argument_size_in_bytes
 

@@ -18,9 +18,8 @@ from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from bigjax.models.mil import bag_loss
 from bigjax.parallel.encoder import encode, fresh
-from bigjax.parallel.exchange import explicit_shard_step
+from bigjax.parallel.exchange import explicit_shard_step, slide_loss
 from bigjax.parallel.mesh import AXIS, ShardLayout, encoder_mesh, replicate, to_mesh
 
 __all__ = ["mesh_value_and_grad", "COLLECTIVES"]
@@ -39,7 +38,7 @@ def _xla_step(enc_params, enc_stats, head_params, head_rest, tiles, mask, label,
     def loss(enc_params, head_params):
         features, stats = encode_shards(enc_params, enc_stats, tiles, mask)
         head = nnx.merge(head_def, head_params, fresh(head_rest))
-        value = loss_fn(head(features[jnp.asarray(layout.index)], train=True), label)
+        value = loss_fn(head, features[jnp.asarray(layout.index)], label)
         return value, (stats, nnx.split(head, nnx.Param, ...)[2])
 
     (value, (stats, rest)), (g_enc, g_head) = jax.value_and_grad(
@@ -60,7 +59,7 @@ def _step(*args, mesh, enc_def, head_def, layout, sync_bn, dtype, remat, loss_fn
 
 def mesh_value_and_grad(encoder: nnx.Module, head: nnx.Module, tiles, label, *,
                         mesh: Mesh | None = None, sync_bn: bool = True, dtype=jnp.float32,
-                        remat: bool = False, collectives: str = "explicit", loss_fn=bag_loss):
+                        remat: bool = False, collectives: str = "explicit", loss_fn=slide_loss):
     """Slide loss and gradients with the slide's tiles spread over ``mesh`` (one jitted step).
 
     Args:
@@ -78,7 +77,8 @@ def mesh_value_and_grad(encoder: nnx.Module, head: nnx.Module, tiles, label, *,
       remat: ``jax.checkpoint`` each conv + BatchNorm of a ResNet encoder (less memory, more compute).
       collectives: "explicit" (the paper's gather / aggregate / scatter / pseudo-loss VJP) or "xla"
         (``jax.value_and_grad`` of the sharded function).
-      loss_fn: ``loss_fn(head_output, label)``, default ``bag_loss``.
+      loss_fn: ``loss_fn(head, features, label)`` -> scalar (default ``slide_loss``: the bag loss;
+        a batch of bags can pass its tiles together and split the features here).
     Returns:
       ``(loss, (encoder_grads, head_grads))``, float32, replicated over the mesh.
     """
