@@ -7,6 +7,8 @@
 * ``batchnorm``: BatchNorm over shards, synchronised or per shard. ``encoder``: one shard's forward.
 * ``big``: the same with Big-Layers shards, N streaming engines driven eagerly.
 * ``distributed`` / ``launch``: several processes (``jax.distributed``, gloo on CPU).
+* ``mode``: ``--encoder=mesh`` for ``bigjax.train.modes`` (registers on import; not imported here).
+* ``memory``: tiles per device that fit, from one shard's compiled step.
 
 References: Campanella et al., "Beyond Multiple Instance Learning: Full Resolution All-In-Memory
 End-To-End Pathology Slide Modeling" (2024).
