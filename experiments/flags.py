@@ -57,6 +57,8 @@ def training_flags(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --workdir")
     p.add_argument("--eval_only", action="store_true", help="restore the best checkpoint and evaluate")
     p.add_argument("--eval_manifest", help="with --eval_only: the test slides of another store's manifest")
+    p.add_argument("--devices", type=int, help="CPU runs: this many virtual CPU devices (the "
+                                                "encoder mesh's shards, --encoder=mesh)")
     p.add_argument("--workers", type=int, default=2, help="processes generating/tiling slides")
     p.add_argument("--no_progress", action="store_true")
     return p
@@ -65,10 +67,14 @@ def training_flags(doc: str) -> argparse.ArgumentParser:
 def apply_flags(preset: Preset, args: argparse.Namespace) -> Preset:
     """The preset with every given flag applied (``--workdir`` alone also moves the store into it).
 
+    ``--devices`` takes effect here, before anything starts JAX's backend.
+
     Raises:
       ValueError: a flag the chosen encoder mode does not read.
     """
     given = {k: v for k, v in vars(args).items() if v is not None}
+    if "devices" in given:
+        _cpu_devices(given["devices"])
     train = preset.train
     optim = dataclasses.replace(train.optim, **{OPTIM_FIELDS[k]: given[k]
                                                 for k in OPTIM_FIELDS if k in given})
@@ -81,6 +87,14 @@ def apply_flags(preset: Preset, args: argparse.Namespace) -> Preset:
     _check_mode_settings(train.encoder, given)
     return dataclasses.replace(preset, train=train,
                                **{k: given[k] for k in PRESET_FIELDS if k in given})
+
+
+def _cpu_devices(n: int) -> None:
+    if n < 1:
+        raise ValueError(f"--devices={n}: must be at least 1")
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", n)
 
 
 def _check_mode_settings(encoder: str, given: dict) -> None:

@@ -11,10 +11,14 @@ registry that code outside the package extends with ``@register("name")``.
 - ``frozen``: the encoder's eval-mode forward on the fly (augmented tiles), only the aggregator trained.
 - ``precomputed``: eval-mode embeddings of every tile computed once into a ``FeatureCache``; only the
   aggregator trained, on cached rows.
+- ``mesh`` (``bigjax.parallel.mode``): each batch's tiles over every device (Campanella et al.).
+
+The modes defined in other packages are imported (so registered) on the first lookup.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
 from typing import ClassVar
@@ -34,6 +38,7 @@ log = logging.getLogger(__name__)
 __all__ = ["EncoderMode", "register", "names", "get", "get_class", "STREAMING_SETTINGS"]
 
 _MODES: dict[str, type["EncoderMode"]] = {}
+_ELSEWHERE = ("bigjax.parallel.mode",)  # modules that register more modes
 # config fields only the modes that stream through Big-Layers read
 STREAMING_SETTINGS = ("big_stages", "max_partition_bytes")
 
@@ -47,14 +52,20 @@ def register(name: str):
     return add
 
 
+def _register_elsewhere() -> None:
+    for module in _ELSEWHERE:
+        importlib.import_module(module)
+
+
 def names() -> tuple[str, ...]:
-    """The registered mode names."""
+    """The registered mode names (the package's own first)."""
+    _register_elsewhere()
     return tuple(_MODES)
 
 
 def get_class(name: str) -> type["EncoderMode"]:
     """The mode registered as ``name``."""
-    if name not in _MODES:
+    if name not in names():
         raise ValueError(f"encoder mode {name!r}: choose one of {', '.join(_MODES)}")
     return _MODES[name]
 

@@ -7,7 +7,6 @@ from flax import nnx
 modes = pytest.importorskip("bigjax.train.modes")  # the lead's mode registry (on main, 2026-12-01)
 
 from bigjax.data.bags import Bag  # noqa: E402
-from bigjax.parallel import mode  # noqa: E402,F401  (registers "mesh")
 from bigjax.train.loop import Run  # noqa: E402
 from tests.train.conftest import store  # noqa: E402,F401  (the generated tile store fixture)
 from tests.train.test_loop import tiny  # noqa: E402
@@ -33,3 +32,11 @@ def test_a_mesh_step_is_the_in_memory_step(store, tmp_path):  # noqa: F811
         assert diff.max() < 2.1e-3, path
         far, total = far + int(np.sum(diff > 1e-5)), total + diff.size
     assert far <= 1e-5 * total, (far, total)
+
+
+@pytest.mark.slow
+def test_a_mesh_run_trains_checkpoints_and_evaluates(store, tmp_path):  # noqa: F811
+    from bigjax.train.loop import train
+
+    results = train(tiny(store, tmp_path, encoder="mesh", epochs=1))
+    assert "test QWK" in "\n".join(results["lines"])
