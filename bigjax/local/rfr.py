@@ -51,12 +51,19 @@ def sample_patches(rng: np.random.Generator, prev_hw: tuple[int, int], scale: in
 
 
 def crop_patches(x: jax.Array, positions, size: int, scale: int = 1) -> jax.Array:
-    """Patches ``x[0, r·scale : r·scale + size, c·scale : c·scale + size]`` stacked: (n, size, size, C)."""
+    """Patches ``x[0, r·scale : r·scale + size, c·scale : c·scale + size]`` stacked: (n, size, size, C).
+
+    One gather (a vmapped slice): its transpose scatters every patch's cotangent into one map-sized
+    buffer, where a slice per patch would make one map-sized buffer each.
+    """
     if x.shape[0] != 1:
         raise ValueError(f"local training reads one slide at a time (batch 1), got batch {x.shape[0]}")
     channels = x.shape[-1]
-    return jnp.stack([jax.lax.dynamic_slice(x[0], (r * scale, c * scale, 0), (size, size, channels))
-                      for r, c in positions])
+
+    def crop(corner):
+        return jax.lax.dynamic_slice(x[0], (corner[0] * scale, corner[1] * scale, 0),
+                                     (size, size, channels))
+    return jax.vmap(crop)(jnp.asarray(positions, jnp.int32))
 
 
 def _interpolation_matrix(n: int, scale: int) -> np.ndarray:
