@@ -3,9 +3,11 @@
 import pytest
 from flax import nnx
 
-from bigjax.local import local_resnet34
+from bigjax.layers import Execution
+from bigjax.local import local_resnet34, paths_for
 from bigjax.local.split import PIECE_CHANNELS, cut_pieces, module_pieces
 from bigjax.models.resnet import ResNet
+from bigjax.models.resnet_paths import Fused, InMemory
 
 
 def test_modules_group_consecutive_pieces():
@@ -30,12 +32,11 @@ def test_pieces_of_resnet34(resnet34):
         cut_pieces(ResNet(18, rngs=nnx.Rngs(0)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k, scales, patches", [(4, (1, 2, 2, 2), (128, 64, 32, 16)),
-                                                pytest.param(8, (1, 1, 1, 2, 1, 2, 1, 2),
-                                                             (128, 128, 128, 64, 64, 32, 32, 16),
-                                                             marks=pytest.mark.slow),
-                                                pytest.param(2, (2, 4), (64, 16),
-                                                             marks=pytest.mark.slow)])
+                                                (8, (1, 1, 1, 2, 1, 2, 1, 2),
+                                                 (128, 128, 128, 64, 64, 32, 32, 16)),
+                                                (2, (2, 4), (64, 16))])
 def test_local_resnet34(resnet34, k, scales, patches):
     """Scales and patch sides as the official configurations (get_loss_cfg_4/8); stem stride 3."""
     net = local_resnet34(k, 2, resnet=resnet34, rngs=nnx.Rngs(0))
@@ -45,3 +46,11 @@ def test_local_resnet34(resnet34, k, scales, patches):
     assert all(m.decoder is not None for m in net.local_modules[:-1])
     assert net.local_modules[-1].decoder is None and net.local_modules[-1].head.kernel == 5
     assert sum(len(m.blocks) for m in net.local_modules) == 16
+
+
+def test_one_execution_or_one_per_module():
+    assert paths_for(None, 2) == [InMemory, InMemory]
+    ex = Execution(10_000)
+    assert paths_for(ex, 2) == [Fused(ex), Fused(ex)]
+    with pytest.raises(ValueError, match=r"one per module \(2\), got 3"):
+        paths_for([ex] * 3, 2)
