@@ -19,7 +19,6 @@ References:
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from bigjax.layers.modules import BigConv
