@@ -23,7 +23,7 @@ from flax import nnx
 
 from bigjax.layers.modules import BigBatchNorm
 
-__all__ = ["sample_patches", "crop_patches", "upsample_bilinear_aligned", "RFRDecoder"]
+__all__ = ["sample_patches", "check_patches", "crop_patches", "upsample_bilinear_aligned", "RFRDecoder"]
 
 
 def sample_patches(rng: np.random.Generator, prev_hw: tuple[int, int], scale: int, patch: int,
@@ -48,6 +48,16 @@ def sample_patches(rng: np.random.Generator, prev_hw: tuple[int, int], scale: in
     space = [min(c - p, (side - p * scale) // scale) for c, side in zip(cur, prev_hw)]
     positions = np.stack([rng.integers(0, s + 1, n) for s in space], axis=1)
     return positions.astype(np.int32), p
+
+
+def check_patches(prev_shape, positions, patch: int, scale: int) -> None:
+    """Refuse patches that leave x_{i−1} (a slice past the edge would be clamped, silently moved)."""
+    if len(positions) == 0:
+        return
+    far = tuple(int(v) for v in (np.max(np.asarray(positions), axis=0) + patch) * scale)
+    if far[0] > prev_shape[1] or far[1] > prev_shape[2]:
+        raise ValueError(f"RFR patches of {patch} px at stride {scale} reach {far} but the map "
+                         f"x_(i-1) is {tuple(prev_shape[1:3])}; sample them for this input's shape")
 
 
 def crop_patches(x: jax.Array, positions, size: int, scale: int = 1) -> jax.Array:

@@ -27,6 +27,7 @@ from flax import nnx
 
 from bigjax.layers.execution import Execution
 from bigjax.local.model import LocalModule, LocalNetwork
+from bigjax.local.rfr import check_patches
 from bigjax.models.resnet_paths import Fused, InMemory
 from bigjax.train.optim import make_optimizer
 
@@ -74,6 +75,8 @@ def paths_for(execution: Execution | Sequence[Execution] | None, n_modules: int)
 def module_grad(module: LocalModule, path, x_prev, label, positions, *, patch: int,
                 alpha: float = 1.0, bn_train: bool = False):
     """``(L_i, x_i, ∂L_i/∂θ_i)`` of one module; jitted on the in-memory path."""
+    if module.decoder is not None:
+        check_patches(x_prev.shape, positions, patch, module.scale)
     if path is InMemory:
         graphdef, state = nnx.split(module)
         loss, x, grads, state = _in_memory_grad(graphdef, state, x_prev, label, positions,

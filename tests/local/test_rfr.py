@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bigjax.local.rfr import RFRDecoder, crop_patches, sample_patches, upsample_bilinear_aligned
+from bigjax.local.rfr import RFRDecoder, check_patches, crop_patches, sample_patches, upsample_bilinear_aligned
 
 
 def _coordinates(h, w):
@@ -66,3 +66,10 @@ def test_decoder_maps_to_the_input_channels_and_scale():
 def test_crops_need_one_slide():
     with pytest.raises(ValueError, match="batch 1"):
         crop_patches(jnp.zeros((2, 4, 4, 1)), np.zeros((1, 2), np.int32), 2)
+
+
+def test_patches_past_the_edge_are_refused():
+    positions, p = sample_patches(np.random.default_rng(0), (12, 10), 2, 3, 20)
+    check_patches((1, 12, 10, 4), positions, p, 2)
+    with pytest.raises(ValueError, match=r"reach \(12, 8\) but the map x_\(i-1\) is \(11, 10\)"):
+        check_patches((1, 11, 10, 4), np.array([[3, 1]]), 3, 2)
