@@ -22,6 +22,8 @@ __all__ = ["Stopwatch", "profile_step", "CATEGORIES"]
 CATEGORIES = {
     "to_compute": "host->device copies",
     "to_host": "device->host copies",
+    "host_read": "blocking host reads",
+    "wait": "waits on in-flight partitions",
     "take_band": "band slicing (host)",
     "join_bands": "band joining (host)",
     "conv_forward": "conv kernels (fwd)",

@@ -59,16 +59,19 @@ def _join(ex, bands):
 
 # --- pass 1: statistics --------------------------------------------------------------------------
 
+_accumulate = jax.jit(moments.accumulate_moments)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _moments(ex, x):
     ensure_eager("big_batch_norm", x)
     x = ex.to_host(x)
     _plan(x, ex, 2, 0)  # the backward's footprint must fit too: fail before any work
-    parts = [(xb.size // xb.shape[-1],
-              *map(ex.to_host, ex.call("batch_norm", moments.band_moments, xb)))
-             for _, xb in _to_compute_bands(ex, 1, 0, x)]
-    mean, var = moments.merge_moments(parts)
-    return ex.to_compute(mean.astype(x.dtype)), ex.to_compute(var.astype(x.dtype))
+    acc = None
+    for _, xb in _to_compute_bands(ex, 1, 0, x):
+        acc = ex.call("batch_norm", _accumulate, acc, xb)
+        del xb
+    return moments.finish_moments(acc)
 
 
 def _moments_fwd(ex, x):

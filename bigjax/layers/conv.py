@@ -57,9 +57,10 @@ def _band_forward(x, kernel, bias, a, b, *, geom, pad):
 
 
 @functools.partial(jax.jit, static_argnames=("geom", "pad", "stats"))
-def _forward_kernel(x, kernel, bias, a, b, *, geom, pad, stats):
+def _forward_kernel(x, kernel, bias, a, b, acc, *, geom, pad, stats):
+    """Output band and, with ``stats``, the output moments so far with this band's merged in."""
     y = _band_forward(x, kernel, bias, a, b, geom=geom, pad=pad)
-    return y, (moments.band_moments(y) if stats else None)
+    return y, (moments.accumulate_moments(acc, y) if stats else None)
 
 
 @functools.partial(jax.jit, static_argnames=("geom", "pad", "emit", "take"))
@@ -114,20 +115,15 @@ def _forward(spec, x, kernel, bias, a, b):
     """Algorithm 3: stream input bands to the device, output bands back to the host (placed args)."""
     ex = spec.ex
     _plan(spec, x, kernel, a, backward=True)  # fail now, not after the forward, if bwd cannot fit
-    bands, parts = [], []
+    bands, acc = [], None
     for p in _plan(spec, x, kernel, a, backward=False):
         xb = _band(ex, x, p.n0, p.n1, p.i0, p.i1)
-        yb, mom = ex.call("conv_forward", _forward_kernel, xb, kernel, bias, a, b, geom=spec.geom,
-                          pad=(p.pad_top, p.pad_bottom), stats=spec.stats)
+        yb, acc = ex.call("conv_forward", _forward_kernel, xb, kernel, bias, a, b, acc,
+                          geom=spec.geom, pad=(p.pad_top, p.pad_bottom), stats=spec.stats)
         bands.append((p, ex.to_host(yb)))
-        if spec.stats:
-            parts.append((yb.size // yb.shape[-1], *map(ex.to_host, mom)))
         del xb, yb
     y = ex.call("join_bands", join_bands, bands)
-    if not spec.stats:
-        return y
-    mean, var = moments.merge_moments(parts)
-    return y, ex.to_compute(mean.astype(y.dtype)), ex.to_compute(var.astype(y.dtype))
+    return (y, *moments.finish_moments(acc)) if spec.stats else y
 
 
 def _row_ends(plan: list[Partition], h: int) -> list[int]:

@@ -20,7 +20,13 @@ nothing, and the partitioned ops still bound what each kernel sees).
 
 Instrumentation. Every copy, band slice or join and kernel call of the ops goes through
 ``Execution.call(event, fn, ...)``; an ``observer`` (see ``EVENTS``) sees each one — the benchmark's
-partition counter and stopwatch are observers, no private name is patched.
+partition counter, stopwatch and traffic counter are observers, no private name is patched.
+``crossing_bytes`` says what one copy moves between host memory and the compute device.
+
+Asynchrony. No op reads a device value back to the host inside a step: band statistics are merged on
+the device (``moments``), copies are ``device_put``s that return at once, and the one blocking read
+left (adopting an accelerator's ``pinned_host`` buffer as a CPU-device array) is the ``host_read``
+event, so an observer can count it. ``prefetch`` bounds how far dispatch runs ahead (``stream``).
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ DEFAULT_PARTITION_BYTES = 256 * 2**20
 EVENTS = {
     "to_compute": "a partition or parameter sent to the compute device",
     "to_host": "a result sent back to host memory",
+    "host_read": "a blocking read of device memory by the host (an accelerator's pinned_host buffer)",
+    "wait": "waiting for the copies of an older partition (prefetch depth reached)",
     "take_band": "a band cut out of a host activation",
     "join_bands": "output bands joined into a host activation",
     "conv_forward": "a forward conv kernel on one partition",
@@ -64,12 +72,15 @@ class Execution:
       compute: the device that runs the per-partition kernels (default ``jax.devices()[0]``).
       host: the CPU device whose memory holds big activations (default: see the module docstring).
       observer: called for every event (``EVENTS``) instead of running it directly; None = no hook.
+      prefetch: partitions whose copies may still be in flight when the next one is dispatched
+        (``stream.Window``); None = unbounded (dispatch runs as far ahead as Python gets).
     """
 
     max_partition_bytes: int = DEFAULT_PARTITION_BYTES
     compute: jax.Device | None = None
     host: jax.Device | None = None
     observer: Observer | None = field(default=None, compare=False)
+    prefetch: int | None = None
 
     def __post_init__(self):
         budget = self.max_partition_bytes
@@ -79,6 +90,9 @@ class Execution:
         object.__setattr__(self, "max_partition_bytes", int(budget))
         object.__setattr__(self, "compute", compute)
         object.__setattr__(self, "host", self.host or _default_host(compute))
+        if self.prefetch is not None and (isinstance(self.prefetch, bool) or self.prefetch < 0):
+            raise ValueError(f"prefetch must be None or a number of partitions >= 0, "
+                             f"got {self.prefetch!r}")
 
     def replace(self, **changes) -> "Execution":
         """A copy with some fields changed (e.g. another compute device or an observer)."""
@@ -110,7 +124,7 @@ class Execution:
                 return x
             if device.platform != "cpu":
                 pinned = SingleDeviceSharding(device, memory_kind="pinned_host")
-                x = np.asarray(jax.device_put(x, pinned))
+                x = self.call("host_read", np.asarray, jax.device_put(x, pinned))
         return jax.device_put(x, self.host)
 
     def to_compute(self, x) -> jax.Array:
@@ -120,8 +134,26 @@ class Execution:
     def to_device_of(self, x, like) -> jax.Array:
         """Put ``x`` where ``like`` lives (numpy counts as the compute device), e.g. a cotangent."""
         if isinstance(like, jax.Array):
-            return jax.device_put(x, like.sharding)
+            event = "to_host" if like.devices() == {self.host} else "to_compute"
+            return self.call(event, jax.device_put, x, like.sharding)
         return self.to_compute(x)
+
+    def crossing_bytes(self, event: str, x) -> int:
+        """Bytes a ``to_compute``/``to_host`` of ``x`` moves between host memory and compute device.
+
+        Zero when ``x`` is already where it goes, or when host and compute are one device; a numpy
+        array counts as host memory. A traced ``x`` (the model differentiated in its input) counts
+        whole: it comes from the compute device.
+        """
+        if event not in ("to_compute", "to_host") or self.compute == self.host:
+            return 0
+        size = int(np.prod(np.shape(x), dtype=np.int64)) * np.dtype(x.dtype).itemsize
+        if isinstance(x, jax.core.Tracer):
+            return size
+        if isinstance(x, jax.Array):
+            target = self.compute if event == "to_compute" else self.host
+            return 0 if x.devices() == {target} else size
+        return size if event == "to_compute" else 0
 
 
 @functools.partial(jax.jit, keep_unused=True)
