@@ -49,8 +49,16 @@ def _plan(x, ex, in_buffers, out_buffers):
 def _to_compute_bands(ex, in_buffers, out_buffers, x, *more):
     """Yield each partition of host array ``x`` (and same-shaped ``more``) as device bands."""
     for p in _plan(x, ex, in_buffers, out_buffers):
+        ex.window.admit(ex)
         yield p, *(ex.to_compute(ex.call("take_band", take_band, v, p.n0, p.n1, p.r0, p.r1))
                    for v in (x, *more))
+
+
+def _to_host(ex, p, band):
+    """(partition, its output band sent to host memory), the band noted in flight."""
+    band = ex.to_host(band)
+    ex.window.track(band)
+    return p, band
 
 
 def _join(ex, bands):
@@ -70,6 +78,7 @@ def _moments(ex, x):
     acc = None
     for _, xb in _to_compute_bands(ex, 1, 0, x):
         acc = ex.call("batch_norm", _accumulate, acc, xb)
+        ex.window.track(acc)
         del xb
     return moments.finish_moments(acc)
 
@@ -87,8 +96,8 @@ def _moments_bwd(ex, res, cts):
     x, mean = res
     g_mean, g_var = map(ex.to_compute, cts)
     count = ex.to_compute(np.float32(x.size // x.shape[-1]))
-    return (_join(ex, [(p, ex.to_host(ex.call("batch_norm", _moments_pull, xb, mean, g_mean, g_var,
-                                              count)))
+    return (_join(ex, [_to_host(ex, p, ex.call("batch_norm", _moments_pull, xb, mean, g_mean, g_var,
+                                               count))
                        for p, xb in _to_compute_bands(ex, 2, 0, x)]),)
 
 
@@ -117,7 +126,7 @@ def _affine_pull(acc, x, g, a):
 def _affine(ex, x, a, b):
     ensure_eager("big_batch_norm", x, a, b)
     x, a, b = ex.to_host(x), ex.to_compute(a), ex.to_compute(b)
-    return _join(ex, [(p, ex.to_host(ex.call("batch_norm", _affine_kernel, xb, a, b)))
+    return _join(ex, [_to_host(ex, p, ex.call("batch_norm", _affine_kernel, xb, a, b))
                       for p, xb in _to_compute_bands(ex, 1, 1, x)])
 
 
@@ -131,7 +140,7 @@ def _affine_bwd(ex, res, g):
     acc, bands = zeros_like((a, a)), []
     for p, xb, gb in _to_compute_bands(ex, 2, 1, x, ex.to_host(g)):
         acc, dx = ex.call("batch_norm", _affine_pull, acc, xb, gb, a)
-        bands.append((p, ex.to_host(dx)))
+        bands.append(_to_host(ex, p, dx))
         del xb, gb, dx
     return (_join(ex, bands), *acc)
 

@@ -117,10 +117,12 @@ def _forward(spec, x, kernel, bias, a, b):
     _plan(spec, x, kernel, a, backward=True)  # fail now, not after the forward, if bwd cannot fit
     bands, acc = [], None
     for p in _plan(spec, x, kernel, a, backward=False):
+        ex.window.admit(ex)
         xb = _band(ex, x, p.n0, p.n1, p.i0, p.i1)
         yb, acc = ex.call("conv_forward", _forward_kernel, xb, kernel, bias, a, b, acc,
                           geom=spec.geom, pad=(p.pad_top, p.pad_bottom), stats=spec.stats)
         bands.append((p, ex.to_host(yb)))
+        ex.window.track(bands[-1][1])
         del xb, yb
     y = ex.call("join_bands", join_bands, bands)
     return (y, *moments.finish_moments(acc)) if spec.stats else y
@@ -147,6 +149,7 @@ def _backward(spec, res, cts):
     plan = _plan(spec, x, kernel, a, backward=True)
     bands, carry, start = [], None, 0
     for p, end in zip(plan, _row_ends(plan, x.shape[1])):
+        ex.window.admit(ex)
         if p.r0 == 0:  # a new image chunk: nothing to overlap-add yet
             carry = ex.to_compute(np.zeros((p.n1 - p.n0, 0, *x.shape[2:]), x.dtype))
             start = 0
@@ -161,6 +164,7 @@ def _backward(spec, res, cts):
             geom=spec.geom, pad=(p.pad_top, p.pad_bottom), emit=end - start,
             take=min(p.i1, end) - start)
         bands.append((p, ex.to_host(out)))
+        ex.window.track(bands[-1][1])
         start = end
         del xb, gb, out
     return (ex.call("join_bands", join_bands, bands), *acc)

@@ -40,6 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 
+from bigjax.layers.stream import Window
+
 __all__ = ["Execution", "DEFAULT_PARTITION_BYTES", "EVENTS", "ensure_eager", "zeros_like"]
 
 DEFAULT_PARTITION_BYTES = 256 * 2**20
@@ -81,6 +83,7 @@ class Execution:
     host: jax.Device | None = None
     observer: Observer | None = field(default=None, compare=False)
     prefetch: int | None = None
+    window: Window = field(init=False, compare=False, repr=False)
 
     def __post_init__(self):
         budget = self.max_partition_bytes
@@ -93,6 +96,7 @@ class Execution:
         if self.prefetch is not None and (isinstance(self.prefetch, bool) or self.prefetch < 0):
             raise ValueError(f"prefetch must be None or a number of partitions >= 0, "
                              f"got {self.prefetch!r}")
+        object.__setattr__(self, "window", Window(self.prefetch))
 
     def replace(self, **changes) -> "Execution":
         """A copy with some fields changed (e.g. another compute device or an observer)."""
