@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bigjax.layers import moments
-from bigjax.layers.bands import join_bands, take_band
+from bigjax.layers.bands import join_on_host, take_band
 from bigjax.layers.execution import Execution, ensure_eager, zeros_like
 from bigjax.layers.plan import IDENTITY, Footprint, plan_partitions
 
@@ -55,14 +55,14 @@ def _to_compute_bands(ex, in_buffers, out_buffers, x, *more):
 
 
 def _to_host(ex, p, band):
-    """(partition, its output band sent to host memory), the band noted in flight."""
-    band = ex.to_host(band)
+    """(partition, its output band on its way to host memory), the band noted in flight."""
+    band = ex.to_host_async(band)
     ex.window.track(band)
     return p, band
 
 
 def _join(ex, bands):
-    return ex.call("join_bands", join_bands, bands)
+    return join_on_host(ex, bands)
 
 
 # --- pass 1: statistics --------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import numpy as np
 from jax import lax
 
 from bigjax.layers import moments
-from bigjax.layers.bands import join_bands, take_band
+from bigjax.layers.bands import join_on_host, take_band
 from bigjax.layers.execution import Execution, ensure_eager, zeros_like
 from bigjax.layers.plan import ConvGeometry, Footprint, Partition, plan_partitions
 
@@ -121,10 +121,10 @@ def _forward(spec, x, kernel, bias, a, b):
         xb = _band(ex, x, p.n0, p.n1, p.i0, p.i1)
         yb, acc = ex.call("conv_forward", _forward_kernel, xb, kernel, bias, a, b, acc,
                           geom=spec.geom, pad=(p.pad_top, p.pad_bottom), stats=spec.stats)
-        bands.append((p, ex.to_host(yb)))
+        bands.append((p, ex.to_host_async(yb)))
         ex.window.track(bands[-1][1])
         del xb, yb
-    y = ex.call("join_bands", join_bands, bands)
+    y = join_on_host(ex, bands)
     return (y, *moments.finish_moments(acc)) if spec.stats else y
 
 
@@ -163,11 +163,11 @@ def _backward(spec, res, cts):
             "conv_backward", _backward_kernel, acc, carry, xb, kernel, bias, a, b, gb,
             geom=spec.geom, pad=(p.pad_top, p.pad_bottom), emit=end - start,
             take=min(p.i1, end) - start)
-        bands.append((p, ex.to_host(out)))
+        bands.append((p, ex.to_host_async(out)))
         ex.window.track(bands[-1][1])
         start = end
         del xb, gb, out
-    return (ex.call("join_bands", join_bands, bands), *acc)
+    return (join_on_host(ex, bands), *acc)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

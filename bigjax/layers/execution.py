@@ -74,6 +74,9 @@ class Execution:
       compute: the device that runs the per-partition kernels (default ``jax.devices()[0]``).
       host: the CPU device whose memory holds big activations (default: see the module docstring).
       observer: called for every event (``EVENTS``) instead of running it directly; None = no hook.
+      pinned_staging: send device->host copies through the compute device's ``pinned_host`` memory
+        (``to_host``); None = where the compute device is not a CPU. True on a CPU runs the
+        accelerator's code path (the tests do).
       prefetch: partitions whose copies may still be in flight when the next one is dispatched
         (``stream.Window``); None = unbounded (dispatch runs as far ahead as Python gets).
     """
@@ -83,6 +86,7 @@ class Execution:
     host: jax.Device | None = None
     observer: Observer | None = field(default=None, compare=False)
     prefetch: int | None = None
+    pinned_staging: bool | None = None
     window: Window = field(init=False, compare=False, repr=False)
 
     def __post_init__(self):
@@ -123,13 +127,29 @@ class Execution:
         if isinstance(x, jax.core.Tracer):
             return jax.device_put(x, self.host)
         if isinstance(x, jax.Array):
-            device = next(iter(x.devices()))
-            if device == self.host:
+            if x.devices() == {self.host}:
                 return x
-            if device.platform != "cpu":
-                pinned = SingleDeviceSharding(device, memory_kind="pinned_host")
-                x = self.call("host_read", np.asarray, jax.device_put(x, pinned))
+            if not _pinned(x) and self._staged(x):
+                x = jax.device_put(x, _pinned_on(x))
+            if _pinned(x):
+                x = self.call("host_read", np.asarray, x)
         return jax.device_put(x, self.host)
+
+    def to_host_async(self, x) -> jax.Array:
+        """Start sending device array ``x`` to host memory and return at once (an output band).
+
+        Where copies are staged through ``pinned_host`` memory, this returns the pinned copy, still
+        in flight; ``to_host`` adopts it later (``bands.join_on_host``), so the band loop never waits
+        for a band to land. Elsewhere it is ``to_host``.
+        """
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and self._staged(x):
+            return self.call("to_host", jax.device_put, x, _pinned_on(x))
+        return self.to_host(x)
+
+    def _staged(self, x: jax.Array) -> bool:
+        staging = self.pinned_staging
+        device = next(iter(x.devices()))
+        return device != self.host and (device.platform != "cpu" if staging is None else staging)
 
     def to_compute(self, x) -> jax.Array:
         """Send ``x`` (a partition, a parameter) to the compute device."""
@@ -155,6 +175,8 @@ class Execution:
         if isinstance(x, jax.core.Tracer):
             return size
         if isinstance(x, jax.Array):
+            if _pinned(x):  # host RAM already
+                return size if event == "to_compute" else 0
             target = self.compute if event == "to_compute" else self.host
             return 0 if x.devices() == {target} else size
         return size if event == "to_compute" else 0
@@ -168,6 +190,14 @@ def zeros_like(tree):
     ``keep_unused``: the (unread) inputs are what places the computation on their device.
     """
     return jax.tree.map(jnp.zeros_like, tree)
+
+
+def _pinned(x: jax.Array) -> bool:
+    return x.sharding.memory_kind == "pinned_host"
+
+
+def _pinned_on(x: jax.Array) -> SingleDeviceSharding:
+    return SingleDeviceSharding(next(iter(x.devices())), memory_kind="pinned_host")
 
 
 def _default_host(compute: jax.Device) -> jax.Device:

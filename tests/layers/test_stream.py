@@ -83,3 +83,25 @@ def test_prefetch_depth_does_not_change_results():
 def test_bad_prefetch_is_a_value_error():
     with pytest.raises(ValueError, match="prefetch"):
         Execution(BUDGET, prefetch=-1)
+
+
+def test_staged_copies_are_read_after_the_band_loop_and_change_nothing():
+    """The accelerator's code path on a CPU: device->host copies through ``pinned_host`` memory,
+    adopted by the host only when the op joins its bands (never inside the band loop)."""
+    x, w1, w2, weights = _data()
+    events = []
+
+    def observer(event, fn, *args, **kwargs):
+        events.append(event)
+        return fn(*args, **kwargs)
+
+    plain = Execution(BUDGET, prefetch=1)
+    staged = Execution(BUDGET, prefetch=1, pinned_staging=True, observer=observer)
+    y = big_conv2d(x, w1, padding=1, execution=staged)
+    kernels = events.count("conv_forward")
+    assert kernels > 5 and events.count("host_read") == kernels
+    assert events.index("host_read") > len(events) - 1 - events[::-1].index("conv_forward")
+    assert rel_err(y, big_conv2d(x, w1, padding=1, execution=plain)) == 0.0
+    loss = lambda ex: weighted_sum_loss(_chain(ex), weights)  # noqa: E731
+    grads = grad(loss(staged), argnums=(0, 1, 2))(x, w1, w2)
+    assert rel_err(grads, grad(loss(plain), argnums=(0, 1, 2))(x, w1, w2)) == 0.0
