@@ -77,7 +77,7 @@ def _median_seconds(step, reps: int) -> float:
 
 
 def benchmark_step(depth: int, shape: tuple, budget: int, *, fused: bool = True, reps: int = 3,
-                   seed: int = 0, profile: bool = False, prefetch: int | None = None
+                   seed: int = 0, profile: bool = False, prefetch: int | None = 1
                    ) -> StepTiming:
     """Median step time of ``BigResNet(depth, big_stages=4)`` and its jitted twin on one input.
 

@@ -78,14 +78,14 @@ class Execution:
         (``to_host``); None = where the compute device is not a CPU. True on a CPU runs the
         accelerator's code path (the tests do).
       prefetch: partitions whose copies may still be in flight when the next one is dispatched
-        (``stream.Window``); None = unbounded (dispatch runs as far ahead as Python gets).
+        (``stream.Window``; default 1, double buffering); None = unbounded.
     """
 
     max_partition_bytes: int = DEFAULT_PARTITION_BYTES
     compute: jax.Device | None = None
     host: jax.Device | None = None
     observer: Observer | None = field(default=None, compare=False)
-    prefetch: int | None = None
+    prefetch: int | None = 1
     pinned_staging: bool | None = None
     window: Window = field(init=False, compare=False, repr=False)
 

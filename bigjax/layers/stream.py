@@ -6,7 +6,9 @@ buffers until its copies finish, so the device can hold many budgets at once. A 
 ``d`` (``Execution.prefetch``) lets at most ``d`` older partitions be in flight when the next one is
 dispatched: with ``d = 0`` a partition starts when the previous one has landed in host memory (device
 peak one budget), with ``d = 1`` the next band's copies overlap the current kernel (double buffering,
-two budgets). ``None`` keeps no window (unbounded, the engine's behaviour before windows existed).
+two budgets, the default). ``None`` keeps no window (unbounded, the engine before windows existed).
+Without a window, on an accelerator, nothing would stop the loop from dispatching a whole layer's
+host->device copies at once now that no band is read back inside the loop.
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ def test_a_streamed_step_issues_no_blocking_read():
 def test_a_big_resnet_step_moves_bytes_both_ways_without_blocking_reads():
     x = np.random.default_rng(1).normal(size=(2, 61, 45, 3)).astype(np.float32)
     model = BigResNet(18, big_stages=2, rngs=nnx.Rngs(0))
-    ex = Execution(1_400_000)
+    ex = Execution(1_400_000, prefetch=None)
     weights = jnp.ones((2, model.embed_dim))
 
     def step(e):
