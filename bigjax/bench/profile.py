@@ -40,11 +40,15 @@ class Stopwatch:
 
     def __init__(self):
         self.totals: dict[str, float] = defaultdict(float)
+        self._inner = [0.0]  # seconds of events nested in the running one (a host_read in a to_host)
 
     def __call__(self, event: str, fn: Callable, *args, **kwargs):
         start = time.perf_counter()
+        self._inner.append(0.0)
         out = jax.block_until_ready(fn(*args, **kwargs))
-        self.totals[CATEGORIES[event]] += time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        self.totals[CATEGORIES[event]] += elapsed - self._inner.pop()  # exclusive time
+        self._inner[-1] += elapsed
         return out
 
 

@@ -92,3 +92,17 @@ def test_single_device_engine_moves_nothing():
     big_conv2d(x, jax.device_put(np.ones((3, 3, 2, 2), np.float32), dev),
                execution=counter.observe(counter.execution))
     assert counter.bytes == {"to_compute": 0, "to_host": 0} and counter.calls["conv_forward"] == 1
+
+
+def test_stopwatch_counts_a_nested_event_once():
+    import time
+
+    from bigjax.bench.profile import CATEGORIES, Stopwatch
+
+    watch = Stopwatch()
+    start = time.perf_counter()
+    watch("to_host", lambda: watch("host_read", time.sleep, 0.05))  # as a staged to_host does
+    wall = time.perf_counter() - start
+    assert watch.totals[CATEGORIES["host_read"]] >= 0.05
+    assert watch.totals[CATEGORIES["to_host"]] < 0.05
+    assert sum(watch.totals.values()) <= wall
