@@ -25,13 +25,8 @@ def take_band(x: jax.Array, n0: int, n1: int, r0: int, r1: int) -> jax.Array:
     """Images [n0, n1), rows [r0, r1) of an NHWC array, sliced where ``x`` lives (the host)."""
     if (n0, r0) == (0, 0) and (n1, r1) == x.shape[:2]:
         return x
-    return _slice(x, _starts(n0, r0, x.sharding), size=(n1 - n0, r1 - r0))
-
-
-@functools.lru_cache(maxsize=4096)
-def _starts(n0: int, r0: int, sharding) -> jax.Array:
-    """The band's start indices beside the array (an explicit copy, made once per position)."""
-    return jax.device_put(np.array([n0, r0], np.int32), sharding)
+    starts = jax.device_put(np.array([n0, r0], np.int32), x.sharding)  # explicit, with the band
+    return _slice(x, starts, size=(n1 - n0, r1 - r0))
 
 
 def join_bands(bands: list[tuple[Partition, jax.Array]]) -> jax.Array:
