@@ -84,6 +84,9 @@ def main(argv=None) -> None:
         print(f"{'x'.join(map(str, shape)):>18} {t.budget:>12,} {t.conv_partitions:>10} "
               f"{t.big_s:>8.2f} {t.plain_s:>8.2f} {t.ratio:>6.2f} {_mb(t.big_peak_bytes):>11} "
               f"{_mb(t.peak_bytes):>8}", flush=True)
+        m = {k: v / 2**20 for k, v in t.traffic.items() if k.endswith(("h2d", "d2h"))}
+        print(f"    moved MiB: fwd h2d {m['fwd_h2d']:.0f} d2h {m['fwd_d2h']:.0f}, bwd h2d "
+              f"{m['bwd_h2d']:.0f} d2h {m['bwd_d2h']:.0f}; {t.moved_bytes / t.big_s / 1e9:.2f} GB/s")
         for category, seconds in sorted((t.profile or {}).items(), key=lambda kv: -kv[1]):
             print(f"    {category:<36} {seconds:8.3f} s")
         if cfg.out:

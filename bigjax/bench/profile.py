@@ -22,6 +22,8 @@ __all__ = ["Stopwatch", "profile_step", "CATEGORIES"]
 CATEGORIES = {
     "to_compute": "host->device copies",
     "to_host": "device->host copies",
+    "host_read": "blocking host reads",
+    "wait": "waits on in-flight partitions",
     "take_band": "band slicing (host)",
     "join_bands": "band joining (host)",
     "conv_forward": "conv kernels (fwd)",
@@ -38,11 +40,15 @@ class Stopwatch:
 
     def __init__(self):
         self.totals: dict[str, float] = defaultdict(float)
+        self._inner = [0.0]  # seconds of events nested in the running one (a host_read in a to_host)
 
     def __call__(self, event: str, fn: Callable, *args, **kwargs):
         start = time.perf_counter()
+        self._inner.append(0.0)
         out = jax.block_until_ready(fn(*args, **kwargs))
-        self.totals[CATEGORIES[event]] += time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        self.totals[CATEGORIES[event]] += elapsed - self._inner.pop()  # exclusive time
+        self._inner[-1] += elapsed
         return out
 
 

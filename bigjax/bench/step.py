@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from bigjax.bench.profile import profile_step
+from bigjax.bench.traffic import step_traffic
 from bigjax.layers.execution import Execution
 from bigjax.models.resnet import BigResNet, in_memory_twin
 
@@ -37,13 +38,21 @@ class StepTiming:
     big_peak_bytes: int | None  # compute-device peak after the Big-Layers steps (None on CPU)
     peak_bytes: int | None  # peak after both (the twin's, where it is larger)
     profile: dict | None = None  # seconds per category of one blocking Big-Layers step
+    traffic: dict | None = None  # bytes each way, forward and backward, of one step (``traffic``)
 
     @property
     def ratio(self) -> float:
         return self.big_s / self.plain_s
 
+    @property
+    def moved_bytes(self) -> int:
+        """Bytes across host <-> compute in one step, both ways, forward and backward."""
+        t = self.traffic or {}
+        return sum(t.get(k, 0) for k in ("fwd_h2d", "fwd_d2h", "bwd_h2d", "bwd_d2h"))
+
     def as_dict(self) -> dict:
-        return {**asdict(self), "ratio": self.ratio, "device": str(Execution().compute)}
+        return {**asdict(self), "ratio": self.ratio, "moved_bytes": self.moved_bytes,
+                "device": str(Execution().compute)}
 
 
 class PartitionCounter:
@@ -68,7 +77,8 @@ def _median_seconds(step, reps: int) -> float:
 
 
 def benchmark_step(depth: int, shape: tuple, budget: int, *, fused: bool = True, reps: int = 3,
-                   seed: int = 0, profile: bool = False) -> StepTiming:
+                   seed: int = 0, profile: bool = False, prefetch: int | None = 1
+                   ) -> StepTiming:
     """Median step time of ``BigResNet(depth, big_stages=4)`` and its jitted twin on one input.
 
     Args:
@@ -78,12 +88,13 @@ def benchmark_step(depth: int, shape: tuple, budget: int, *, fused: bool = True,
       fused: the fused Big-Layers path (else the paper's separate ops).
       reps: timed steps after one warm-up step, each.
       profile: also profile one Big-Layers step (``profile.profile_step``) into ``.profile``.
+      prefetch: the engine's in-flight partitions (``Execution.prefetch``).
     """
     x = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
     big = BigResNet(depth, big_stages=4, fused=fused, rngs=nnx.Rngs(seed))
     twin = in_memory_twin(big)
     weights = jnp.ones((shape[0], big.embed_dim)) / big.embed_dim
-    ex = Execution(budget)
+    ex = Execution(budget, prefetch=prefetch)
 
     def loss(model, x, execution=None):
         kwargs = {} if execution is None else {"execution": execution}
@@ -98,9 +109,10 @@ def benchmark_step(depth: int, shape: tuple, budget: int, *, fused: bool = True,
     big_s = _median_seconds(lambda: big_step(ex), reps)
     big_peak = _peak_bytes(ex)
     breakdown = profile_step(big_step, ex) if profile else None
+    traffic = step_traffic(lambda e: big(x_host, train=True, execution=e), big_step, ex)
     plain_s = _median_seconds(lambda: plain_step(twin, x_device), reps)
     return StepTiming(depth, tuple(shape), budget, fused, counter.conv_partitions, big_s, plain_s,
-                      big_peak, _peak_bytes(ex), breakdown)
+                      big_peak, _peak_bytes(ex), breakdown, traffic)
 
 
 def _peak_bytes(ex: Execution) -> int | None:

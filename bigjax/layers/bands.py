@@ -11,7 +11,7 @@ from jax import lax
 
 from bigjax.layers.plan import Partition
 
-__all__ = ["take_band", "join_bands"]
+__all__ = ["take_band", "join_bands", "join_on_host"]
 
 
 @functools.partial(jax.jit, static_argnames=("size",))
@@ -40,3 +40,10 @@ def join_bands(bands: list[tuple[Partition, jax.Array]]) -> jax.Array:
             chunks.append(rows[0] if len(rows) == 1 else jnp.concatenate(rows, axis=1))
             rows = []
     return chunks[0] if len(chunks) == 1 else jnp.concatenate(chunks, axis=0)
+
+
+def join_on_host(ex, bands: list[tuple[Partition, jax.Array]]) -> jax.Array:
+    """Adopt each band in host memory, then join them: where copies are staged (``to_host_async``)
+    the blocking reads come here, after the loop has dispatched every band."""
+    bands = [(p, ex.to_host(band)) for p, band in bands]
+    return ex.call("join_bands", join_bands, bands)

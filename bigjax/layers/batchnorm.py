@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bigjax.layers import moments
-from bigjax.layers.bands import join_bands, take_band
+from bigjax.layers.bands import join_on_host, take_band
 from bigjax.layers.execution import Execution, ensure_eager, zeros_like
 from bigjax.layers.plan import IDENTITY, Footprint, plan_partitions
 
@@ -49,26 +49,38 @@ def _plan(x, ex, in_buffers, out_buffers):
 def _to_compute_bands(ex, in_buffers, out_buffers, x, *more):
     """Yield each partition of host array ``x`` (and same-shaped ``more``) as device bands."""
     for p in _plan(x, ex, in_buffers, out_buffers):
+        ex.window.admit(ex)
         yield p, *(ex.to_compute(ex.call("take_band", take_band, v, p.n0, p.n1, p.r0, p.r1))
                    for v in (x, *more))
 
 
+def _to_host(ex, p, band):
+    """(partition, its output band on its way to host memory), the band noted in flight."""
+    band = ex.to_host_async(band)
+    ex.window.track(band)
+    return p, band
+
+
 def _join(ex, bands):
-    return ex.call("join_bands", join_bands, bands)
+    return join_on_host(ex, bands)
 
 
 # --- pass 1: statistics --------------------------------------------------------------------------
+
+_accumulate = jax.jit(moments.accumulate_moments)
+
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _moments(ex, x):
     ensure_eager("big_batch_norm", x)
     x = ex.to_host(x)
     _plan(x, ex, 2, 0)  # the backward's footprint must fit too: fail before any work
-    parts = [(xb.size // xb.shape[-1],
-              *map(ex.to_host, ex.call("batch_norm", moments.band_moments, xb)))
-             for _, xb in _to_compute_bands(ex, 1, 0, x)]
-    mean, var = moments.merge_moments(parts)
-    return ex.to_compute(mean.astype(x.dtype)), ex.to_compute(var.astype(x.dtype))
+    acc = None
+    for _, xb in _to_compute_bands(ex, 1, 0, x):
+        acc = ex.call("batch_norm", _accumulate, acc, xb)
+        ex.window.track(acc)
+        del xb
+    return moments.finish_moments(acc)
 
 
 def _moments_fwd(ex, x):
@@ -84,8 +96,8 @@ def _moments_bwd(ex, res, cts):
     x, mean = res
     g_mean, g_var = map(ex.to_compute, cts)
     count = ex.to_compute(np.float32(x.size // x.shape[-1]))
-    return (_join(ex, [(p, ex.to_host(ex.call("batch_norm", _moments_pull, xb, mean, g_mean, g_var,
-                                              count)))
+    return (_join(ex, [_to_host(ex, p, ex.call("batch_norm", _moments_pull, xb, mean, g_mean, g_var,
+                                               count))
                        for p, xb in _to_compute_bands(ex, 2, 0, x)]),)
 
 
@@ -114,7 +126,7 @@ def _affine_pull(acc, x, g, a):
 def _affine(ex, x, a, b):
     ensure_eager("big_batch_norm", x, a, b)
     x, a, b = ex.to_host(x), ex.to_compute(a), ex.to_compute(b)
-    return _join(ex, [(p, ex.to_host(ex.call("batch_norm", _affine_kernel, xb, a, b)))
+    return _join(ex, [_to_host(ex, p, ex.call("batch_norm", _affine_kernel, xb, a, b))
                       for p, xb in _to_compute_bands(ex, 1, 1, x)])
 
 
@@ -128,7 +140,7 @@ def _affine_bwd(ex, res, g):
     acc, bands = zeros_like((a, a)), []
     for p, xb, gb in _to_compute_bands(ex, 2, 1, x, ex.to_host(g)):
         acc, dx = ex.call("batch_norm", _affine_pull, acc, xb, gb, a)
-        bands.append((p, ex.to_host(dx)))
+        bands.append(_to_host(ex, p, dx))
         del xb, gb, dx
     return (_join(ex, bands), *acc)
 

@@ -24,7 +24,7 @@ import numpy as np
 from jax import lax
 
 from bigjax.layers import moments
-from bigjax.layers.bands import join_bands, take_band
+from bigjax.layers.bands import join_on_host, take_band
 from bigjax.layers.execution import Execution, ensure_eager, zeros_like
 from bigjax.layers.plan import ConvGeometry, Footprint, Partition, plan_partitions
 
@@ -57,9 +57,10 @@ def _band_forward(x, kernel, bias, a, b, *, geom, pad):
 
 
 @functools.partial(jax.jit, static_argnames=("geom", "pad", "stats"))
-def _forward_kernel(x, kernel, bias, a, b, *, geom, pad, stats):
+def _forward_kernel(x, kernel, bias, a, b, acc, *, geom, pad, stats):
+    """Output band and, with ``stats``, the output moments so far with this band's merged in."""
     y = _band_forward(x, kernel, bias, a, b, geom=geom, pad=pad)
-    return y, (moments.band_moments(y) if stats else None)
+    return y, (moments.accumulate_moments(acc, y) if stats else None)
 
 
 @functools.partial(jax.jit, static_argnames=("geom", "pad", "emit", "take"))
@@ -114,20 +115,17 @@ def _forward(spec, x, kernel, bias, a, b):
     """Algorithm 3: stream input bands to the device, output bands back to the host (placed args)."""
     ex = spec.ex
     _plan(spec, x, kernel, a, backward=True)  # fail now, not after the forward, if bwd cannot fit
-    bands, parts = [], []
+    bands, acc = [], None
     for p in _plan(spec, x, kernel, a, backward=False):
+        ex.window.admit(ex)
         xb = _band(ex, x, p.n0, p.n1, p.i0, p.i1)
-        yb, mom = ex.call("conv_forward", _forward_kernel, xb, kernel, bias, a, b, geom=spec.geom,
-                          pad=(p.pad_top, p.pad_bottom), stats=spec.stats)
-        bands.append((p, ex.to_host(yb)))
-        if spec.stats:
-            parts.append((yb.size // yb.shape[-1], *map(ex.to_host, mom)))
+        yb, acc = ex.call("conv_forward", _forward_kernel, xb, kernel, bias, a, b, acc,
+                          geom=spec.geom, pad=(p.pad_top, p.pad_bottom), stats=spec.stats)
+        bands.append((p, ex.to_host_async(yb)))
+        ex.window.track(bands[-1][1])
         del xb, yb
-    y = ex.call("join_bands", join_bands, bands)
-    if not spec.stats:
-        return y
-    mean, var = moments.merge_moments(parts)
-    return y, ex.to_compute(mean.astype(y.dtype)), ex.to_compute(var.astype(y.dtype))
+    y = join_on_host(ex, bands)
+    return (y, *moments.finish_moments(acc)) if spec.stats else y
 
 
 def _row_ends(plan: list[Partition], h: int) -> list[int]:
@@ -151,6 +149,7 @@ def _backward(spec, res, cts):
     plan = _plan(spec, x, kernel, a, backward=True)
     bands, carry, start = [], None, 0
     for p, end in zip(plan, _row_ends(plan, x.shape[1])):
+        ex.window.admit(ex)
         if p.r0 == 0:  # a new image chunk: nothing to overlap-add yet
             carry = ex.to_compute(np.zeros((p.n1 - p.n0, 0, *x.shape[2:]), x.dtype))
             start = 0
@@ -164,10 +163,11 @@ def _backward(spec, res, cts):
             "conv_backward", _backward_kernel, acc, carry, xb, kernel, bias, a, b, gb,
             geom=spec.geom, pad=(p.pad_top, p.pad_bottom), emit=end - start,
             take=min(p.i1, end) - start)
-        bands.append((p, ex.to_host(out)))
+        bands.append((p, ex.to_host_async(out)))
+        ex.window.track(bands[-1][1])
         start = end
         del xb, gb, out
-    return (ex.call("join_bands", join_bands, bands), *acc)
+    return (join_on_host(ex, bands), *acc)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -20,7 +20,13 @@ nothing, and the partitioned ops still bound what each kernel sees).
 
 Instrumentation. Every copy, band slice or join and kernel call of the ops goes through
 ``Execution.call(event, fn, ...)``; an ``observer`` (see ``EVENTS``) sees each one — the benchmark's
-partition counter and stopwatch are observers, no private name is patched.
+partition counter, stopwatch and traffic counter are observers, no private name is patched.
+``crossing_bytes`` says what one copy moves between host memory and the compute device.
+
+Asynchrony. No op reads a device value back to the host inside a step: band statistics are merged on
+the device (``moments``), copies are ``device_put``s that return at once, and the one blocking read
+left (adopting an accelerator's ``pinned_host`` buffer as a CPU-device array) is the ``host_read``
+event, so an observer can count it. ``prefetch`` bounds how far dispatch runs ahead (``stream``).
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 
+from bigjax.layers.stream import Window
+
 __all__ = ["Execution", "DEFAULT_PARTITION_BYTES", "EVENTS", "ensure_eager", "zeros_like"]
 
 DEFAULT_PARTITION_BYTES = 256 * 2**20
@@ -42,6 +50,8 @@ DEFAULT_PARTITION_BYTES = 256 * 2**20
 EVENTS = {
     "to_compute": "a partition or parameter sent to the compute device",
     "to_host": "a result sent back to host memory",
+    "host_read": "a blocking read of device memory by the host (an accelerator's pinned_host buffer)",
+    "wait": "waiting for the copies of an older partition (prefetch depth reached)",
     "take_band": "a band cut out of a host activation",
     "join_bands": "output bands joined into a host activation",
     "conv_forward": "a forward conv kernel on one partition",
@@ -64,12 +74,20 @@ class Execution:
       compute: the device that runs the per-partition kernels (default ``jax.devices()[0]``).
       host: the CPU device whose memory holds big activations (default: see the module docstring).
       observer: called for every event (``EVENTS``) instead of running it directly; None = no hook.
+      pinned_staging: send device->host copies through the compute device's ``pinned_host`` memory
+        (``to_host``); None = where the compute device is not a CPU. True on a CPU runs the
+        accelerator's code path (the tests do).
+      prefetch: partitions whose copies may still be in flight when the next one is dispatched
+        (``stream.Window``; default 1, double buffering); None = unbounded.
     """
 
     max_partition_bytes: int = DEFAULT_PARTITION_BYTES
     compute: jax.Device | None = None
     host: jax.Device | None = None
     observer: Observer | None = field(default=None, compare=False)
+    prefetch: int | None = 1
+    pinned_staging: bool | None = None
+    window: Window = field(init=False, compare=False, repr=False)
 
     def __post_init__(self):
         budget = self.max_partition_bytes
@@ -79,6 +97,10 @@ class Execution:
         object.__setattr__(self, "max_partition_bytes", int(budget))
         object.__setattr__(self, "compute", compute)
         object.__setattr__(self, "host", self.host or _default_host(compute))
+        if self.prefetch is not None and (isinstance(self.prefetch, bool) or self.prefetch < 0):
+            raise ValueError(f"prefetch must be None or a number of partitions >= 0, "
+                             f"got {self.prefetch!r}")
+        object.__setattr__(self, "window", Window(self.prefetch))
 
     def replace(self, **changes) -> "Execution":
         """A copy with some fields changed (e.g. another compute device or an observer)."""
@@ -105,13 +127,29 @@ class Execution:
         if isinstance(x, jax.core.Tracer):
             return jax.device_put(x, self.host)
         if isinstance(x, jax.Array):
-            device = next(iter(x.devices()))
-            if device == self.host:
+            if x.devices() == {self.host}:
                 return x
-            if device.platform != "cpu":
-                pinned = SingleDeviceSharding(device, memory_kind="pinned_host")
-                x = np.asarray(jax.device_put(x, pinned))
+            if not _pinned(x) and self._staged(x):
+                x = jax.device_put(x, _pinned_on(x))
+            if _pinned(x):
+                x = self.call("host_read", np.asarray, x)
         return jax.device_put(x, self.host)
+
+    def to_host_async(self, x) -> jax.Array:
+        """Start sending device array ``x`` to host memory and return at once (an output band).
+
+        Where copies are staged through ``pinned_host`` memory, this returns the pinned copy, still
+        in flight; ``to_host`` adopts it later (``bands.join_on_host``), so the band loop never waits
+        for a band to land. Elsewhere it is ``to_host``.
+        """
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and self._staged(x):
+            return self.call("to_host", jax.device_put, x, _pinned_on(x))
+        return self.to_host(x)
+
+    def _staged(self, x: jax.Array) -> bool:
+        staging = self.pinned_staging
+        device = next(iter(x.devices()))
+        return device != self.host and (device.platform != "cpu" if staging is None else staging)
 
     def to_compute(self, x) -> jax.Array:
         """Send ``x`` (a partition, a parameter) to the compute device."""
@@ -120,8 +158,28 @@ class Execution:
     def to_device_of(self, x, like) -> jax.Array:
         """Put ``x`` where ``like`` lives (numpy counts as the compute device), e.g. a cotangent."""
         if isinstance(like, jax.Array):
-            return jax.device_put(x, like.sharding)
+            event = "to_host" if like.devices() == {self.host} else "to_compute"
+            return self.call(event, jax.device_put, x, like.sharding)
         return self.to_compute(x)
+
+    def crossing_bytes(self, event: str, x) -> int:
+        """Bytes a ``to_compute``/``to_host`` of ``x`` moves between host memory and compute device.
+
+        Zero when ``x`` is already where it goes, or when host and compute are one device; a numpy
+        array counts as host memory. A traced ``x`` (the model differentiated in its input) counts
+        whole: it comes from the compute device.
+        """
+        if event not in ("to_compute", "to_host") or self.compute == self.host:
+            return 0
+        size = int(np.prod(np.shape(x), dtype=np.int64)) * np.dtype(x.dtype).itemsize
+        if isinstance(x, jax.core.Tracer):
+            return size
+        if isinstance(x, jax.Array):
+            if _pinned(x):  # host RAM already
+                return size if event == "to_compute" else 0
+            target = self.compute if event == "to_compute" else self.host
+            return 0 if x.devices() == {target} else size
+        return size if event == "to_compute" else 0
 
 
 @functools.partial(jax.jit, keep_unused=True)
@@ -132,6 +190,14 @@ def zeros_like(tree):
     ``keep_unused``: the (unread) inputs are what places the computation on their device.
     """
     return jax.tree.map(jnp.zeros_like, tree)
+
+
+def _pinned(x: jax.Array) -> bool:
+    return x.sharding.memory_kind == "pinned_host"
+
+
+def _pinned_on(x: jax.Array) -> SingleDeviceSharding:
+    return SingleDeviceSharding(next(iter(x.devices())), memory_kind="pinned_host")
 
 
 def _default_host(compute: jax.Device) -> jax.Device:

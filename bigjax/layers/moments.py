@@ -1,51 +1,50 @@
-"""Chunked per-channel statistics: band moments on the device, merged on the host.
+"""Chunked per-channel statistics, merged band by band on the device.
 
-Each partition's mean and sum of squared deviations (M2) are computed on the device in float32, shifted
-by one of the band's own values and centred on the band's mean, and merged on the host in float64 with
-the pairwise update of Chan, Golub & LeVeque (1979), the parallel form of Welford's algorithm. Shifting
-and centring keep the variance exact when the mean is large compared with the spread, where
-``E[x^2] - E[x]^2`` (or a float32 band mean) loses the digits that matter.
+Each band's per-channel mean and sum of squared deviations (M2) are computed about one *shift* — the
+first value of the first band — and merged into the running (count, mean, M2) with the pairwise update
+of Chan, Golub & LeVeque (1979), the parallel form of Welford's algorithm. The merge runs on the device
+inside the band's kernel, so no statistic is read back to the host inside a step (the host would block
+on every band). Shifting keeps float32 exact when the mean is large compared with the spread, where
+``E[x^2] - E[x]^2`` loses the digits that matter: the shifted means are of the order of the spread, so
+the merge's ``delta`` terms carry no large cancellation.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-__all__ = ["band_moments", "welford_merge", "merge_moments", "moments_cotangent"]
+__all__ = ["accumulate_moments", "finish_moments", "moments_cotangent"]
 
 _AXES = (0, 1, 2)  # NHWC: statistics per channel
 
 
-@jax.jit
-def band_moments(y: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Per-channel (shift, mean of y - shift, M2) of one NHWC band, on the device (float32)."""
-    shift = y[0, 0, 0]
+def accumulate_moments(acc, y: jax.Array):
+    """Merge band ``y``'s per-channel moments into ``acc`` = (shift, count, mean - shift, M2).
+
+    ``acc`` None starts the accumulation (the shift is then ``y[0, 0, 0]``). Traceable: the ops call
+    it inside their jitted band kernels.
+    """
+    n_b = y.size // y.shape[-1]
+    if acc is None:
+        shift, n_a, mean_a, m2_a = y[0, 0, 0], 0.0, 0.0, 0.0
+    else:
+        shift, n_a, mean_a, m2_a = acc
     d = y - shift
-    mean = jnp.mean(d, axis=_AXES)
-    return shift, mean, jnp.sum(jnp.square(d - mean), axis=_AXES)
+    mean_b = jnp.mean(d, axis=_AXES)
+    m2_b = jnp.sum(jnp.square(d - mean_b), axis=_AXES)
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    mean = mean_a + delta * (n_b / n)
+    m2 = m2_a + m2_b + jnp.square(delta) * (n_a * n_b / n)
+    return shift, jnp.asarray(n, y.dtype), mean, m2
 
 
-def welford_merge(a: tuple, b: tuple) -> tuple:
-    """Merge two (count, mean, M2) triples (Chan et al. 1979); float64 numpy."""
-    na, ma, m2a = a
-    nb, mb, m2b = b
-    n = na + nb
-    delta = mb - ma
-    return n, ma + delta * (nb / n), m2a + m2b + delta * delta * (na * nb / n)
-
-
-def merge_moments(parts: list[tuple[int, jax.Array, jax.Array, jax.Array]]):
-    """Merge per-band (count, shift, shifted mean, M2) into per-channel mean and biased variance."""
-    total = None
-    for count, *band in parts:
-        shift, mean, m2 = jax.device_get(band)  # an explicit transfer (the tests disallow others)
-        mean = np.asarray(shift, np.float64) + np.asarray(mean, np.float64)
-        triple = (float(count), mean, np.asarray(m2, np.float64))
-        total = triple if total is None else welford_merge(total, triple)
-    n, mean, m2 = total
-    return mean, m2 / n
+@jax.jit
+def finish_moments(acc):
+    """Per-channel (mean, biased variance) from an accumulation."""
+    shift, n, mean, m2 = acc
+    return shift + mean, m2 / n
 
 
 def moments_cotangent(x, mean, g_mean, g_var, count):
