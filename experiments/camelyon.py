@@ -24,11 +24,11 @@ from pathlib import Path
 
 from bigjax.data import layouts
 from bigjax.data.synthetic import make_panda_like
-from bigjax.data.tiling import TilingConfig, check_tiling, tile_dataset
+from bigjax.data.tiling import TilingConfig, tile_dataset
 from bigjax.errors import run_cli
 from experiments.flags import apply_flags, training_flags
 from experiments.presets import Preset, camelyon_paper, camelyon_quick
-from experiments.run import run
+from experiments.run import run, store_ready
 
 POSITIVE_GRADE = 3  # generated stand-in: ISUP grade >= 3 is the positive class
 
@@ -62,8 +62,7 @@ def slides_of(a: argparse.Namespace, preset: Preset) -> list[layouts.SlideEntry]
 
 def prepare_store(a: argparse.Namespace, preset: Preset) -> None:
     config = preset.train
-    if config.manifest_path.is_file():
-        check_tiling(config.store, tile_size=preset.tile_size)
+    if store_ready(preset):
         return
     rule = "camelyon" if a.csv else "panda"
     tile_dataset(slides_of(a, preset), config.store,

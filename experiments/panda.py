@@ -23,11 +23,11 @@ from pathlib import Path
 
 from bigjax.data import layouts
 from bigjax.data.synthetic import make_panda_like
-from bigjax.data.tiling import TilingConfig, check_tiling, tile_dataset
+from bigjax.data.tiling import TilingConfig, tile_dataset
 from bigjax.errors import run_cli
 from experiments.flags import apply_flags, training_flags
 from experiments.presets import Preset, panda_paper, panda_quick
-from experiments.run import run
+from experiments.run import run, store_ready
 
 
 def parse_flags(argv=None) -> argparse.Namespace:
@@ -45,8 +45,7 @@ def config_from_flags(a: argparse.Namespace) -> Preset:
 def prepare_store(a: argparse.Namespace, preset: Preset) -> None:
     """Tile PANDA (or the generated PANDA-like set, generated first) into the run's store."""
     config = preset.train
-    if config.manifest_path.is_file():
-        check_tiling(config.store, tile_size=preset.tile_size)
+    if store_ready(preset):
         return
     data_dir = a.data_dir
     if data_dir is None:

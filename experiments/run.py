@@ -12,12 +12,26 @@ import logging
 from pathlib import Path
 from typing import Callable
 
+from bigjax.data.manifest import read_manifest
+from bigjax.data.tiling import check_tiling
 from bigjax.logs import quiet_libraries
 from bigjax.train.interrupt import stop_on_interrupt
 from bigjax.train.loop import evaluate_run, train
 from experiments.presets import Preset
 
-__all__ = ["run"]
+__all__ = ["run", "store_ready"]
+
+
+def store_ready(preset: Preset) -> bool:
+    """Whether the run's store is tiled as the preset asks with no failed slide (those are retried)."""
+    config = preset.train
+    if not config.manifest_path.is_file():
+        return False
+    check_tiling(config.store, tile_size=preset.tile_size)
+    failed = [r.slide_id for r in read_manifest(config.manifest_path) if r.status == "failed"]
+    if failed:
+        logging.info("retrying %d slide(s) that failed tiling: %s", len(failed), ", ".join(failed[:5]))
+    return not failed
 
 
 def run(a: argparse.Namespace, preset: Preset, prepare: Callable[[], None]) -> int:

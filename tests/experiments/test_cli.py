@@ -56,3 +56,18 @@ def test_unknown_encoder_is_rejected():
 def test_a_streaming_flag_with_a_mode_that_does_not_stream_is_refused(flag):
     with pytest.raises(ValueError, match=rf"{flag.split('=')[0]} has no effect with --encoder=frozen"):
         panda.config_from_flags(panda.parse_flags(["--encoder=frozen", flag]))
+
+
+def test_a_store_with_a_failed_slide_is_tiled_again(tmp_path):
+    from bigjax.data.manifest import ManifestRow, write_manifest
+    from experiments.run import store_ready
+
+    preset = panda.config_from_flags(panda.parse_flags([f"--workdir={tmp_path}"]))
+    assert not store_ready(preset)  # no manifest yet
+    (tmp_path / "store").mkdir()
+    ok = ManifestRow("a", 1, "train", 4, "ok", "slides/a", "a.tiff")
+    failed = ManifestRow("b", 2, "train", 0, "failed", "", "b.tiff", "truncated")
+    write_manifest(tmp_path / "store" / "manifest.csv", [ok])
+    assert store_ready(preset)
+    write_manifest(tmp_path / "store" / "manifest.csv", [ok, failed])
+    assert not store_ready(preset)
