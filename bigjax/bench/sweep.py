@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 
 from bigjax.layers.execution import Execution
-from bigjax.models.resnet import BigResNet, ResNet, in_memory_twin
+from bigjax.models.resnet import BigResNet, ResNet
 from bigjax.models.resnet_paths import InMemory
 from bigjax.bench import memory
 
@@ -108,9 +108,8 @@ def _update(model, optimizer, grads):
 
 def _setup(name: str, cfg: SweepConfig, x: np.ndarray):
     """(iteration thunk, compiled device bytes or None) of one configuration."""
-    big = BigResNet(cfg.depth, big_stages=4, rngs=nnx.Rngs(0))
     if name in ("inmemory", "checkpoint"):
-        model = in_memory_twin(big)
+        model = ResNet(cfg.depth, rngs=nnx.Rngs(0))
         forward = (lambda m, x: m(x, train=True)) if name == "inmemory" else _remat_forward
         optimizer = nnx.Optimizer(model, _adamw(), wrt=nnx.Param)
         step = _jitted_step(forward)

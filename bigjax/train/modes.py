@@ -184,10 +184,7 @@ class Frozen(EncoderMode):
     trains_encoder = False
 
     def inputs(self, model, batch: list[Bag]):
-        tiles = augmented_tiles(batch)
-        b, k = tiles.shape[:2]
-        flat = tiles.reshape(b * k, *tiles.shape[2:])
-        return self.embed_tiles(model, flat).reshape(b, k, -1)
+        return steps.bag_features(lambda tiles: self.embed_tiles(model, tiles), augmented_tiles(batch))
 
 
 @register("precomputed")
