@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bigjax.bench.profile import profile_step
+from bigjax.bench.bandwidth import copy_bandwidth
+from bigjax.bench.profile import KERNELS, profile_step
 from bigjax.bench.traffic import step_traffic
 from bigjax.layers.execution import Execution
 from bigjax.models.resnet import BigResNet, in_memory_twin
@@ -39,6 +40,7 @@ class StepTiming:
     peak_bytes: int | None  # peak after both (the twin's, where it is larger)
     profile: dict | None = None  # seconds per category of one blocking Big-Layers step
     traffic: dict | None = None  # bytes each way, forward and backward, of one step (``traffic``)
+    bandwidth: dict | None = None  # measured copy bytes/s, {"h2d", "d2h"} (``bandwidth``)
 
     @property
     def ratio(self) -> float:
@@ -50,8 +52,25 @@ class StepTiming:
         t = self.traffic or {}
         return sum(t.get(k, 0) for k in ("fwd_h2d", "fwd_d2h", "bwd_h2d", "bwd_d2h"))
 
+    @property
+    def floor_s(self) -> float | None:
+        """Seconds the step's bytes take at the measured bandwidth: the bus-bound floor."""
+        if not self.bandwidth or not self.traffic:
+            return None
+        t, b = self.traffic, self.bandwidth
+        return ((t["fwd_h2d"] + t["bwd_h2d"]) / b["h2d"] + (t["fwd_d2h"] + t["bwd_d2h"]) / b["d2h"])
+
+    @property
+    def orchestration_share(self) -> float | None:
+        """Share of the profiled step that is not kernels: copies, slicing, autodiff and Python."""
+        if not self.profile:
+            return None
+        kernels = sum(self.profile.get(c, 0.0) for c in KERNELS)
+        return 1 - kernels / self.profile["total (blocking)"]
+
     def as_dict(self) -> dict:
         return {**asdict(self), "ratio": self.ratio, "moved_bytes": self.moved_bytes,
+                "floor_s": self.floor_s, "orchestration_share": self.orchestration_share,
                 "device": str(Execution().compute)}
 
 
@@ -77,7 +96,7 @@ def _median_seconds(step, reps: int) -> float:
 
 
 def benchmark_step(depth: int, shape: tuple, budget: int, *, fused: bool = True, reps: int = 3,
-                   seed: int = 0, profile: bool = False, prefetch: int | None = 1
+                   seed: int = 0, profile: bool = True, prefetch: int | None = 1
                    ) -> StepTiming:
     """Median step time of ``BigResNet(depth, big_stages=4)`` and its jitted twin on one input.
 
@@ -87,7 +106,8 @@ def benchmark_step(depth: int, shape: tuple, budget: int, *, fused: bool = True,
       budget: ``max_partition_bytes`` of the big layers.
       fused: the fused Big-Layers path (else the paper's separate ops).
       reps: timed steps after one warm-up step, each.
-      profile: also profile one Big-Layers step (``profile.profile_step``) into ``.profile``.
+      profile: also profile one Big-Layers step (``profile.profile_step``) into ``.profile`` (the
+        orchestration share).
       prefetch: the engine's in-flight partitions (``Execution.prefetch``).
     """
     x = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
@@ -111,8 +131,9 @@ def benchmark_step(depth: int, shape: tuple, budget: int, *, fused: bool = True,
     breakdown = profile_step(big_step, ex) if profile else None
     traffic = step_traffic(lambda e: big(x_host, train=True, execution=e), big_step, ex)
     plain_s = _median_seconds(lambda: plain_step(twin, x_device), reps)
+    bw = copy_bandwidth(ex)
     return StepTiming(depth, tuple(shape), budget, fused, counter.conv_partitions, big_s, plain_s,
-                      big_peak, _peak_bytes(ex), breakdown, traffic)
+                      big_peak, _peak_bytes(ex), breakdown, traffic, {"h2d": bw.h2d, "d2h": bw.d2h})
 
 
 def _peak_bytes(ex: Execution) -> int | None:
