@@ -2,6 +2,7 @@
 
     python -m experiments.benchmark --quick        # small inputs, about a minute on 2 CPU cores
     python -m experiments.benchmark                # the targets: 1x1024x1024 and 32x256x256
+    python -m experiments.benchmark --shapes=1x4096x4096x3,1x8192x8192x3 --profile   # a GPU's floor
 
 Per input: the Big step and its jitted twin (median seconds, ratio), the bytes each way, the achieved
 GB/s, the floor (bytes / measured copy bandwidth), the orchestration share of a profiled step
@@ -23,6 +24,7 @@ from bigjax.bench.report import write_sweep
 from bigjax.bench.step import benchmark_step
 from bigjax.bench.sweep import CONFIGS, SweepConfig, run_sweep
 from bigjax.errors import run_cli
+from experiments.flags import byte_size
 
 FULL = [(1, 1024, 1024, 3), (32, 256, 256, 3)]
 QUICK = [(1, 512, 512, 3), (8, 128, 128, 3)]
@@ -43,8 +45,11 @@ class Config:
 def parse(argv=None) -> Config:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small inputs instead of the targets")
+    p.add_argument("--shapes", type=_shapes,
+                   help="NxHxWxC inputs instead, comma-separated (e.g. 1x4096x4096x3,1x8192x8192x3)")
     p.add_argument("--depth", type=int, default=18, choices=(18, 34, 50))
-    p.add_argument("--max_partition_bytes", type=int, default=Config.budget)
+    p.add_argument("--max_partition_bytes", type=byte_size, default=Config.budget,
+                   help="partition budget, bytes or 32MiB")
     p.add_argument("--separate", action="store_true", help="the paper's separate ops, not fused")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out", help="also write the results as JSON lines to this file; with --sweep "
@@ -62,7 +67,8 @@ def parse(argv=None) -> Config:
     a = p.parse_args(argv)
     if a.sweep:
         return _sweep_config(a)
-    return Config(a.depth, tuple(QUICK if a.quick else FULL), a.max_partition_bytes,
+    shapes = a.shapes or (QUICK if a.quick else FULL)
+    return Config(a.depth, tuple(shapes), a.max_partition_bytes,
                   not a.separate, a.reps, a.out, a.profile, a.prefetch)
 
 
@@ -101,6 +107,16 @@ def main(argv=None) -> None:
         if cfg.out:
             with open(cfg.out, "a") as f:
                 f.write(json.dumps(t.as_dict()) + "\n")
+
+
+def _shapes(text: str) -> list[tuple[int, ...]]:
+    try:
+        shapes = [tuple(int(n) for n in s.split("x")) for s in text.split(",")]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(s) != 4 or min(s) < 1 for s in shapes):
+        raise argparse.ArgumentTypeError(f"{text!r}: give NxHxWxC shapes such as 1x1024x1024x3")
+    return shapes
 
 
 def _prefetch(text: str) -> int | None:
