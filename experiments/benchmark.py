@@ -2,6 +2,11 @@
 
     python -m experiments.benchmark --quick        # small inputs, about a minute on 2 CPU cores
     python -m experiments.benchmark                # the targets: 1x1024x1024 and 32x256x256
+    python -m experiments.benchmark --shapes=1x4096x4096x3,1x8192x8192x3 --profile   # a GPU's floor
+
+Per input: the Big step and its jitted twin (median seconds, ratio), the bytes each way, the achieved
+GB/s, the floor (bytes / measured copy bandwidth), the orchestration share of a profiled step
+(everything but kernels), and the device peak (GPU). ``--profile`` prints the breakdown.
     python -m experiments.benchmark --sweep --out=runs/sweep   # step time vs side, fits, plot
     python -m experiments.benchmark --sweep --gpu-scale        # sides 4,096 ... 32,768 (a GPU)
 """
@@ -19,6 +24,7 @@ from bigjax.bench.report import write_sweep
 from bigjax.bench.step import benchmark_step
 from bigjax.bench.sweep import CONFIGS, SweepConfig, run_sweep
 from bigjax.errors import run_cli
+from experiments.flags import byte_size
 
 FULL = [(1, 1024, 1024, 3), (32, 256, 256, 3)]
 QUICK = [(1, 512, 512, 3), (8, 128, 128, 3)]
@@ -33,13 +39,17 @@ class Config:
     reps: int = 3
     out: str | None = None
     profile: bool = False
+    prefetch: int | None = 1
 
 
 def parse(argv=None) -> Config:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small inputs instead of the targets")
+    p.add_argument("--shapes", type=_shapes,
+                   help="NxHxWxC inputs instead, comma-separated (e.g. 1x4096x4096x3,1x8192x8192x3)")
     p.add_argument("--depth", type=int, default=18, choices=(18, 34, 50))
-    p.add_argument("--max_partition_bytes", type=int, default=Config.budget)
+    p.add_argument("--max_partition_bytes", type=byte_size, default=Config.budget,
+                   help="partition budget, bytes or 32MiB")
     p.add_argument("--separate", action="store_true", help="the paper's separate ops, not fused")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out", help="also write the results as JSON lines to this file; with --sweep "
@@ -50,12 +60,16 @@ def parse(argv=None) -> Config:
     p.add_argument("--gpu-scale", dest="gpu_scale", action="store_true",
                    help="with --sweep: sides 4096,8192,16384,32768")
     p.add_argument("--configs", help=f"with --sweep: comma-separated subset of {','.join(CONFIGS)}")
-    p.add_argument("--profile", action="store_true", help="break one Big-Layers step down by category")
+    p.add_argument("--profile", action="store_true",
+                   help="also print the breakdown of one Big-Layers step by category")
+    p.add_argument("--prefetch", type=_prefetch, default=1,
+                   help="partitions in flight beside the current one (default 1; none = unbounded)")
     a = p.parse_args(argv)
     if a.sweep:
         return _sweep_config(a)
-    return Config(a.depth, tuple(QUICK if a.quick else FULL), a.max_partition_bytes,
-                  not a.separate, a.reps, a.out, a.profile)
+    shapes = a.shapes or (QUICK if a.quick else FULL)
+    return Config(a.depth, tuple(shapes), a.max_partition_bytes,
+                  not a.separate, a.reps, a.out, a.profile, a.prefetch)
 
 
 def _sweep_config(a) -> tuple[SweepConfig, str]:
@@ -76,22 +90,37 @@ def main(argv=None) -> None:
         points = run_sweep(sweep)
         print(write_sweep(points, out, f"ResNet-{sweep.depth}, {jax.devices()[0].platform}"), end="")
         return
-    print(f"{'input':>18} {'budget':>12} {'conv parts':>10} {'big s':>8} {'jit s':>8} {'ratio':>6}"
-          f" {'big peak MB':>11} {'peak MB':>8}")
+    print(f"{'input':>14} {'budget':>11} {'parts':>5} {'big s':>7} {'jit s':>7} {'ratio':>6} "
+          f"{'h2d MiB':>8} {'d2h MiB':>8} {'GB/s':>6} {'floor s':>7} {'orch.':>6} {'peak MB':>8}")
     for shape in cfg.shapes:
         t = benchmark_step(cfg.depth, shape, cfg.budget, fused=cfg.fused, reps=cfg.reps,
-                           profile=cfg.profile)
-        print(f"{'x'.join(map(str, shape)):>18} {t.budget:>12,} {t.conv_partitions:>10} "
-              f"{t.big_s:>8.2f} {t.plain_s:>8.2f} {t.ratio:>6.2f} {_mb(t.big_peak_bytes):>11} "
-              f"{_mb(t.peak_bytes):>8}", flush=True)
+                           prefetch=cfg.prefetch)
         m = {k: v / 2**20 for k, v in t.traffic.items() if k.endswith(("h2d", "d2h"))}
-        print(f"    moved MiB: fwd h2d {m['fwd_h2d']:.0f} d2h {m['fwd_d2h']:.0f}, bwd h2d "
-              f"{m['bwd_h2d']:.0f} d2h {m['bwd_d2h']:.0f}; {t.moved_bytes / t.big_s / 1e9:.2f} GB/s")
-        for category, seconds in sorted((t.profile or {}).items(), key=lambda kv: -kv[1]):
-            print(f"    {category:<36} {seconds:8.3f} s")
+        print(f"{'x'.join(map(str, shape)):>14} {t.budget:>11,} {t.conv_partitions:>5} "
+              f"{t.big_s:>7.3f} {t.plain_s:>7.3f} {t.ratio:>6.2f} {m['fwd_h2d'] + m['bwd_h2d']:>8.0f} "
+              f"{m['fwd_d2h'] + m['bwd_d2h']:>8.0f} {t.moved_bytes / t.big_s / 1e9:>6.2f} "
+              f"{t.floor_s:>7.3f} {t.orchestration_share:>6.0%} {_mb(t.big_peak_bytes):>8}",
+              flush=True)
+        if cfg.profile:
+            for category, seconds in sorted(t.profile.items(), key=lambda kv: -kv[1]):
+                print(f"    {category:<36} {seconds:8.3f} s")
         if cfg.out:
             with open(cfg.out, "a") as f:
                 f.write(json.dumps(t.as_dict()) + "\n")
+
+
+def _shapes(text: str) -> list[tuple[int, ...]]:
+    try:
+        shapes = [tuple(int(n) for n in s.split("x")) for s in text.split(",")]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(s) != 4 or min(s) < 1 for s in shapes):
+        raise argparse.ArgumentTypeError(f"{text!r}: give NxHxWxC shapes such as 1x1024x1024x3")
+    return shapes
+
+
+def _prefetch(text: str) -> int | None:
+    return None if text == "none" else int(text)
 
 
 def _mb(n) -> str:

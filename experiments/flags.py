@@ -17,7 +17,8 @@ from experiments.presets import Preset
 __all__ = ["training_flags", "apply_flags"]
 
 # flag -> TrainConfig field, OptimizerConfig field, Preset field
-TRAIN_FIELDS = ("encoder", "aggregator", "arch", "big_stages", "max_partition_bytes", "init",
+TRAIN_FIELDS = ("encoder", "aggregator", "arch", "big_stages", "max_partition_bytes", "device_memory",
+                "init",
                 "epochs", "batch_size", "tiles_per_bag", "augment", "seed", "eval_draws", "eval_tiles",
                 "checkpoint_every")
 OPTIM_FIELDS = {"optimizer": "name", "lr": "lr", "weight_decay": "weight_decay",
@@ -34,8 +35,13 @@ def training_flags(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--aggregator", help="MIL aggregator (default abmil)")
     p.add_argument("--arch", help="encoder architecture: resnet18 (default), resnet34, resnet50, "
                                   "a ViT by timm name (vit_base_patch16_224, uni, virchow2, ...)")
-    p.add_argument("--big_stages", type=int, help="ResNet stages run as Big-Layers (big mode)")
-    p.add_argument("--max_partition_bytes", type=int, help="Big-Layers partition budget (big mode)")
+    p.add_argument("--big_stages", type=_int_or_auto,
+                   help="ResNet stages run as Big-Layers (big mode; 0-4, or auto: the fewest that fit "
+                        "the device)")
+    p.add_argument("--max_partition_bytes", type=_bytes_or_auto,
+                   help="Big-Layers partition budget (big mode; bytes such as 256MiB, or auto)")
+    p.add_argument("--device_memory", type=byte_size,
+                   help="device memory auto may plan for (default: the device's limit; needed on a CPU)")
     p.add_argument("--init", help="torchvision/timm ResNet .safetensors (default: random init)")
     p.add_argument("--optimizer", choices=["adam", "adamw", "demon_adam"])
     p.add_argument("--lr", type=float)
@@ -62,6 +68,32 @@ def training_flags(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="processes generating/tiling slides")
     p.add_argument("--no_progress", action="store_true")
     return p
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "k": 2**10, "m": 2**20, "g": 2**30}
+
+
+def byte_size(text: str) -> int:
+    """``268435456``, ``256MiB``, ``8GiB``, ``1.5GB`` -> bytes."""
+    number = text.rstrip("BbKkMmGgIi")
+    unit = text[len(number):].lower()
+    try:
+        value = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size in bytes (e.g. 268435456, 256MiB, "
+                                         "8GiB)") from None
+    return int(value)
+
+
+def _int_or_auto(text: str):
+    if text == "auto" or text.isdigit():
+        return text if text == "auto" else int(text)
+    raise argparse.ArgumentTypeError(f"{text!r}: give a number of stages (0-4) or auto")
+
+
+def _bytes_or_auto(text: str):
+    return text if text == "auto" else byte_size(text)
 
 
 def apply_flags(preset: Preset, args: argparse.Namespace) -> Preset:

@@ -17,7 +17,7 @@ import jax
 
 from bigjax.layers.execution import Execution
 
-__all__ = ["Stopwatch", "profile_step", "CATEGORIES"]
+__all__ = ["Stopwatch", "profile_step", "CATEGORIES", "KERNELS"]
 
 CATEGORIES = {
     "to_compute": "host->device copies",
@@ -33,6 +33,9 @@ CATEGORIES = {
     "host_backward": "host ops (bwd)",
 }
 REMAINDER = "autodiff, Python"
+# categories that are compute (the rest of a step is orchestration: copies, slicing, Python)
+KERNELS = ("conv kernels (fwd)", "conv kernels (bwd)", "batch-norm kernels", "host ops (fwd)",
+           "host ops (bwd)")
 
 
 class Stopwatch:

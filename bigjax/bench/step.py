@@ -1,7 +1,8 @@
 """Time one training step (forward + backward) of a Big ResNet against the jitted in-memory twin.
 
 Both run in one process on the same input, so the ratio is meaningful on a shared, noisy machine;
-absolute seconds are not. The Big ResNet's step runs eagerly (partition loops in Python, per-partition
+absolute seconds are not. On a CPU-only machine the timed Big step keeps its activations on the
+compute device (a CPU user's setting); its bytes are counted across two CPU devices (``_executions``). The Big ResNet's step runs eagerly (partition loops in Python, per-partition
 kernels jitted); the twin's whole step is one ``nnx.jit`` function.
 """
 
@@ -16,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bigjax.bench.profile import profile_step
+from bigjax.bench.bandwidth import copy_bandwidth
+from bigjax.bench.profile import KERNELS, profile_step
 from bigjax.bench.traffic import step_traffic
 from bigjax.layers.execution import Execution
 from bigjax.models.resnet import BigResNet, in_memory_twin
@@ -39,6 +41,7 @@ class StepTiming:
     peak_bytes: int | None  # peak after both (the twin's, where it is larger)
     profile: dict | None = None  # seconds per category of one blocking Big-Layers step
     traffic: dict | None = None  # bytes each way, forward and backward, of one step (``traffic``)
+    bandwidth: dict | None = None  # measured copy bytes/s, {"h2d", "d2h"} (``bandwidth``)
 
     @property
     def ratio(self) -> float:
@@ -50,8 +53,25 @@ class StepTiming:
         t = self.traffic or {}
         return sum(t.get(k, 0) for k in ("fwd_h2d", "fwd_d2h", "bwd_h2d", "bwd_d2h"))
 
+    @property
+    def floor_s(self) -> float | None:
+        """Seconds the step's bytes take at the measured bandwidth: the bus-bound floor."""
+        if not self.bandwidth or not self.traffic:
+            return None
+        t, b = self.traffic, self.bandwidth
+        return ((t["fwd_h2d"] + t["bwd_h2d"]) / b["h2d"] + (t["fwd_d2h"] + t["bwd_d2h"]) / b["d2h"])
+
+    @property
+    def orchestration_share(self) -> float | None:
+        """Share of the profiled step that is not kernels: copies, slicing, autodiff and Python."""
+        if not self.profile:
+            return None
+        kernels = sum(self.profile.get(c, 0.0) for c in KERNELS)
+        return 1 - kernels / self.profile["total (blocking)"]
+
     def as_dict(self) -> dict:
         return {**asdict(self), "ratio": self.ratio, "moved_bytes": self.moved_bytes,
+                "floor_s": self.floor_s, "orchestration_share": self.orchestration_share,
                 "device": str(Execution().compute)}
 
 
@@ -77,7 +97,7 @@ def _median_seconds(step, reps: int) -> float:
 
 
 def benchmark_step(depth: int, shape: tuple, budget: int, *, fused: bool = True, reps: int = 3,
-                   seed: int = 0, profile: bool = False, prefetch: int | None = 1
+                   seed: int = 0, profile: bool = True, prefetch: int | None = 1
                    ) -> StepTiming:
     """Median step time of ``BigResNet(depth, big_stages=4)`` and its jitted twin on one input.
 
@@ -87,14 +107,15 @@ def benchmark_step(depth: int, shape: tuple, budget: int, *, fused: bool = True,
       budget: ``max_partition_bytes`` of the big layers.
       fused: the fused Big-Layers path (else the paper's separate ops).
       reps: timed steps after one warm-up step, each.
-      profile: also profile one Big-Layers step (``profile.profile_step``) into ``.profile``.
+      profile: also profile one Big-Layers step (``profile.profile_step``) into ``.profile`` (the
+        orchestration share).
       prefetch: the engine's in-flight partitions (``Execution.prefetch``).
     """
     x = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
     big = BigResNet(depth, big_stages=4, fused=fused, rngs=nnx.Rngs(seed))
     twin = in_memory_twin(big)
     weights = jnp.ones((shape[0], big.embed_dim)) / big.embed_dim
-    ex = Execution(budget, prefetch=prefetch)
+    bus, ex = _executions(budget, prefetch)
 
     def loss(model, x, execution=None):
         kwargs = {} if execution is None else {"execution": execution}
@@ -102,17 +123,33 @@ def benchmark_step(depth: int, shape: tuple, budget: int, *, fused: bool = True,
 
     big_grad = nnx.value_and_grad(loss)
     plain_step = nnx.jit(nnx.value_and_grad(loss))
-    x_host, x_device = ex.to_host(x), ex.to_compute(x)
+    x_on = {e.host: e.to_host(x) for e in (bus, ex)}
+    x_device = ex.to_compute(x)
     counter = PartitionCounter()
-    big(x_host, train=False, execution=ex.replace(observer=counter))
-    big_step = lambda execution: big_grad(big, x_host, execution)  # noqa: E731
+    big(x_on[ex.host], train=False, execution=ex.replace(observer=counter))
+    big_step = lambda e: big_grad(big, x_on[e.host], e)  # noqa: E731
     big_s = _median_seconds(lambda: big_step(ex), reps)
     big_peak = _peak_bytes(ex)
     breakdown = profile_step(big_step, ex) if profile else None
-    traffic = step_traffic(lambda e: big(x_host, train=True, execution=e), big_step, ex)
+    traffic = step_traffic(lambda e: big(x_on[e.host], train=True, execution=e), big_step, bus)
     plain_s = _median_seconds(lambda: plain_step(twin, x_device), reps)
+    bw = copy_bandwidth(bus)
     return StepTiming(depth, tuple(shape), budget, fused, counter.conv_partitions, big_s, plain_s,
-                      big_peak, _peak_bytes(ex), breakdown, traffic)
+                      big_peak, _peak_bytes(ex), breakdown, traffic, {"h2d": bw.h2d, "d2h": bw.d2h})
+
+
+def _executions(budget, prefetch) -> tuple[Execution, Execution]:
+    """The engine whose copies are counted (host memory on a distinct device) and the one timed.
+
+    On an accelerator they are the same. On a CPU-only machine the timed engine keeps activations on
+    the compute device itself, as a CPU user's run does (JAX has one CPU device by default): copies
+    between two virtual CPU devices are memcpys no real deployment makes. Bytes are counted (and
+    bandwidth measured) across two CPU devices, so that they are not all zero.
+    """
+    bus = Execution(budget, prefetch=prefetch)
+    if bus.compute.platform != "cpu":
+        return bus, bus
+    return bus, bus.replace(host=bus.compute)
 
 
 def _peak_bytes(ex: Execution) -> int | None:

@@ -152,8 +152,14 @@ class Execution:
         return device != self.host and (device.platform != "cpu" if staging is None else staging)
 
     def to_compute(self, x) -> jax.Array:
-        """Send ``x`` (a partition, a parameter) to the compute device."""
-        return self.call("to_compute", jax.device_put, x, self.compute)
+        """Send ``x`` (a partition, a parameter) to the compute device (a no-op where it is)."""
+        return self.call("to_compute", self._to_compute, x)
+
+    def _to_compute(self, x):
+        if (isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+                and x.devices() == {self.compute} and not _pinned(x)):
+            return x
+        return jax.device_put(x, self.compute)
 
     def to_device_of(self, x, like) -> jax.Array:
         """Put ``x`` where ``like`` lives (numpy counts as the compute device), e.g. a cotangent."""

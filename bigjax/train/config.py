@@ -14,6 +14,7 @@ from bigjax.layers.execution import DEFAULT_PARTITION_BYTES
 from bigjax.train.optim import OptimizerConfig
 
 TASKS = {"panda": 6, "camelyon": 2}  # task -> number of classes
+AUTO = "auto"  # big_stages / max_partition_bytes chosen to fit the device
 SELECT_METRIC = {"panda": "qwk", "camelyon": "auc"}  # validation metric that picks the best checkpoint
 
 # the paper's PANDA optimiser: Adam, lr 1e-4 with L2 1e-4, cosine, batch 2 x accumulation 16
@@ -35,7 +36,10 @@ class TrainConfig:
       arch: the encoder architecture (``bigjax.models.arch.names()``: resnet18|34|50, ViTs by timm
         name such as vit_base_patch16_224, pathology foundation models such as uni).
       big_stages, max_partition_bytes: what runs as Big-Layers and their partition budget (modes that
-        stream only).
+        stream only); "auto": the fewest big stages and the largest budget predicted to fit the
+        device (``bigjax.models.resnet_fit``; ResNets).
+      device_memory: bytes of device memory ``auto`` may plan for (default: the device's own limit;
+        a CPU has none, so there it must be given).
       init: torchvision/timm ResNet safetensors file; None = random init (a warning says so).
       optim: the optimiser, its schedule and gradient accumulation (``OptimizerConfig``).
       epochs: passes over the training slides (one bag per slide per epoch).
@@ -60,8 +64,9 @@ class TrainConfig:
     encoder: str = "big"
     aggregator: str = "abmil"
     arch: str = "resnet18"
-    big_stages: int = 4
-    max_partition_bytes: int = DEFAULT_PARTITION_BYTES
+    big_stages: int | str = 4
+    max_partition_bytes: int | str = DEFAULT_PARTITION_BYTES
+    device_memory: int | None = None
     init: str | None = None
     optim: OptimizerConfig = PAPER_OPTIMIZER
     epochs: int = 20
@@ -78,6 +83,11 @@ class TrainConfig:
     log_every: int = 10
     progress: bool = True
 
+    @property
+    def auto_fit(self) -> bool:
+        """Whether big stages or budget are chosen to fit the device (``auto``)."""
+        return AUTO in (self.big_stages, self.max_partition_bytes)
+
     def __post_init__(self):
         """Refuse a bad setting before any work, naming it (the CLIs' flags have the same names)."""
         from bigjax.models import arch
@@ -87,12 +97,20 @@ class TrainConfig:
         _choose("aggregator", self.aggregator, AGGREGATORS)
         _choose("arch", self.arch, arch.names())
         for name in ("epochs", "batch_size", "tiles_per_bag", "val_draws", "embed_chunk",
-                     "log_every", "max_partition_bytes"):
+                     "log_every"):
             _at_least(name, getattr(self, name), 1)
         for name in ("seed", "val_tiles", "eval_draws", "eval_tiles", "checkpoint_every"):
             _at_least(name, getattr(self, name), 0)
-        if not 0 <= self.big_stages <= 4:
-            raise ValueError(f"--big_stages={self.big_stages}: must be in 0..4")
+        if self.max_partition_bytes != AUTO:
+            _at_least("max_partition_bytes", self.max_partition_bytes, 1)
+        if self.device_memory is not None:
+            _at_least("device_memory", self.device_memory, 1)
+        if self.big_stages != AUTO and (not isinstance(self.big_stages, int)
+                                        or not 0 <= self.big_stages <= 4):
+            raise ValueError(f"--big_stages={self.big_stages}: must be in 0..4 or auto")
+        if AUTO in (self.big_stages, self.max_partition_bytes) and not self.arch.startswith("resnet"):
+            raise ValueError(f"--big_stages/--max_partition_bytes=auto: planned for ResNets only, "
+                             f"not --arch={self.arch}")
 
     @property
     def n_classes(self) -> int:

@@ -30,7 +30,8 @@ from flax import nnx
 from bigjax.data.augment import augment_bag
 from bigjax.data.bags import Bag
 from bigjax.layers.execution import Execution
-from bigjax.models import arch
+from bigjax.data.tiling import stored_tiling
+from bigjax.models import arch, resnet_fit
 from bigjax.train import features, steps
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ __all__ = ["EncoderMode", "register", "names", "get", "get_class", "STREAMING_SE
 _MODES: dict[str, type["EncoderMode"]] = {}
 _ELSEWHERE = ("bigjax.parallel.mode",)  # modules that register more modes
 # config fields only the modes that stream through Big-Layers read
-STREAMING_SETTINGS = ("big_stages", "max_partition_bytes")
+STREAMING_SETTINGS = ("big_stages", "max_partition_bytes", "device_memory")
 
 
 def register(name: str):
@@ -96,6 +97,7 @@ class EncoderMode:
     def __init__(self, config, workdir: Path):
         self.config, self.workdir = config, Path(workdir)
         self.mean, self.std = arch.normalization(config.arch)
+        self.big_stages = config.big_stages
 
     @property
     def eval_forward(self):
@@ -105,7 +107,7 @@ class EncoderMode:
     def build_encoder(self, rngs: nnx.Rngs) -> nnx.Module:
         """The encoder (an NNX module with ``embed_dim``), from ``config.init`` or a random init."""
         c = self.config
-        encoder = arch.build(c.arch, big=self.streams, big_stages=c.big_stages, rngs=rngs)
+        encoder = arch.build(c.arch, big=self.streams, big_stages=self.big_stages, rngs=rngs)
         if c.init:
             arch.load(encoder, c.arch, c.init)
             log.info("encoder %s initialised from %s", c.arch, c.init)
@@ -151,25 +153,60 @@ def augmented_tiles(batch: list[Bag]) -> np.ndarray:
 
 @register("big")
 class Big(EncoderMode):
-    """The Big ResNet trained end to end: eager gradients through Big-Layers, jitted update."""
+    """The Big ResNet trained end to end: eager gradients through Big-Layers, jitted update.
+
+    With ``big_stages``/``max_partition_bytes`` "auto" the mode first predicts what fits the device
+    (``resnet_fit.choose_big_stages``, logged); when the whole step fits it trains in memory, jitted.
+    """
 
     settings = STREAMING_SETTINGS
     streams = True
 
     def __init__(self, config, workdir: Path):
         super().__init__(config, workdir)
-        self.execution = Execution(config.max_partition_bytes)
+        budget = config.max_partition_bytes
+        if config.auto_fit:
+            fit = _fit_device(config)
+            self.big_stages, budget, self.streams = fit.big_stages, fit.budget, fit.big_stages is not None
+        self.execution = Execution(budget) if self.streams else None
 
     def inputs(self, model, batch: list[Bag]):
         """Normalised tiles in host memory (numpy): the Big-Layers stream them to the device."""
+        if not self.streams:
+            return super().inputs(model, batch)
         return features.normalize_host(augmented_tiles(batch), self.mean, self.std)
 
     def step(self, model, optimizer, inputs, labels) -> jax.Array:
+        if not self.streams:
+            return super().step(model, optimizer, inputs, labels)
         return steps.eager_step(model, optimizer, self._loss, inputs, labels)
 
     def _loss(self, model, inputs, labels):
         encode = lambda x: model.encoder(x, train=True, execution=self.execution)  # noqa: E731
         return steps.batch_loss(model, steps.bag_features(encode, inputs), labels)
+
+
+def _fit_device(config) -> "resnet_fit.Fit":
+    """Big stages and budget for a step of ``batch_size`` x ``tiles_per_bag`` tiles of the store."""
+    tiling = stored_tiling(config.store)
+    if tiling is None:
+        raise ValueError(f"--big_stages/--max_partition_bytes=auto: store {config.store} has no "
+                         "tiles yet, so the step's input size is unknown")
+    t = tiling["tile_size"]
+    shape = (config.batch_size * config.tiles_per_bag, t, t, 3)
+    device = jax.devices()[0]
+    limit = config.device_memory or resnet_fit.device_limit(device)
+    if limit is None:
+        raise ValueError(f"--big_stages/--max_partition_bytes=auto: the {device.platform} device "
+                         "reports no memory limit; give --device_memory (e.g. --device_memory=8GiB)")
+    fixed = {k: getattr(config, v) for k, v in (("big_stages", "big_stages"),
+                                                ("budget", "max_partition_bytes"))
+             if getattr(config, v) != "auto"}
+    fit = resnet_fit.choose_big_stages(arch.build(config.arch, big=False, rngs=nnx.Rngs(0)),
+                                       shape, limit, **fixed)
+    log.info("auto fit for %s steps of %s tiles: %s", config.arch, "x".join(map(str, shape)),
+             fit.reason)
+    return fit
 
 
 @register("inmemory")

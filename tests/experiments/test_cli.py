@@ -52,7 +52,17 @@ def test_unknown_encoder_is_rejected():
         panda.parse_flags(["--encoder=huge"])
 
 
-@pytest.mark.parametrize("flag", ["--max_partition_bytes=1000000", "--big_stages=1"])
+def test_auto_and_byte_sizes_are_read_from_the_flags():
+    config = panda.config_from_flags(panda.parse_flags(
+        ["--big_stages=auto", "--max_partition_bytes=64MiB", "--device_memory=8GiB"])).train
+    assert (config.big_stages, config.max_partition_bytes, config.device_memory) == (
+        "auto", 64 * 2**20, 8 * 2**30)
+    with pytest.raises(SystemExit):
+        panda.parse_flags(["--max_partition_bytes=lots"])
+
+
+@pytest.mark.parametrize("flag", ["--max_partition_bytes=1000000", "--big_stages=1",
+                                  "--device_memory=8GiB"])
 def test_a_streaming_flag_with_a_mode_that_does_not_stream_is_refused(flag):
     with pytest.raises(ValueError, match=rf"{flag.split('=')[0]} has no effect with --encoder=frozen"):
         panda.config_from_flags(panda.parse_flags(["--encoder=frozen", flag]))

@@ -193,3 +193,42 @@ def test_load_torchvision_names_the_bad_key():
         load_torchvision(model, {k: v for k, v in good.items() if k != "layer1.0.bn1.running_mean"})
     with pytest.raises(ValueError, match="conv1.weight"):
         load_torchvision(model, {**good, "conv1.weight": np.zeros((64, 3, 3, 3), np.float32)})
+
+
+def test_a_big_resnet_step_reads_nothing_back_before_the_loss(monkeypatch):
+    """No blocking device->host read in a whole training step: every np.asarray of a device array,
+    jax.device_get and block_until_ready is counted; only the window's waits (a wait for the device,
+    not a read) may block, and they go through the ``wait`` event."""
+    from jax._src.array import ArrayImpl
+
+    counts = {"read": 0, "block": 0}
+    inside_wait = [False]
+
+    def counted(kind, fn):
+        def wrapper(*args, **kwargs):
+            counts[kind] += not inside_wait[0]
+            return fn(*args, **kwargs)
+        return wrapper
+
+    def observer(event, fn, *args, **kwargs):
+        inside_wait[0] = event == "wait"
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            inside_wait[0] = False
+
+    model = BigResNet(18, big_stages=2, rngs=nnx.Rngs(0))
+    x = np.random.default_rng(0).normal(size=(1, 131, 97, 3)).astype(np.float32)
+    ex = Execution(1_500_000, prefetch=1, observer=observer)  # the stem in row bands
+    def loss(m, x):
+        e = m(x, train=True, execution=ex)
+        return jnp.sum(e * e)
+
+    nnx.value_and_grad(loss)(model, x)  # compile outside the count
+    monkeypatch.setattr(ArrayImpl, "__array__", counted("read", ArrayImpl.__array__))
+    monkeypatch.setattr(jax, "device_get", counted("read", jax.device_get))
+    monkeypatch.setattr(jax, "block_until_ready", counted("block", jax.block_until_ready))
+    value, grads = nnx.value_and_grad(loss)(model, x)
+    assert counts == {"read": 0, "block": 0}
+    monkeypatch.undo()
+    assert np.isfinite(float(value))

@@ -15,7 +15,10 @@ def _config(**fields):
 @pytest.mark.parametrize("fields,message", [
     (dict(aggregator="bogus"), r"--aggregator=bogus: choose one of abmil"),
     (dict(seed=-1), r"--seed=-1: must be an integer >= 0"),
-    (dict(big_stages=5), r"--big_stages=5: must be in 0..4"),
+    (dict(big_stages=5), r"--big_stages=5: must be in 0..4 or auto"),
+    (dict(big_stages="all"), r"--big_stages=all: must be in 0..4 or auto"),
+    (dict(max_partition_bytes="auto", arch="vit_small_patch16_224"), r"ResNets only, not --arch=vit"),
+    (dict(device_memory=0), r"--device_memory=0: must be an integer >= 1"),
     (dict(batch_size=0), r"--batch_size=0: must be an integer >= 1"),
     (dict(arch="resnet20"), r"--arch=resnet20: choose one of resnet18, resnet34, resnet50, vit_"),
 ])

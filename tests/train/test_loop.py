@@ -151,3 +151,17 @@ def test_resume_with_other_settings_is_refused(uninterrupted):
     config, _ = uninterrupted
     with pytest.raises(ValueError, match=r"batch_size: 1 \(was 2\)"):
         train(dataclasses.replace(config, batch_size=1), resume=True)
+
+
+def test_all_tiles_metrics_carry_a_bootstrap_interval_over_slides():
+    from bigjax.train.evaluate import ProtocolResult, _result
+
+    labels = np.array([0, 1, 2, 3, 4, 5, 0, 1, 2, 3])
+    probs = np.eye(6)[[0, 1, 2, 3, 4, 5, 1, 1, 2, 5]][None]  # 8 of 10 right
+    r = _result("test", "all tiles", "panda", labels, probs)
+    low, high = r.ci("accuracy")
+    assert low < 0.8 < high <= 1.0 and low >= 0.4
+    assert "test accuracy 0.80 [95% CI" in r.lines()[1]
+    assert r.to_json()["accuracy_ci95"] == (low, high)
+    draws = ProtocolResult("test", "2 draws", {"qwk": [0.5, 0.6]}, labels, np.concatenate([probs] * 2))
+    assert draws.ci("qwk") is None  # repeated draws report their spread

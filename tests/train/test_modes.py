@@ -70,3 +70,18 @@ def test_a_vit_encoder_runs_through_the_modes(store, tmp_path, mode):
     results = train(config)
     assert "test QWK" in "\n".join(results["lines"])
     assert modes.get(config, tmp_path).mean == (0.5, 0.5, 0.5)  # timm's augreg ViTs: inception
+
+
+def test_big_auto_trains_in_memory_when_the_whole_step_fits(store, tmp_path, caplog):
+    config = tiny(store, tmp_path, encoder="big", big_stages="auto", max_partition_bytes="auto",
+                  device_memory=2**40, epochs=1)
+    with caplog.at_level("INFO", logger="bigjax.train.modes"):
+        mode = modes.get(config, tmp_path)
+    assert not mode.streams and mode.execution is None
+    assert "auto fit for resnet18 steps of 8x16x16x3 tiles: all in memory" in caplog.text
+    assert "test QWK" in "\n".join(train(config)["lines"])
+
+
+def test_big_auto_on_a_cpu_asks_for_the_device_memory(store, tmp_path):
+    with pytest.raises(ValueError, match="reports no memory limit; give --device_memory"):
+        modes.get(tiny(store, tmp_path, encoder="big", big_stages="auto"), tmp_path)
