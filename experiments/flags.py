@@ -17,7 +17,7 @@ from experiments.presets import Preset
 __all__ = ["training_flags", "apply_flags"]
 
 # flag -> TrainConfig field, OptimizerConfig field, Preset field
-TRAIN_FIELDS = ("encoder", "aggregator", "arch", "big_stages", "max_partition_bytes", "init",
+TRAIN_FIELDS = ("encoder", "aggregator", "arch", "compute_dtype", "big_stages", "max_partition_bytes", "init",
                 "epochs", "batch_size", "tiles_per_bag", "augment", "seed", "eval_draws", "eval_tiles",
                 "checkpoint_every")
 OPTIM_FIELDS = {"optimizer": "name", "lr": "lr", "weight_decay": "weight_decay",
@@ -34,6 +34,8 @@ def training_flags(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--aggregator", help="MIL aggregator (default abmil)")
     p.add_argument("--arch", help="encoder architecture: resnet18 (default), resnet34, resnet50, "
                                   "a ViT by timm name (vit_base_patch16_224, uni, virchow2, ...)")
+    p.add_argument("--compute_dtype", choices=["float32", "bfloat16"],
+                   help="ViT matmul dtype: bfloat16 = mixed precision, float32 parameters")
     p.add_argument("--big_stages", type=int, help="ResNet stages run as Big-Layers (big mode)")
     p.add_argument("--max_partition_bytes", type=int, help="Big-Layers partition budget (big mode)")
     p.add_argument("--init", help="torchvision/timm ResNet .safetensors (default: random init)")

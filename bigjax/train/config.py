@@ -34,6 +34,8 @@ class TrainConfig:
       aggregator: a name of ``bigjax.models.mil.AGGREGATORS``.
       arch: the encoder architecture (``bigjax.models.arch.names()``: resnet18|34|50, ViTs by timm
         name such as vit_base_patch16_224, pathology foundation models such as uni).
+      compute_dtype: the ViT encoder's matmul dtype: "bfloat16" is mixed precision as torch AMP
+        (parameters, optimiser state, residual stream, LayerNorms and softmax stay float32).
       big_stages, max_partition_bytes: what runs as Big-Layers and their partition budget (modes that
         stream only).
       init: torchvision/timm ResNet safetensors file; None = random init (a warning says so).
@@ -60,6 +62,7 @@ class TrainConfig:
     encoder: str = "big"
     aggregator: str = "abmil"
     arch: str = "resnet18"
+    compute_dtype: str = "float32"
     big_stages: int = 4
     max_partition_bytes: int = DEFAULT_PARTITION_BYTES
     init: str | None = None
@@ -86,6 +89,10 @@ class TrainConfig:
         _choose("task", self.task, TASKS)
         _choose("aggregator", self.aggregator, AGGREGATORS)
         _choose("arch", self.arch, arch.names())
+        _choose("compute_dtype", self.compute_dtype, arch.DTYPES)
+        if self.compute_dtype != "float32" and arch.is_resnet(self.arch):
+            raise ValueError(f"--compute_dtype={self.compute_dtype}: only ViT encoders have a "
+                             f"bfloat16 path, not --arch={self.arch}")
         for name in ("epochs", "batch_size", "tiles_per_bag", "val_draws", "embed_chunk",
                      "log_every", "max_partition_bytes"):
             _at_least(name, getattr(self, name), 1)

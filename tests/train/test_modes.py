@@ -70,3 +70,14 @@ def test_a_vit_encoder_runs_through_the_modes(store, tmp_path, mode):
     results = train(config)
     assert "test QWK" in "\n".join(results["lines"])
     assert modes.get(config, tmp_path).mean == (0.5, 0.5, 0.5)  # timm's augreg ViTs: inception
+
+
+def test_compute_dtype_gives_a_mixed_precision_vit_and_is_refused_for_a_resnet(tmp_path):
+    from bigjax.train.config import TrainConfig
+    config = TrainConfig(workdir=str(tmp_path), store=str(tmp_path), encoder="inmemory",
+                         arch="vit_small_patch16", compute_dtype="bfloat16")
+    encoder = nnx.eval_shape(lambda: modes.get(config, tmp_path).build_encoder(nnx.Rngs(0)))
+    assert encoder.config.dtype == "bfloat16"
+    assert encoder.blocks[0].attn.qkv.kernel.dtype == jnp.float32  # parameters stay float32
+    with pytest.raises(ValueError, match="--compute_dtype=bfloat16: only ViT encoders .* --arch=resnet18"):
+        TrainConfig(workdir=str(tmp_path), store=str(tmp_path), compute_dtype="bfloat16")
