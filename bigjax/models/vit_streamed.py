@@ -171,12 +171,13 @@ _token_stage.defvjp(_token_stage_fwd, _token_stage_bwd)
 def token_bytes(kind: str, config: ViTConfig, itemsize: int = 4) -> int:
     """Estimated device bytes of one token in a token-wise stage's backward kernel (the larger pass).
 
-    "qkv": the input, its norm, q, k, v and their cotangents; "out": the input, o, the projection,
-    the second norm, the MLP's hidden activations, the output and their cotangents — each doubled for
-    the pullback's residuals, as ``vit_big.tile_bytes`` counts a whole block.
+    "qkv": the input, its norm, q, k, v and their cotangents, with XLA's copies of the head layout
+    (24 D floats: XLA:CPU's compiled ViT-B kernel grows by 74 KB a token, this says 74 KB); "out": the
+    input, o, the projection, the second norm, the MLP's hidden activations, the output and their
+    cotangents, doubled for the pullback's residuals (measured 100 KB a token, this says 123 KB).
     """
     d, hidden = config.embed_dim, int(config.embed_dim * config.mlp_ratio)
-    floats = 2 * 2 * (2 * d + 3 * d) if kind == "qkv" else 2 * (8 * d + 3 * hidden)
+    floats = 24 * d if kind == "qkv" else 2 * (8 * d + 3 * hidden)
     return floats * itemsize
 
 

@@ -48,11 +48,11 @@ def test_streamed_attention_vit_equals_in_memory_vit_with_gradients():
     big = vit_big.build_big("vit_base_patch16_224", **dict(TINY, depth=1), attention="streamed",
                             rngs=nnx.Rngs(5))
     twin = vit_big.in_memory_twin(big)
-    budget = _budget(big, 5)
+    budget = _budget(big, 7)
     q_shape = (TILES, 3, LENGTH, 4)
     block = attention_block(q_shape, budget)
     assert 1 < block < LENGTH / 2 and LENGTH % block  # several ragged query and key blocks
-    assert len(token_grid(TILES, LENGTH, 5)) == TILES * 7  # token ranges of 5 in each tile
+    assert len(token_grid(TILES, LENGTH, 7)) == TILES * 5  # token ranges of 7 in each tile
     seen, observer = _counting()
     ex = Execution(budget, observer=observer)
     rng = np.random.default_rng(0)
