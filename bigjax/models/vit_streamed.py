@@ -24,6 +24,7 @@ import functools
 from dataclasses import dataclass
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax import lax
@@ -66,7 +67,7 @@ def _backward_kernel(graphdef, kind, heads, acc, state, xs, gs):
     """This partition's input cotangents, and the parameter cotangents added to ``acc``."""
     _, pull = jax.vjp(lambda s, v: _run(kind, heads, nnx.merge(graphdef, s), v), state, xs)
     d_state, dxs = pull(gs)
-    return jax.tree.map(jax.numpy.add, acc, d_state), dxs
+    return jax.tree.map(jnp.add, acc, d_state), dxs
 
 
 @dataclass(frozen=True)
@@ -109,9 +110,9 @@ def _concat_grid(grid, parts, axis):
     for i, (part, y) in enumerate(zip(grid, parts)):
         run.append(y)
         if i + 1 == len(grid) or grid[i + 1][0] != part[0]:
-            chunks.append(run[0] if len(run) == 1 else jax.numpy.concatenate(run, axis=axis))
+            chunks.append(run[0] if len(run) == 1 else jnp.concatenate(run, axis=axis))
             run = []
-    return chunks[0] if len(chunks) == 1 else jax.numpy.concatenate(chunks, axis=0)
+    return chunks[0] if len(chunks) == 1 else jnp.concatenate(chunks, axis=0)
 
 
 def _join(ex: Execution, grid, parts, axis: int):
