@@ -17,8 +17,8 @@ from experiments.presets import Preset
 __all__ = ["training_flags", "apply_flags"]
 
 # flag -> TrainConfig field, OptimizerConfig field, Preset field
-TRAIN_FIELDS = ("encoder", "aggregator", "arch", "big_stages", "max_partition_bytes", "device_memory",
-                "init",
+TRAIN_FIELDS = ("encoder", "aggregator", "arch", "compute_dtype", "big_stages", "max_partition_bytes",
+                "device_memory", "init",
                 "epochs", "batch_size", "tiles_per_bag", "augment", "seed", "eval_draws", "eval_tiles",
                 "checkpoint_every")
 OPTIM_FIELDS = {"optimizer": "name", "lr": "lr", "weight_decay": "weight_decay",
@@ -35,6 +35,8 @@ def training_flags(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--aggregator", help="MIL aggregator (default abmil)")
     p.add_argument("--arch", help="encoder architecture: resnet18 (default), resnet34, resnet50, "
                                   "a ViT by timm name (vit_base_patch16_224, uni, virchow2, ...)")
+    p.add_argument("--compute_dtype", choices=["float32", "bfloat16"],
+                   help="ViT matmul dtype: bfloat16 = mixed precision, float32 parameters")
     p.add_argument("--big_stages", type=_int_or_auto,
                    help="ResNet stages run as Big-Layers (big mode; 0-4, or auto: the fewest that fit "
                         "the device)")

@@ -31,11 +31,16 @@ CATEGORIES = {
     "batch_norm": "batch-norm kernels",
     "host_forward": "host ops (fwd)",
     "host_backward": "host ops (bwd)",
+    "attention_forward": "attention kernels (fwd)",
+    "attention_backward": "attention kernels (bwd)",
+    "vit_forward": "ViT kernels (fwd)",
+    "vit_backward": "ViT kernels (bwd)",
 }
 REMAINDER = "autodiff, Python"
 # categories that are compute (the rest of a step is orchestration: copies, slicing, Python)
 KERNELS = ("conv kernels (fwd)", "conv kernels (bwd)", "batch-norm kernels", "host ops (fwd)",
-           "host ops (bwd)")
+           "host ops (bwd)", "attention kernels (fwd)", "attention kernels (bwd)", "ViT kernels (fwd)",
+           "ViT kernels (bwd)")
 
 
 class Stopwatch:

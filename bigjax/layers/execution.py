@@ -59,6 +59,10 @@ EVENTS = {
     "batch_norm": "a BatchNorm kernel (moments, affine or their pullbacks) on one partition",
     "host_forward": "a host op's forward (ReLU, add, pooling, folded BatchNorm)",
     "host_backward": "a host op's backward",
+    "attention_forward": "a streamed-attention online-softmax step (one query block, one key block)",
+    "attention_backward": "a recomputed streamed-attention block's gradient step (dk, dv or dq)",
+    "vit_forward": "a ViT stage (embedding, block, head, a streamed block's half) on one partition",
+    "vit_backward": "a recomputed ViT stage's pullback on one partition",
 }
 
 # observer(event, fn, *args, **kwargs) must return fn(*args, **kwargs)

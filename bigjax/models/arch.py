@@ -11,10 +11,11 @@ from flax import nnx
 from bigjax.models import vit, vit_big, vit_configs
 from bigjax.models.resnet import BigResNet, ResNet, load_torchvision
 
-__all__ = ["names", "build", "load", "normalization", "eval_forward", "is_resnet", "IMAGENET"]
+__all__ = ["names", "build", "load", "normalization", "eval_forward", "is_resnet", "IMAGENET", "DTYPES"]
 
 RESNETS = {"resnet18": 18, "resnet34": 34, "resnet50": 50}
 IMAGENET = vit_configs.IMAGENET
+DTYPES = ("float32", "bfloat16")  # a ViT's matmul dtype (ResNets: float32 here)
 
 
 def names() -> tuple[str, ...]:
@@ -31,13 +32,18 @@ def _check(arch: str) -> None:
         raise ValueError(f"--arch={arch}: choose one of {', '.join(names())}")
 
 
-def build(arch: str, *, big: bool, big_stages: int = 4, rngs: nnx.Rngs) -> nnx.Module:
-    """The encoder: in memory, or streamed through Big-Layers (``big``; ResNets: ``big_stages``)."""
+def build(arch: str, *, big: bool, big_stages: int = 4, rngs: nnx.Rngs,
+          dtype: str = "float32") -> nnx.Module:
+    """The encoder: in memory, or streamed through Big-Layers (``big``; ResNets: ``big_stages``);
+    ``dtype``: a ViT's matmul dtype ("bfloat16": mixed precision, parameters float32)."""
     _check(arch)
     if is_resnet(arch):
+        if dtype != "float32":
+            raise ValueError(f"dtype {dtype!r}: the ResNet encoders here compute in float32")
         depth = RESNETS[arch]
         return BigResNet(depth, big_stages=big_stages, rngs=rngs) if big else ResNet(depth, rngs=rngs)
-    return vit_big.build_big(arch, rngs=rngs) if big else vit.build(arch, rngs=rngs)
+    build_vit = vit_big.build_big if big else vit.build
+    return build_vit(arch, rngs=rngs, dtype=dtype)
 
 
 def load(encoder: nnx.Module, arch: str, path: str) -> None:

@@ -13,7 +13,8 @@ along the batch axis, where a block needs no halo because attention mixes tokens
 
 Gradients are those of the in-memory ``ViT`` with the same parameters (summed per partition, so equal up
 to float32 round-off). Partitions hold as many tiles as ``execution.max_partition_bytes`` allows by
-``tile_bytes``' estimate of one tile's device footprint in the backward pass.
+``tile_bytes``' estimate of one tile's device footprint in the backward pass. A block of which not one
+tile fits streams token ranges and attention blocks instead (``vit_streamed``, ``attention=``).
 """
 
 from __future__ import annotations
@@ -29,12 +30,16 @@ from flax import nnx
 from bigjax.layers.bands import take_band
 from bigjax.layers.execution import Execution, ensure_eager, zeros_like
 from bigjax.models.vit import ViT, ViTConfig, config_for, embed_tokens, pool_tokens
+from bigjax.models.vit_streamed import streamed_block
 
-__all__ = ["BigViT", "build_big", "in_memory_twin", "tile_bytes", "VIT_EVENTS"]
+__all__ = ["BigViT", "build_big", "in_memory_twin", "tile_bytes", "VIT_EVENTS", "ATTENTION"]
+
+ATTENTION = ("auto", "plain", "streamed")  # how a BigViT block runs (see BigViT)
 
 VIT_EVENTS = {
-    "vit_forward": "a ViT stage (embedding, block or head) on one partition of tiles",
-    "vit_backward": "a recomputed ViT stage's pullback on one partition of tiles",
+    "vit_forward": "a ViT stage (embedding, block, head or a streamed block's token-wise half) on one "
+                   "partition of tiles or tokens",
+    "vit_backward": "a recomputed ViT stage's pullback on one partition of tiles or tokens",
 }
 
 
@@ -156,30 +161,55 @@ class BigViT(ViT):
     Call ``model(x, train=..., execution=...)`` outside ``jit`` with NHWC float32 tiles (numpy or
     JAX); ``nnx.grad`` works with respect to the parameters and to ``x``. The embedding comes back on
     the execution's compute device; ``execution`` defaults to ``Execution()``.
+
+    ``attention`` says how a block runs: "plain" streams whole tiles through the block; "streamed"
+    takes the block apart and streams token ranges and attention blocks (``vit_streamed``), for
+    sequences of which not one tile fits the budget; "auto" (default) streams a block's attention
+    exactly when one tile of it does not fit ``execution.max_partition_bytes``.
     """
+
+    def __init__(self, config: ViTConfig, *, attention: str = "auto", rngs: nnx.Rngs | None = None):
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
+        super().__init__(config, rngs=rngs)
+        self.attention = attention
 
     def __call__(self, x, *, train: bool = False, execution: Execution | None = None):
         ex = execution or Execution()
         tokens = self._stage("embed", self.embed_parts(), x, ex)
         for block in self.blocks:
-            tokens = self._stage("block", block, tokens, ex)
+            tokens = self._block(block, tokens, ex)
         return ex.to_compute(self._stage("head", self.head_parts(), tokens, ex))
 
-    def _stage(self, kind, parts, x, ex: Execution):
-        graphdef, state = nnx.split(parts)
-        fixed = 3 * _param_bytes(state)  # parameters, their cotangent and its accumulator
+    def _block(self, block, x, ex: Execution):
+        fits = self._tiles(block, "block", x)[0] <= ex.max_partition_bytes
+        if self.attention == "streamed" or (self.attention == "auto" and not fits):
+            return streamed_block(block, self.config, x, ex)
+        return self._stage("block", block, x, ex)
+
+    def _tiles(self, parts, kind, x):
+        """(bytes of one tile's partition with the parameters, of the parameters, of a tile)."""
+        fixed = 3 * _param_bytes(nnx.state(parts))  # parameters, their cotangent and its accumulator
         per_tile = tile_bytes(kind, self.config, x.shape[1:], np.dtype(x.dtype).itemsize)
-        if fixed + per_tile > ex.max_partition_bytes:
+        return fixed + per_tile, fixed, per_tile
+
+    def _stage(self, kind, parts, x, ex: Execution):
+        need, fixed, per_tile = self._tiles(parts, kind, x)
+        if need > ex.max_partition_bytes:
+            hint = "; attention='streamed' streams its tokens" if kind == "block" else ""
             raise ValueError(
                 f"budget {ex.max_partition_bytes:,} B is below one tile of this ViT's {kind} stage "
-                f"(needs {fixed + per_tile:,} B: {fixed:,} B of parameters, {per_tile:,} B per tile)")
+                f"(needs {need:,} B: {fixed:,} B of parameters, {per_tile:,} B per tile{hint})")
         tiles = int(min(x.shape[0], (ex.max_partition_bytes - fixed) // per_tile))
+        graphdef, state = nnx.split(parts)
         return _streamed(_Stage(graphdef, kind, self.config, tiles, ex), state, x)
 
 
-def build_big(name: str, *, rngs: nnx.Rngs | None = None, **overrides) -> BigViT:
-    """``vit.build`` for the streamed model: the same named configs and overrides."""
-    return BigViT(config_for(name, **overrides), rngs=rngs)
+def build_big(name: str, *, attention: str = "auto", rngs: nnx.Rngs | None = None,
+              **overrides) -> BigViT:
+    """``vit.build`` for the streamed model: the same named configs and overrides; ``attention`` as
+    ``BigViT``'s."""
+    return BigViT(config_for(name, **overrides), attention=attention, rngs=rngs)
 
 
 def in_memory_twin(model: ViT) -> ViT:

@@ -35,6 +35,8 @@ class TrainConfig:
       aggregator: a name of ``bigjax.models.mil.AGGREGATORS``.
       arch: the encoder architecture (``bigjax.models.arch.names()``: resnet18|34|50, ViTs by timm
         name such as vit_base_patch16_224, pathology foundation models such as uni).
+      compute_dtype: the ViT encoder's matmul dtype: "bfloat16" is mixed precision as torch AMP
+        (parameters, optimiser state, residual stream, LayerNorms and softmax stay float32).
       big_stages, max_partition_bytes: what runs as Big-Layers and their partition budget (modes that
         stream only); "auto": the fewest big stages and the largest budget predicted to fit the
         device (``bigjax.models.resnet_fit``; ResNets).
@@ -64,6 +66,7 @@ class TrainConfig:
     encoder: str = "big"
     aggregator: str = "abmil"
     arch: str = "resnet18"
+    compute_dtype: str = "float32"
     big_stages: int | str = 4
     max_partition_bytes: int | str = DEFAULT_PARTITION_BYTES
     device_memory: int | None = None
@@ -96,6 +99,10 @@ class TrainConfig:
         _choose("task", self.task, TASKS)
         _choose("aggregator", self.aggregator, AGGREGATORS)
         _choose("arch", self.arch, arch.names())
+        _choose("compute_dtype", self.compute_dtype, arch.DTYPES)
+        if self.compute_dtype != "float32" and arch.is_resnet(self.arch):
+            raise ValueError(f"--compute_dtype={self.compute_dtype}: only ViT encoders have a "
+                             f"bfloat16 path, not --arch={self.arch}")
         for name in ("epochs", "batch_size", "tiles_per_bag", "val_draws", "embed_chunk",
                      "log_every"):
             _at_least(name, getattr(self, name), 1)
@@ -108,7 +115,7 @@ class TrainConfig:
         if self.big_stages != AUTO and (not isinstance(self.big_stages, int)
                                         or not 0 <= self.big_stages <= 4):
             raise ValueError(f"--big_stages={self.big_stages}: must be in 0..4 or auto")
-        if AUTO in (self.big_stages, self.max_partition_bytes) and not self.arch.startswith("resnet"):
+        if self.auto_fit and not arch.is_resnet(self.arch):
             raise ValueError(f"--big_stages/--max_partition_bytes=auto: planned for ResNets only, "
                              f"not --arch={self.arch}")
 

@@ -107,7 +107,8 @@ class EncoderMode:
     def build_encoder(self, rngs: nnx.Rngs) -> nnx.Module:
         """The encoder (an NNX module with ``embed_dim``), from ``config.init`` or a random init."""
         c = self.config
-        encoder = arch.build(c.arch, big=self.streams, big_stages=self.big_stages, rngs=rngs)
+        encoder = arch.build(c.arch, big=self.streams, big_stages=self.big_stages, rngs=rngs,
+                             dtype=c.compute_dtype)
         if c.init:
             arch.load(encoder, c.arch, c.init)
             log.info("encoder %s initialised from %s", c.arch, c.init)

@@ -26,3 +26,10 @@ def test_the_benchmark_prints_every_figure_of_a_configuration(capsys):
     cells = row.split()
     assert cells[0] == "1x48x40x3" and int(cells[2]) >= 20  # every conv of ResNet-18
     assert 0 < float(cells[9]) and 0 <= float(cells[10].rstrip("%")) <= 100
+
+
+def test_the_profiler_knows_every_event():
+    from bigjax.bench.profile import CATEGORIES
+    from bigjax.layers.execution import EVENTS
+
+    assert set(CATEGORIES) == set(EVENTS)

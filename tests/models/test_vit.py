@@ -260,6 +260,29 @@ def test_bfloat16_matmuls_stay_close_to_float32():
     assert 1e-4 < err < 5e-2
 
 
+def test_bfloat16_gradients_stay_close_to_float32():
+    """Mixed precision (bf16 matmuls, float32 parameters) as fine-tuning uses it: the parameter
+    gradients' error against float32, measured here at 0.9% (relative L2 over all parameters) and
+    2.8% (worst leaf, max-abs relative), is bounded at 3% and 10%; float32 parameter gradients."""
+    cfg = dict(TINY, **CASES["dinov2_reg_swiglu"])
+    f32, bf16 = vit.build("vit_base_patch16_224", **cfg), vit.build("vit_base_patch16_224", **cfg,
+                                                                   dtype="bfloat16")
+    weights = _timm_state(f32.config, np.random.default_rng(3))
+    vit.load_timm(f32, weights)
+    vit.load_timm(bf16, weights)
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(3, 12, 20, 3)).astype(np.float32)
+    w = rng.normal(size=(3, f32.embed_dim)).astype(np.float32)
+    grads = [dict(nnx.to_flat_state(nnx.jit(nnx.grad(lambda m, x: (m(x) * w).sum()))(m, x)))
+             for m in (f32, bf16)]
+    want, got = ([np.asarray(g[p][...], np.float64) for p in grads[0]] for g in grads)
+    assert all(np.asarray(g[p][...]).dtype == np.float32 for g in grads for p in g)
+    flat = [np.concatenate([a.ravel() for a in leaves]) for leaves in (want, got)]
+    global_err = np.linalg.norm(flat[1] - flat[0]) / np.linalg.norm(flat[0])
+    worst = max(np.abs(b - a).max() / np.abs(a).max() for a, b in zip(want, got))
+    assert 1e-3 < global_err < 3e-2 and worst < 0.1, (global_err, worst)
+
+
 @pytest.mark.parametrize("name,millions", [
     ("vit_base_patch16_224", 85.8), ("uni2_h", 681),
     pytest.param("virchow2", 632, marks=pytest.mark.slow),

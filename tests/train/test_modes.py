@@ -85,3 +85,14 @@ def test_big_auto_trains_in_memory_when_the_whole_step_fits(store, tmp_path, cap
 def test_big_auto_on_a_cpu_asks_for_the_device_memory(store, tmp_path):
     with pytest.raises(ValueError, match="reports no memory limit; give --device_memory"):
         modes.get(tiny(store, tmp_path, encoder="big", big_stages="auto"), tmp_path)
+
+
+def test_compute_dtype_gives_a_mixed_precision_vit_and_is_refused_for_a_resnet(tmp_path):
+    from bigjax.train.config import TrainConfig
+    config = TrainConfig(workdir=str(tmp_path), store=str(tmp_path), encoder="inmemory",
+                         arch="vit_small_patch16", compute_dtype="bfloat16")
+    encoder = nnx.eval_shape(lambda: modes.get(config, tmp_path).build_encoder(nnx.Rngs(0)))
+    assert encoder.config.dtype == "bfloat16"
+    assert encoder.blocks[0].attn.qkv.kernel.dtype == jnp.float32  # parameters stay float32
+    with pytest.raises(ValueError, match="--compute_dtype=bfloat16: only ViT encoders .* --arch=resnet18"):
+        TrainConfig(workdir=str(tmp_path), store=str(tmp_path), compute_dtype="bfloat16")
