@@ -76,7 +76,8 @@ def main(argv=None) -> None:
     if isinstance(cfg, tuple):
         sweep, out = cfg
         title = f"ResNet-{sweep.depth}, {jax.devices()[0].platform}"
-        print(write_sweep(run_sweep(sweep), out, title), end="")
+        result = run_sweep(sweep, after_side=lambda part: write_sweep(part, out, title))
+        print(write_sweep(result, out, title), end="")
         return
     print(f"{'input':>18} {'budget':>12} {'conv parts':>10} {'big s':>8} {'jit s':>8} {'ratio':>6}"
           f" {'big peak MB':>11} {'peak MB':>8}")

@@ -235,8 +235,12 @@ def _guarded(name, side, done, runs, work):
         done[name] = Point(name, side, "oom", note=note)
 
 
-def run_sweep(cfg: SweepConfig, progress: bool = True) -> Sweep:
-    """Every (configuration, side) point of ``cfg``, smallest sides first, with the loads per side."""
+def run_sweep(cfg: SweepConfig, progress: bool = True,
+              after_side: Callable[[Sweep], None] = lambda sweep: None) -> Sweep:
+    """Every (configuration, side) point of ``cfg``, smallest sides first, with the loads per side.
+
+    ``after_side`` sees the sweep so far after each side (to save partial results of a long run).
+    """
     from tqdm import tqdm
 
     unknown = sorted(set(cfg.configs) - set(CONFIGS))
@@ -250,4 +254,5 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> Sweep:
             side_points, load = measure_side(side, cfg, bar.update)
             points += side_points
             loads.append(load)
+            after_side(Sweep(list(points), list(loads)))
     return Sweep(points, loads)

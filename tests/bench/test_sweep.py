@@ -19,8 +19,10 @@ from bigjax.models.resnet_paths import InMemory
 def _two_point_sweep(tmp_path, configs, compiled_memory):
     cfg = SweepConfig(depth=18, sides=(32, 48), configs=configs, budget=4 * 2**20, warmup=1, reps=2,
                       compiled_memory=compiled_memory)
-    result = run_sweep(cfg, progress=False)
+    seen = []
+    result = run_sweep(cfg, progress=False, after_side=lambda part: seen.append(len(part.points)))
     points = result.points
+    assert seen == [len(configs), 2 * len(configs)]  # partial results after each side
     assert [(p.config, p.side, p.status) for p in points] == [
         (c, s, "ok") for s in (32, 48) for c in configs]
     assert all(p.mean_s > 0 and p.std_s >= 0 for p in points)
