@@ -55,8 +55,9 @@ def parse(argv=None) -> Config:
     p.add_argument("--out", help="also write the results as JSON lines to this file; with --sweep "
                                  "the folder for sweep.md/.json/.png (default runs/sweep)")
     p.add_argument("--sweep", action="store_true", help="time vs input side per configuration")
-    p.add_argument("--sides", help="with --sweep: comma-separated sides (default 256,...,2048; "
-                                   "ResNet-50: 256,...,1024)")
+    p.add_argument("--sides", help="with --sweep: comma-separated sides (default 256,...,2048 in "
+                                   "steps of sqrt(2); ResNet-50: 256,...,1024)")
+    p.add_argument("--warmup", type=int, default=1, help="with --sweep: untimed iterations per point")
     p.add_argument("--gpu-scale", dest="gpu_scale", action="store_true",
                    help="with --sweep: sides 4096,8192,16384,32768")
     p.add_argument("--configs", help=f"with --sweep: comma-separated subset of {','.join(CONFIGS)}")
@@ -78,17 +79,19 @@ def _sweep_config(a) -> tuple[SweepConfig, str]:
     elif a.gpu_scale:
         sides = (4096, 8192, 16384, 32768)
     else:
-        sides = (256, 512, 1024, 2048) if a.depth != 50 else (256, 512, 768, 1024)
+        sides = (256, 512, 724, 1024, 1448, 2048) if a.depth != 50 else (256, 362, 512, 724, 1024)
     configs = tuple(a.configs.split(",")) if a.configs else CONFIGS
-    return SweepConfig(a.depth, sides, configs, a.max_partition_bytes, reps=a.reps), a.out or "runs/sweep"
+    cfg = SweepConfig(a.depth, sides, configs, a.max_partition_bytes, warmup=a.warmup, reps=a.reps)
+    return cfg, a.out or "runs/sweep"
 
 
 def main(argv=None) -> None:
     cfg = parse(argv)
     if isinstance(cfg, tuple):
         sweep, out = cfg
-        points = run_sweep(sweep)
-        print(write_sweep(points, out, f"ResNet-{sweep.depth}, {jax.devices()[0].platform}"), end="")
+        title = f"ResNet-{sweep.depth}, {jax.devices()[0].platform}"
+        result = run_sweep(sweep, after_side=lambda part: write_sweep(part, out, title))
+        print(write_sweep(result, out, title), end="")
         return
     print(f"{'input':>14} {'budget':>11} {'parts':>5} {'big s':>7} {'jit s':>7} {'ratio':>6} "
           f"{'h2d MiB':>8} {'d2h MiB':>8} {'GB/s':>6} {'floor s':>7} {'orch.':>6} {'peak MB':>8}")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from bigjax.bench.fits import PowerLawFit, fit_power_law
-from bigjax.bench.sweep import Point
+from bigjax.bench.sweep import Point, Sweep
 
 __all__ = ["fits_of", "write_sweep"]
 
@@ -23,16 +23,21 @@ def fits_of(points: list[Point]) -> dict[str, PowerLawFit | None]:
     return out
 
 
-def write_sweep(points: list[Point], out: str | Path, title: str) -> str:
-    """Write sweep.json, sweep.md and sweep.png into ``out``; return the Markdown."""
+def write_sweep(sweep: Sweep, out: str | Path, title: str) -> str:
+    """Write sweep.json (points, fits, loads per side), sweep.md and sweep.png into ``out``.
+
+    Returns the Markdown: the table of times and fits, then the load averages per side.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    points = sweep.points
     fits = fits_of(points)
-    text = _markdown(points, fits, title)
+    text = _markdown(points, fits, title) + _loads(sweep.loads)
     (out / "sweep.md").write_text(text)
     (out / "sweep.json").write_text(json.dumps(
         {"points": [dataclasses.asdict(p) for p in points],
-         "fits": {k: (dataclasses.asdict(f) if f else None) for k, f in fits.items()}}, indent=1))
+         "fits": {k: (dataclasses.asdict(f) if f else None) for k, f in fits.items()},
+         "loads": [dataclasses.asdict(load) for load in sweep.loads]}, indent=1))
     _plot(points, out / "sweep.png", title)
     return text
 
@@ -48,6 +53,13 @@ def _markdown(points, fits, title) -> str:
                    f"{fit.doubling:.2f}"] if fit else ["–"] * 6)
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"
+
+
+def _loads(loads) -> str:
+    if not loads:
+        return ""
+    cells = ", ".join(f"{load.side}²: {load.start[0]:.1f} → {load.end[0]:.1f}" for load in loads)
+    return f"\nLoad average (1 min) at the start → end of each side: {cells}.\n"
 
 
 def _cell(p: Point | None) -> str:
