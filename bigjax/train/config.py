@@ -36,6 +36,8 @@ class TrainConfig:
         name such as vit_base_patch16_224, pathology foundation models such as uni).
       big_stages, max_partition_bytes: what runs as Big-Layers and their partition budget (modes that
         stream only).
+      modules, local_alpha: the local mode's K gradient-isolated modules (dividing 8) and the weight
+        of its Random Feature Reconstruction loss (Zhang et al.; ``--encoder=local`` only).
       init: torchvision/timm ResNet safetensors file; None = random init (a warning says so).
       optim: the optimiser, its schedule and gradient accumulation (``OptimizerConfig``).
       epochs: passes over the training slides (one bag per slide per epoch).
@@ -62,6 +64,8 @@ class TrainConfig:
     arch: str = "resnet18"
     big_stages: int = 4
     max_partition_bytes: int = DEFAULT_PARTITION_BYTES
+    modules: int = 4
+    local_alpha: float = 1.0
     init: str | None = None
     optim: OptimizerConfig = PAPER_OPTIMIZER
     epochs: int = 20
@@ -93,6 +97,10 @@ class TrainConfig:
             _at_least(name, getattr(self, name), 0)
         if not 0 <= self.big_stages <= 4:
             raise ValueError(f"--big_stages={self.big_stages}: must be in 0..4")
+        if self.modules not in (1, 2, 4, 8):
+            raise ValueError(f"--modules={self.modules}: must divide the 8 pieces (1, 2, 4 or 8)")
+        if not self.local_alpha >= 0:
+            raise ValueError(f"--local_alpha={self.local_alpha}: must be >= 0")
 
     @property
     def n_classes(self) -> int:
