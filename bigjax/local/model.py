@@ -140,6 +140,13 @@ class LocalNetwork(nnx.Module):
             losses.append(loss)
         return losses
 
+    def predict(self, paths, x) -> jax.Array:
+        """H's class logits (n_classes,) of slide ``x`` in eval mode: every module's blocks, then H."""
+        x = self.stem(paths[0], x)
+        for m, path in zip(self.local_modules, paths):
+            x = m.features(path, x, bn_train=False)
+        return self.local_modules[-1].head(paths[-1], x, train=False)
+
 
 def local_resnet34(n_modules: int = 4, n_classes: int = 2, *, stem_stride: int = 3,
                    resnet: ResNet | None = None, rngs: nnx.Rngs | None = None,

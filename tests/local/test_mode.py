@@ -14,8 +14,7 @@ from tests.train.test_loop import tiny
 
 
 def _local(store, workdir, **overrides):
-    return tiny(store, workdir, encoder="local", modules=4, max_partition_bytes=2**30,
-                **overrides)
+    return tiny(store, workdir, encoder="local", modules=4, **overrides)
 
 
 def _params(run, i):
@@ -47,10 +46,10 @@ def test_each_module_learns_its_own_loss(store, tmp_path):
     tiles, _ = mode.inputs(run.model, bags)
     labels = np.array([b.label for b in bags], np.int32)
     first = [float(v) for v in local_step(run.model, run.optimizer, tiles, labels,
-                                          np.random.default_rng(0), execution=mode.execution)]
+                                          np.random.default_rng(0))]
     for _ in range(6):
         last = [float(v) for v in local_step(run.model, run.optimizer, tiles, labels,
-                                             np.random.default_rng(0), execution=mode.execution)]
+                                             np.random.default_rng(0))]
     assert all(b < a for a, b in zip(first, last)), (first, last)
 
 
@@ -63,9 +62,9 @@ def test_local_flags_are_refused_for_other_modes_and_checked():
     from experiments.flags import _check_mode_settings
     with pytest.raises(ValueError, match="--modules has no effect with --encoder=big"):
         _check_mode_settings("big", {"modules": 4})
-    _check_mode_settings("local", {"modules": 4, "max_partition_bytes": 10**6})
-    with pytest.raises(ValueError, match="--big_stages has no effect with --encoder=local"):
-        _check_mode_settings("local", {"big_stages": 2})
+    _check_mode_settings("local", {"modules": 4, "local_alpha": 0.5})
+    with pytest.raises(ValueError, match="--max_partition_bytes has no effect with --encoder=local"):
+        _check_mode_settings("local", {"max_partition_bytes": 10**6})
     assert "local" in modes.names()
 
 
