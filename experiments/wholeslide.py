@@ -8,8 +8,9 @@ and trained on whole as one image: ResNet-34 (stem stride 3, frozen stem and Bat
 gradient-isolated modules with auxiliary gated-attention heads and Random Feature Reconstruction,
 activations in host RAM (bigjax.local.wholeslide). Without --data_dir a small PANDA-like set is
 generated (bigjax.data.synthetic) into <workdir>/data and a short run is made (the quick setting:
-2 epochs, accumulation 2, lr 1e-4/2e-4); with --data_dir the official settings (55 epochs,
-accumulation 8, AdamW lr 1e-5/2e-5, weight decay 1e-2).
+16 slides, 2 epochs, accumulation 2, lr 1e-4/2e-4, slides padded to 384 px, a 64 MiB partition
+budget); with --data_dir the official settings (55 epochs, accumulation 8, AdamW lr 1e-5/2e-5,
+weight decay 1e-2; slides padded to a multiple of 128 px, a 256 MiB budget).
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from bigjax.errors import run_cli
 from bigjax.local.wholeslide import WholeSlideConfig, train_wholeslide
 from bigjax.logs import quiet_libraries
 
-# the generated run: where it departs from the official settings, and its data set
-QUICK = dict(epochs=2, accum=2, lr_backbone=1e-4, lr_heads=2e-4)
-N_SLIDES, SIDE = 24, (1536, 2304)  # level-0 px: 384-576 px at 5x
+# the generated run: where it departs from the official settings (every slide padded to one
+# 384 px square: one shape to compile; a 64 MiB budget still partitions the stem), and its data set
+QUICK = dict(epochs=2, accum=2, lr_backbone=1e-4, lr_heads=2e-4, pad=384,
+             max_partition_bytes=64 * 2**20)
+N_SLIDES, SIDE = 16, (1152, 1536)  # level-0 px: 288-384 px at 5x
 
 
 def parse_flags(argv=None) -> argparse.Namespace:
@@ -45,6 +48,7 @@ def parse_flags(argv=None) -> argparse.Namespace:
     p.add_argument("--lr_heads", type=float)
     p.add_argument("--weight_decay", type=float)
     p.add_argument("--max_partition_bytes", type=int, help="Big-Layers partition budget")
+    p.add_argument("--pad", type=int, help="pad slides to a multiple of this many pixels")
     p.add_argument("--init", help="torchvision ResNet-34 .safetensors (default: random init)")
     p.add_argument("--seed", type=int, help="training seed (default 0)")
     p.add_argument("--data_seed", type=int, default=0, help="seed of the generated slides and split")

@@ -21,6 +21,7 @@ def _params(run, i):
     return nnx.state(run.model, module_params(run.model.encoder, i))
 
 
+@pytest.mark.slow  # ~1.5 min of CPU: four module compiles, the eval forward, the final evaluation
 def test_the_local_mode_trains_every_module_through_the_loop(store, tmp_path):
     config = _local(store, tmp_path, epochs=1)
     fresh = Run(config)

@@ -44,12 +44,12 @@ def test_a_slide_is_read_at_the_magnification_cropped_and_padded(slides):
 
 def test_flags_give_the_quick_run_on_generated_slides_and_official_settings_on_real_data():
     quick = wholeslide.config_from_flags(wholeslide.parse_flags([]))
-    assert (quick.epochs, quick.accum, quick.mpp, quick.modules) == (2, 2, 2.0, 4)
+    assert (quick.epochs, quick.accum, quick.mpp, quick.modules, quick.pad) == (2, 2, 2.0, 4, 384)
     real = wholeslide.config_from_flags(wholeslide.parse_flags(
         ["--data_dir=/P", "--modules=8", "--magnification=10"]))
     assert (real.epochs, real.accum, real.lr_backbone, real.lr_heads, real.weight_decay) == (
         55, 8, 1e-5, 2e-5, 1e-2)
-    assert (real.modules, real.mpp) == (8, 1.0)
+    assert (real.modules, real.mpp, real.pad) == (8, 1.0, 128)
 
 
 @pytest.mark.parametrize("flag, message", [("--modules=3", "--modules=3: must divide the 8 pieces"),
