@@ -8,8 +8,8 @@ and trained on whole as one image: ResNet-34 (stem stride 3, frozen stem and Bat
 gradient-isolated modules with auxiliary gated-attention heads and Random Feature Reconstruction,
 activations in host RAM (bigjax.local.wholeslide). Without --data_dir a small PANDA-like set is
 generated (bigjax.data.synthetic) into <workdir>/data and a short run is made (the quick setting:
-16 slides, 2 epochs, accumulation 2, lr 1e-4/2e-4, slides padded to 384 px, a 64 MiB partition
-budget); with --data_dir the official settings (55 epochs, accumulation 8, AdamW lr 1e-5/2e-5,
+8 slides, 2 epochs, accumulation 2, lr 1e-4/2e-4, 2 RFR patches, slides padded to 256 px, a
+64 MiB partition budget); with --data_dir the official settings (55 epochs, accumulation 8, AdamW lr 1e-5/2e-5,
 weight decay 1e-2; slides padded to a multiple of 128 px, a 256 MiB budget).
 """
 
@@ -28,10 +28,11 @@ from bigjax.local.wholeslide import WholeSlideConfig, train_wholeslide
 from bigjax.logs import quiet_libraries
 
 # the generated run: where it departs from the official settings (every slide padded to one
-# 384 px square: one shape to compile; a 64 MiB budget still partitions the stem), and its data set
-QUICK = dict(epochs=2, accum=2, lr_backbone=1e-4, lr_heads=2e-4, pad=384,
+# 256 px square: one shape to compile; 2 RFR patches, which on so small a slide each cover its
+# whole map; a 64 MiB budget still partitions the stem), and its data set
+QUICK = dict(epochs=2, accum=2, lr_backbone=1e-4, lr_heads=2e-4, pad=256, n_patches=2,
              max_partition_bytes=64 * 2**20)
-N_SLIDES, SIDE = 16, (1152, 1536)  # level-0 px: 288-384 px at 5x
+N_SLIDES, SIDE = 8, (1024, 1024)  # level-0 px: 256 px at 5x
 
 
 def parse_flags(argv=None) -> argparse.Namespace:
@@ -42,6 +43,7 @@ def parse_flags(argv=None) -> argparse.Namespace:
     p.add_argument("--magnification", type=float, default=5.0, help="read slides at this (default 5)")
     p.add_argument("--modules", type=int, help="K gradient-isolated modules: 1, 2, 4 (default), 8")
     p.add_argument("--alpha", type=float, help="weight of the RFR loss (default 1)")
+    p.add_argument("--n_patches", type=int, help="RFR patches per module and step (default 10)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--accum", type=int, help="slides per optimiser update (default 8)")
     p.add_argument("--lr_backbone", type=float)

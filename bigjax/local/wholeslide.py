@@ -56,6 +56,7 @@ class WholeSlideConfig:
       mpp: µm per pixel to read slides at (2.0 = 5× for 0.5 µm/px at 20×).
       modules: K (1, 2, 4 or 8; 1 is end-to-end).
       alpha: weight of the RFR loss.
+      n_patches: RFR patches per module and step (10).
       epochs: passes over the training slides.
       accum: slides per optimiser update.
       lr_backbone, lr_heads, weight_decay: the AdamW settings.
@@ -70,6 +71,7 @@ class WholeSlideConfig:
     mpp: float = 2.0
     modules: int = 4
     alpha: float = 1.0
+    n_patches: int = 10
     epochs: int = 55
     accum: int = 8
     lr_backbone: float = 1e-5
@@ -83,7 +85,7 @@ class WholeSlideConfig:
     def __post_init__(self):
         if self.modules not in (1, 2, 4, 8):
             raise ValueError(f"--modules={self.modules}: must divide the 8 pieces (1, 2, 4 or 8)")
-        for name in ("epochs", "accum", "pad", "max_partition_bytes", "n_classes"):
+        for name in ("epochs", "accum", "pad", "max_partition_bytes", "n_classes", "n_patches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name}={getattr(self, name)}: must be at least 1")
         if not self.mpp > 0:
@@ -131,7 +133,7 @@ def build_network(config: WholeSlideConfig):
         log.warning("ResNet-34 has random initial weights (no --init); Zhang et al. start from "
                     "ImageNet weights")
     return local_resnet34(config.modules, config.n_classes, resnet=resnet, alpha=config.alpha,
-                          rngs=nnx.Rngs(config.seed + 1))
+                          n_patches=config.n_patches, rngs=nnx.Rngs(config.seed + 1))
 
 
 def train_wholeslide(config: WholeSlideConfig, slides: Sequence[SlideEntry],

@@ -44,7 +44,7 @@ def test_a_slide_is_read_at_the_magnification_cropped_and_padded(slides):
 
 def test_flags_give_the_quick_run_on_generated_slides_and_official_settings_on_real_data():
     quick = wholeslide.config_from_flags(wholeslide.parse_flags([]))
-    assert (quick.epochs, quick.accum, quick.mpp, quick.modules, quick.pad) == (2, 2, 2.0, 4, 384)
+    assert (quick.epochs, quick.accum, quick.mpp, quick.modules, quick.pad) == (2, 2, 2.0, 4, 256)
     real = wholeslide.config_from_flags(wholeslide.parse_flags(
         ["--data_dir=/P", "--modules=8", "--magnification=10"]))
     assert (real.epochs, real.accum, real.lr_backbone, real.lr_heads, real.weight_decay) == (
@@ -59,3 +59,16 @@ def test_bad_flags_are_one_line_errors(flag, message, capsys, tmp_path):
     assert run_cli(wholeslide.main, [flag, f"--workdir={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {message}") and "\n" not in err
+
+
+@pytest.mark.slow
+def test_predict_is_the_eval_forward_through_h_on_both_paths():
+    from bigjax.layers import Execution
+    from bigjax.local import paths_for
+    from tests.local.helpers import X, tiny_network
+
+    net = tiny_network(4)
+    logits = net.predict(paths_for(None, 4), X)
+    assert logits.shape == (3,)
+    big = net.predict(paths_for([Execution(b) for b in (30_000, 30_000, 40_000, 100_000)], 4), X)
+    np.testing.assert_allclose(np.asarray(big), np.asarray(logits), rtol=1e-4, atol=1e-5)
