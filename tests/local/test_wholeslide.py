@@ -52,6 +52,12 @@ def test_flags_give_the_quick_run_on_generated_slides_and_official_settings_on_r
     assert (real.modules, real.mpp, real.pad) == (8, 1.0, 128)
 
 
+def test_a_few_generated_slides_still_have_val_and_test(slides, tmp_path):
+    a = wholeslide.parse_flags([f"--workdir={tmp_path}"])
+    (tmp_path / "data").symlink_to(slides[0].path.parent.parent)  # the fixture's 6 generated slides
+    assert [s.split for s in wholeslide.slides_of(a)] == ["train"] * 4 + ["val", "test"]
+
+
 @pytest.mark.parametrize("flag, message", [("--modules=3", "--modules=3: must divide the 8 pieces"),
                                            ("--magnification=0", "--magnification=0.0: must be positive"),
                                            ("--accum=0", "--accum=0: must be at least 1")])
