@@ -20,7 +20,7 @@ __all__ = ["training_flags", "apply_flags"]
 TRAIN_FIELDS = ("encoder", "aggregator", "arch", "compute_dtype", "big_stages", "max_partition_bytes",
                 "device_memory", "init",
                 "epochs", "batch_size", "tiles_per_bag", "augment", "seed", "eval_draws", "eval_tiles",
-                "checkpoint_every")
+                "checkpoint_every", "modules", "local_alpha")
 OPTIM_FIELDS = {"optimizer": "name", "lr": "lr", "weight_decay": "weight_decay",
                 "schedule": "schedule", "accum": "accum"}
 PRESET_FIELDS = ("tile_size",)
@@ -44,6 +44,8 @@ def training_flags(doc: str) -> argparse.ArgumentParser:
                    help="Big-Layers partition budget (big mode; bytes such as 256MiB, or auto)")
     p.add_argument("--device_memory", type=byte_size,
                    help="device memory auto may plan for (default: the device's limit; needed on a CPU)")
+    p.add_argument("--modules", type=int, help="local mode: K gradient-isolated modules (1, 2, 4, 8)")
+    p.add_argument("--local_alpha", type=float, help="local mode: weight of the RFR loss (default 1)")
     p.add_argument("--init", help="torchvision/timm ResNet .safetensors (default: random init)")
     p.add_argument("--optimizer", choices=["adam", "adamw", "demon_adam"])
     p.add_argument("--lr", type=float)
@@ -139,3 +141,7 @@ def _check_mode_settings(encoder: str, given: dict) -> None:
     if unread:
         raise ValueError(f"--{unread[0]} has no effect with --encoder={encoder}; it applies to "
                          f"the modes that stream through Big-Layers (--encoder=big)")
+    unread = [k for k in modes.LOCAL_SETTINGS if k in given and k not in reads]
+    if unread:
+        raise ValueError(f"--{unread[0]} has no effect with --encoder={encoder}; it applies to "
+                         f"locally supervised training (--encoder=local)")

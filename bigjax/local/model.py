@@ -24,7 +24,7 @@ import optax
 from flax import nnx
 
 from bigjax.local.heads import GatedAttentionHead, aux_head, final_head
-from bigjax.local.rfr import RFRDecoder, crop_patches, sample_patches
+from bigjax.local.rfr import RFRDecoder, rfr_patches, sample_patches
 from bigjax.local.split import (PIECE_CHANNELS, PIECE_STRIDES, cut_pieces, module_pieces,
                                 restride_stem)
 from bigjax.models.resnet import ResNet
@@ -62,8 +62,8 @@ class LocalModule(nnx.Module):
         logits = self.head(path, x, train=True)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(label, jnp.int32))
         if self.decoder is not None:
-            loss = loss + alpha * self.decoder.loss(*_rfr_patches(path, x, x_prev, positions, patch,
-                                                                  self.scale), train=True)
+            loss = loss + alpha * self.decoder.loss(*rfr_patches(path, x, x_prev, positions, patch,
+                                                                 self.scale), train=True)
         return loss, jax.lax.stop_gradient(x)
 
     def sample(self, rng: np.random.Generator, x_prev_shape, n: int):
@@ -71,14 +71,6 @@ class LocalModule(nnx.Module):
         if self.decoder is None:
             return np.zeros((0, 2), np.int32), 0
         return sample_patches(rng, tuple(x_prev_shape[1:3]), self.scale, self.patch, n)
-
-
-def _rfr_patches(path, x, x_prev, positions, patch, scale):
-    """The same places in x_i and x_{i−1} (coordinates times the stride), on the compute device."""
-    x_patches = crop_patches(x, positions, patch)
-    target = crop_patches(jax.lax.stop_gradient(x_prev), positions, patch * scale, scale)
-    ex = getattr(path, "execution", None)
-    return (x_patches, target) if ex is None else (ex.to_compute(x_patches), ex.to_compute(target))
 
 
 class LocalNetwork(nnx.Module):
@@ -147,6 +139,13 @@ class LocalNetwork(nnx.Module):
                              bn_train=self.bn_train)
             losses.append(loss)
         return losses
+
+    def predict(self, paths, x) -> jax.Array:
+        """H's class logits (n_classes,) of slide ``x`` in eval mode: every module's blocks, then H."""
+        x = self.stem(paths[0], x)
+        for m, path in zip(self.local_modules, paths):
+            x = m.features(path, x, bn_train=False)
+        return self.local_modules[-1].head(paths[-1], x, train=False)
 
 
 def local_resnet34(n_modules: int = 4, n_classes: int = 2, *, stem_stride: int = 3,

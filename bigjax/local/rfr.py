@@ -23,7 +23,8 @@ from flax import nnx
 
 from bigjax.layers.modules import BigBatchNorm
 
-__all__ = ["sample_patches", "check_patches", "crop_patches", "upsample_bilinear_aligned", "RFRDecoder"]
+__all__ = ["sample_patches", "sample_tile_patches", "check_patches", "crop_patches",
+           "rfr_patches", "upsample_bilinear_aligned", "RFRDecoder"]
 
 
 def sample_patches(rng: np.random.Generator, prev_hw: tuple[int, int], scale: int, patch: int,
@@ -54,26 +55,51 @@ def check_patches(prev_shape, positions, patch: int, scale: int) -> None:
     """Refuse patches that leave x_{i−1} (a slice past the edge would be clamped, silently moved)."""
     if len(positions) == 0:
         return
-    far = tuple(int(v) for v in (np.max(np.asarray(positions), axis=0) + patch) * scale)
+    far = tuple(int(v) for v in (np.max(np.asarray(positions)[:, -2:], axis=0) + patch) * scale)
     if far[0] > prev_shape[1] or far[1] > prev_shape[2]:
         raise ValueError(f"RFR patches of {patch} px at stride {scale} reach {far} but the map "
                          f"x_(i-1) is {tuple(prev_shape[1:3])}; sample them for this input's shape")
 
 
-def crop_patches(x: jax.Array, positions, size: int, scale: int = 1) -> jax.Array:
-    """Patches ``x[0, r·scale : r·scale + size, c·scale : c·scale + size]`` stacked: (n, size, size, C).
+def sample_tile_patches(rng: np.random.Generator, n_tiles: int, prev_hw: tuple[int, int],
+                        scale: int, patch: int, n: int) -> tuple[np.ndarray, int]:
+    """S on a bag of tiles' maps: ``sample_patches`` corners, each in a random tile.
 
-    One gather (a vmapped slice): its transpose scatters every patch's cotangent into one map-sized
-    buffer, where a slice per patch would make one map-sized buffer each.
+    Returns ``(positions (n, 3) int32 as (tile, row, column), p)`` for ``crop_patches``.
     """
-    if x.shape[0] != 1:
-        raise ValueError(f"local training reads one slide at a time (batch 1), got batch {x.shape[0]}")
+    corners, p = sample_patches(rng, prev_hw, scale, patch, n)
+    tiles = rng.integers(0, n_tiles, n).astype(np.int32)
+    return np.concatenate([tiles[:, None], corners], axis=1), p
+
+
+def crop_patches(x: jax.Array, positions, size: int, scale: int = 1) -> jax.Array:
+    """Patches ``x[b, r·scale : r·scale + size, c·scale : c·scale + size]`` stacked: (n, size, size, C).
+
+    ``positions`` are (n, 2) corners ``(r, c)`` in a one-slide map (batch 1, b = 0), or (n, 3)
+    ``(b, r, c)`` in a batch of tiles' maps. One gather (a vmapped slice): its transpose scatters
+    every patch's cotangent into one map-sized buffer, where a slice per patch would make one each.
+    """
+    positions = jnp.asarray(positions, jnp.int32)
+    if positions.shape[-1] == 2:
+        if x.shape[0] != 1:
+            raise ValueError(f"local training reads one slide at a time (batch 1), got batch "
+                             f"{x.shape[0]}; give (tile, row, column) positions for tile maps")
+        positions = jnp.concatenate([jnp.zeros_like(positions[:, :1]), positions], axis=1)
     channels = x.shape[-1]
 
     def crop(corner):
-        return jax.lax.dynamic_slice(x[0], (corner[0] * scale, corner[1] * scale, 0),
-                                     (size, size, channels))
-    return jax.vmap(crop)(jnp.asarray(positions, jnp.int32))
+        start = (corner[0], corner[1] * scale, corner[2] * scale, 0)
+        return jax.lax.dynamic_slice(x, start, (1, size, size, channels))[0]
+    return jax.vmap(crop)(positions)
+
+
+def rfr_patches(path, x, x_prev, positions, patch: int, scale: int):
+    """S(x_i), S(x_{i−1}): the same places in both maps (coordinates times the stride), on the
+    compute device; x_{i−1}'s side carries no gradient (it is the target)."""
+    x_patches = crop_patches(x, positions, patch)
+    target = crop_patches(jax.lax.stop_gradient(x_prev), positions, patch * scale, scale)
+    ex = getattr(path, "execution", None)
+    return (x_patches, target) if ex is None else (ex.to_compute(x_patches), ex.to_compute(target))
 
 
 def _interpolation_matrix(n: int, scale: int) -> np.ndarray:

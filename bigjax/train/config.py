@@ -42,6 +42,8 @@ class TrainConfig:
         device (``bigjax.models.resnet_fit``; ResNets).
       device_memory: bytes of device memory ``auto`` may plan for (default: the device's own limit;
         a CPU has none, so there it must be given).
+      modules, local_alpha: the local mode's K gradient-isolated modules (dividing 8) and the weight
+        of its Random Feature Reconstruction loss (Zhang et al.; ``--encoder=local`` only).
       init: torchvision/timm ResNet safetensors file; None = random init (a warning says so).
       optim: the optimiser, its schedule and gradient accumulation (``OptimizerConfig``).
       epochs: passes over the training slides (one bag per slide per epoch).
@@ -70,6 +72,8 @@ class TrainConfig:
     big_stages: int | str = 4
     max_partition_bytes: int | str = DEFAULT_PARTITION_BYTES
     device_memory: int | None = None
+    modules: int = 4
+    local_alpha: float = 1.0
     init: str | None = None
     optim: OptimizerConfig = PAPER_OPTIMIZER
     epochs: int = 20
@@ -118,6 +122,10 @@ class TrainConfig:
         if self.auto_fit and not arch.is_resnet(self.arch):
             raise ValueError(f"--big_stages/--max_partition_bytes=auto: planned for ResNets only, "
                              f"not --arch={self.arch}")
+        if self.modules not in (1, 2, 4, 8):
+            raise ValueError(f"--modules={self.modules}: must divide the 8 pieces (1, 2, 4 or 8)")
+        if not self.local_alpha >= 0:
+            raise ValueError(f"--local_alpha={self.local_alpha}: must be >= 0")
 
     @property
     def n_classes(self) -> int:

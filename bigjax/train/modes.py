@@ -12,6 +12,7 @@ registry that code outside the package extends with ``@register("name")``.
 - ``precomputed``: eval-mode embeddings of every tile computed once into a ``FeatureCache``; only the
   aggregator trained, on cached rows.
 - ``mesh`` (``bigjax.parallel.mode``): each batch's tiles over every device (Campanella et al.).
+- ``local`` (``bigjax.local.mode``): K gradient-isolated modules with their own losses (Zhang et al.).
 
 The modes defined in other packages are imported (so registered) on the first lookup.
 """
@@ -36,12 +37,15 @@ from bigjax.train import features, steps
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EncoderMode", "register", "names", "get", "get_class", "STREAMING_SETTINGS"]
+__all__ = ["EncoderMode", "register", "names", "get", "get_class", "STREAMING_SETTINGS",
+           "LOCAL_SETTINGS"]
 
 _MODES: dict[str, type["EncoderMode"]] = {}
-_ELSEWHERE = ("bigjax.parallel.mode",)  # modules that register more modes
+_ELSEWHERE = ("bigjax.parallel.mode", "bigjax.local.mode")  # modules that register more modes
 # config fields only the modes that stream through Big-Layers read
 STREAMING_SETTINGS = ("big_stages", "max_partition_bytes", "device_memory")
+# config fields only the locally supervised mode reads (``bigjax.local.mode``)
+LOCAL_SETTINGS = ("modules", "local_alpha")
 
 
 def register(name: str):
@@ -83,7 +87,8 @@ class EncoderMode:
       name: the registered name (set by ``register``).
       trains_encoder: whether the encoder's parameters are updated.
       augments: whether training tiles are augmented (a mode that caches embeddings cannot).
-      settings: which of ``STREAMING_SETTINGS`` the mode reads (a flag given for another is an error).
+      settings: which of ``STREAMING_SETTINGS`` and ``LOCAL_SETTINGS`` the mode reads (a flag given
+        for another is an error).
     The encoder architecture (``config.arch``: a ResNet or a ViT) gives the model, its weights loader,
     the input normalisation and the eval-mode forward (``bigjax.models.arch``).
     """

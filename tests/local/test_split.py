@@ -1,11 +1,13 @@
 """The ResNet-34 split of Zhang et al.: 8 pieces, K modules, stem stride 3, RFR sizes."""
 
+from types import SimpleNamespace
+
 import pytest
 from flax import nnx
 
 from bigjax.layers import Execution
 from bigjax.local import local_resnet34, paths_for
-from bigjax.local.split import PIECE_CHANNELS, cut_pieces, module_pieces
+from bigjax.local.split import PIECE_CHANNELS, SPLITS, cut_pieces, module_pieces
 from bigjax.models.resnet import ResNet
 from bigjax.models.resnet_paths import Fused, InMemory
 
@@ -28,8 +30,16 @@ def test_pieces_of_resnet34(resnet34):
     assert [len(p) for p in pieces] == [1, 1, 1, 2, 2, 3, 3, 3]
     assert [p[-1].conv2.kernel.shape[-1] for p in pieces] == list(PIECE_CHANNELS)
     assert pieces[3][0] is resnet34.layer2[0] and pieces[7][2] is resnet34.layer4[2]
-    with pytest.raises(ValueError, match="ResNet-18"):
-        cut_pieces(ResNet(18, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="ResNet-50"):
+        cut_pieces(SimpleNamespace(depth=50))  # refused before any block is read
+
+
+def test_pieces_of_resnet18_are_its_blocks():
+    resnet18 = ResNet(18, rngs=nnx.Rngs(0))
+    pieces = cut_pieces(resnet18)
+    assert [len(p) for p in pieces] == [1] * 8
+    assert [p[0].conv2.kernel.shape[-1] for p in pieces] == list(SPLITS[18][1])
+    assert pieces[3][0] is resnet18.layer2[1] and pieces[6][0] is resnet18.layer4[0]
 
 
 @pytest.mark.slow

@@ -1,0 +1,80 @@
+"""The whole-slide command: slides read at a magnification, cropped to tissue; flags -> config."""
+
+import numpy as np
+import pytest
+
+from bigjax.data import layouts
+from bigjax.data.slides import open_slide
+from bigjax.data.synthetic import make_panda_like
+from bigjax.errors import run_cli
+from bigjax.local.wholeslide import read_slide, tissue_box
+from experiments import wholeslide
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory):
+    data = make_panda_like(tmp_path_factory.mktemp("ws") / "data", n_slides=6, seed=0,
+                           side=(256, 320), workers=1)
+    return layouts.panda_layout(data)
+
+
+def test_tissue_box_is_the_bounding_box_of_tissue_pixels():
+    rgb = np.full((10, 12, 3), 255, np.uint8)
+    rgb[2:5, 3:9] = 120
+    rgb[7, 4] = 0  # black (greyscale < 3) is not tissue by the PANDA rule
+    assert tissue_box(rgb) == (2, 5, 3, 9)
+    assert tissue_box(np.full((4, 6, 3), 255, np.uint8)) == (0, 4, 0, 6)  # no tissue: all of it
+
+
+def test_a_slide_is_read_at_the_magnification_cropped_and_padded(slides):
+    path = slides[0].path
+    with open_slide(path) as slide:
+        assert slide.levels[1].downsample == 4 and slide.levels[1].mpp == pytest.approx(2.0)
+        h, w = slide.levels[1].shape
+    level1 = read_slide(path, 2.0)  # 0.5 µm/px at level 0: 5x is the downsample-4 level
+    assert level1.shape[0] <= h and level1.shape[1] <= w and level1.dtype == np.uint8
+    assert level1.shape[0] * level1.shape[1] > h * w // 4
+    assert tissue_box(level1) == (0, level1.shape[0], 0, level1.shape[1])  # cropped to tissue
+    padded = read_slide(path, 2.0, pad=48)
+    assert padded.shape[0] % 48 == 0 and padded.shape[1] % 48 == 0
+    np.testing.assert_array_equal(padded[:level1.shape[0], :level1.shape[1]], level1)
+    assert (padded[level1.shape[0]:] == 255).all()  # background
+    assert read_slide(path, 0.5).shape[0] > 3 * level1.shape[0]  # 20x: the full-resolution level
+
+
+def test_flags_give_the_quick_run_on_generated_slides_and_official_settings_on_real_data():
+    quick = wholeslide.config_from_flags(wholeslide.parse_flags([]))
+    assert (quick.epochs, quick.accum, quick.mpp, quick.modules, quick.pad) == (2, 2, 2.0, 4, 256)
+    real = wholeslide.config_from_flags(wholeslide.parse_flags(
+        ["--data_dir=/P", "--modules=8", "--magnification=10"]))
+    assert (real.epochs, real.accum, real.lr_backbone, real.lr_heads, real.weight_decay) == (
+        55, 8, 1e-5, 2e-5, 1e-2)
+    assert (real.modules, real.mpp, real.pad) == (8, 1.0, 128)
+
+
+def test_a_few_generated_slides_still_have_val_and_test(slides, tmp_path):
+    a = wholeslide.parse_flags([f"--workdir={tmp_path}"])
+    (tmp_path / "data").symlink_to(slides[0].path.parent.parent)  # the fixture's 6 generated slides
+    assert [s.split for s in wholeslide.slides_of(a)] == ["train"] * 4 + ["val", "test"]
+
+
+@pytest.mark.parametrize("flag, message", [("--modules=3", "--modules=3: must divide the 8 pieces"),
+                                           ("--magnification=0", "--magnification=0.0: must be positive"),
+                                           ("--accum=0", "--accum=0: must be at least 1")])
+def test_bad_flags_are_one_line_errors(flag, message, capsys, tmp_path):
+    assert run_cli(wholeslide.main, [flag, f"--workdir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {message}") and "\n" not in err
+
+
+@pytest.mark.slow
+def test_predict_is_the_eval_forward_through_h_on_both_paths():
+    from bigjax.layers import Execution
+    from bigjax.local import paths_for
+    from tests.local.helpers import X, tiny_network
+
+    net = tiny_network(4)
+    logits = net.predict(paths_for(None, 4), X)
+    assert logits.shape == (3,)
+    big = net.predict(paths_for([Execution(b) for b in (30_000, 30_000, 40_000, 100_000)], 4), X)
+    np.testing.assert_allclose(np.asarray(big), np.asarray(logits), rtol=1e-4, atol=1e-5)
