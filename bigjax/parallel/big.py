@@ -18,7 +18,9 @@ BatchNorm over shards:
   over shards as the ops merge per-band moments (Chan et al.'s pairwise update, here differentiable),
   folded once, and the folded ``a, b`` sent to every device: exactly one device's BatchNorm over the
   whole slide. The shards' backward passes are then coupled through those statistics, so one VJP
-  runs them all and JAX sums each parameter's cotangents over its N uses.
+  runs them all and JAX sums each parameter's cotangents over its N uses. All four stages run in
+  lockstep whatever ``big_stages`` is: the stages one engine would run as its jitted in-memory tail
+  are streamed too (small activations, few partitions), the same arithmetic to float32 round-off.
 """
 
 from __future__ import annotations
@@ -99,10 +101,9 @@ class Lockstep:
 def _check(encoder, sync_bn):
     if not isinstance(encoder, BigResNet):
         raise TypeError(f"Big shards need a BigResNet encoder, got {type(encoder).__name__}")
-    if sync_bn and (encoder.big_stages != 4 or not encoder.fused):
-        raise ValueError(f"synchronised BatchNorm over Big shards runs the fused path of all four "
-                         f"stages in lockstep; this encoder has big_stages={encoder.big_stages}, "
-                         f"fused={encoder.fused} (use big_stages=4, fused=True, or sync_bn=False)")
+    if sync_bn and not encoder.fused:
+        raise ValueError("synchronised BatchNorm over Big shards runs the fused path in lockstep; "
+                         "this encoder has fused=False (use fused=True, or sync_bn=False)")
 
 
 def _replica_forward(graphdef, params, stats, tiles, ex):

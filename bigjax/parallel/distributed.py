@@ -17,7 +17,7 @@ import os
 
 import jax
 
-__all__ = ["initialize", "is_main_process", "ENV"]
+__all__ = ["initialize", "is_main_process", "launched", "share_from_main", "ENV"]
 
 ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
@@ -51,3 +51,24 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
 def is_main_process() -> bool:
     """True in process 0 (and in a single-process run): the one that writes outputs."""
     return jax.process_index() == 0
+
+
+def launched() -> bool:
+    """True in a process that a launcher started as part of a multi-process run (``ENV`` is set)."""
+    return bool(os.environ.get(ENV[0]))
+
+
+def share_from_main(model, optimizer, step: int) -> int:
+    """Process 0's model and optimiser state put into every process's, and its ``step`` returned.
+
+    A multi-process run starts (or resumes from a checkpoint) in process 0 only; the others take its
+    state here (``multihost_utils.broadcast_one_to_all``), so every process feeds the mesh the same
+    replicated parameters.
+    """
+    from jax.experimental import multihost_utils
+
+    from bigjax.train.checkpoint import load_state_tree, state_tree
+
+    tree, step = multihost_utils.broadcast_one_to_all((state_tree(model, optimizer), step))
+    load_state_tree(tree, model, optimizer)
+    return int(step)
