@@ -82,7 +82,7 @@ def apply_flags(preset: Preset, args: argparse.Namespace) -> Preset:
     """
     given = {k: v for k, v in vars(args).items() if v is not None}
     if "devices" in given or args.processes != 1:
-        given["devices"] = _devices(given.get("devices", args.processes), args.processes)
+        given["devices"] = _mesh_size(given.get("devices", args.processes), args.processes)
     train = preset.train
     optim = dataclasses.replace(train.optim, **{OPTIM_FIELDS[k]: given[k]
                                                 for k in OPTIM_FIELDS if k in given})
@@ -93,22 +93,27 @@ def apply_flags(preset: Preset, args: argparse.Namespace) -> Preset:
         fields["store"] = given["store"]
     train = dataclasses.replace(train, optim=optim, progress=not args.no_progress, **fields)
     _check_mode_settings(train.encoder, given)
+    if "devices" in given:
+        _use_devices(given["devices"] // args.processes)
     return dataclasses.replace(preset, train=train,
                                **{k: given[k] for k in PRESET_FIELDS if k in given})
 
 
-def _devices(n: int, processes: int) -> int:
-    """The mesh size ``n``, after giving this process its share of virtual CPU devices."""
+def _mesh_size(n: int, processes: int) -> int:
     if n < 1 or processes < 1 or n % processes:
         raise ValueError(f"--devices={n} over --processes={processes}: both at least 1, and the "
                          f"devices an equal number per process")
+    return n
+
+
+def _use_devices(per_process: int) -> None:
+    """This process's virtual CPU devices; a process started by ``--processes`` joins its run."""
     import jax
 
     from bigjax.parallel import distributed
 
-    jax.config.update("jax_num_cpu_devices", n // processes)
-    distributed.initialize()  # a process of a --processes run (the launcher's environment)
-    return n
+    jax.config.update("jax_num_cpu_devices", per_process)
+    distributed.initialize()  # the launcher's environment (bigjax.parallel.launch)
 
 
 def _check_mode_settings(encoder: str, given: dict) -> None:

@@ -20,7 +20,8 @@ BatchNorm over shards:
   whole slide. The shards' backward passes are then coupled through those statistics, so one VJP
   runs them all and JAX sums each parameter's cotangents over its N uses. All four stages run in
   lockstep whatever ``big_stages`` is: the stages one engine would run as its jitted in-memory tail
-  are streamed too (small activations, few partitions), the same arithmetic to float32 round-off.
+  run as the same ops with no partition budget (one partition per activation, as in memory), the
+  same arithmetic to float32 round-off.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ from bigjax.parallel.exchange import aggregate, encoder_vjp, slide_loss
 from bigjax.parallel.mesh import ShardLayout
 
 __all__ = ["big_mesh_value_and_grad", "Lockstep", "merge_shard_moments"]
+
+_UNBOUNDED = 2**62  # partition budget of the stages past big_stages: whole activations
 
 
 def merge_shard_moments(parts):
@@ -121,9 +124,12 @@ def _lockstep_forward(graphdef, params, stats, shards, executions):
     """All engines' forward in lockstep (synchronised BatchNorm); one VJP for all of them."""
     def forward(params):
         model = nnx.merge(graphdef, params, fresh(stats))
-        path = Lockstep(tuple(executions))
+        path, big = Lockstep(tuple(executions)), model.big_stages
         xs = tuple(ex.to_host(x) for x, ex in zip(shards, executions))
-        hs = model.stages(path, model.stem(path, xs, True), 0, 4, True)
+        hs = model.stages(path, model.stem(path, xs, True), 0, big, True)
+        # the stages one engine would run in memory: one partition each (no budget), as there
+        tail = Lockstep(tuple(ex.replace(max_partition_bytes=_UNBOUNDED) for ex in executions))
+        hs = model.stages(tail, hs, big, 4, True)
         features = tuple(ex.to_compute(host.global_avg_pool(h, execution=ex))
                          for h, ex in zip(hs, executions))
         return features, nnx.state(model, nnx.BatchStat)

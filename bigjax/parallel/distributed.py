@@ -20,6 +20,8 @@ import jax
 __all__ = ["initialize", "is_main_process", "launched", "share_from_main", "ENV"]
 
 ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+# a process that finishes waits at exit for the others, e.g. process 0's final evaluation
+SHUTDOWN_TIMEOUT_S = 24 * 3600
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
@@ -44,7 +46,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             settings[name] = int(os.environ[env])
     # CPU collectives across processes; on a GPU run this only concerns the CPU devices
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator, **settings)
+    jax.distributed.initialize(coordinator, shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S, **settings)
     return True
 
 
