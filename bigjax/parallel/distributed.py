@@ -22,6 +22,8 @@ __all__ = ["initialize", "is_main_process", "launched", "share_from_main", "ENV"
 ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 # a process that finishes waits at exit for the others, e.g. process 0's final evaluation
 SHUTDOWN_TIMEOUT_S = 24 * 3600
+# a loaded machine can starve a process's heartbeats for minutes (a 4-minute compile was seen here)
+HEARTBEAT_TIMEOUT_S = 900
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
@@ -46,7 +48,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             settings[name] = int(os.environ[env])
     # CPU collectives across processes; on a GPU run this only concerns the CPU devices
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator, shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S, **settings)
+    jax.distributed.initialize(coordinator, shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S,
+                               heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S, **settings)
     return True
 
 
