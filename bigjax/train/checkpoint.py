@@ -176,7 +176,7 @@ def _one_process(directory: Path) -> dict:
     if jax.process_count() == 1:
         return {"create": True}
     directory.mkdir(parents=True, exist_ok=True)
-    return {"multiprocessing_options": ocp.options.MultiprocessingOptions(
+    return {"create": False, "multiprocessing_options": ocp.options.MultiprocessingOptions(
         primary_host=jax.process_index(), active_processes={jax.process_index()})}
 
 
