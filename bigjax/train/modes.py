@@ -163,7 +163,7 @@ class EncoderMode:
 
 def augmented_tiles(batch: list[Bag]) -> np.ndarray:
     """uint8 (B, K, T, T, 3): each bag with its slide's augmentation draw, computed on the host CPU."""
-    cpu = jax.devices("cpu")[0]
+    cpu = jax.local_devices(backend="cpu")[0]  # this process's (a multi-process run)
     return np.stack([bag.tiles if bag.aug is None else
                      np.asarray(augment_bag(jax.device_put(bag.tiles, cpu), bag.aug)) for bag in batch])
 
