@@ -20,7 +20,7 @@ __all__ = ["training_flags", "apply_flags"]
 TRAIN_FIELDS = ("encoder", "aggregator", "arch", "compute_dtype", "big_stages", "max_partition_bytes",
                 "device_memory", "init",
                 "epochs", "batch_size", "tiles_per_bag", "augment", "seed", "eval_draws", "eval_tiles",
-                "checkpoint_every", "modules", "local_alpha")
+                "checkpoint_every", "modules", "local_alpha", "log_every", "devices", "sync_bn")
 OPTIM_FIELDS = {"optimizer": "name", "lr": "lr", "weight_decay": "weight_decay",
                 "schedule": "schedule", "accum": "accum"}
 PRESET_FIELDS = ("tile_size",)
@@ -67,8 +67,14 @@ def training_flags(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --workdir")
     p.add_argument("--eval_only", action="store_true", help="restore the best checkpoint and evaluate")
     p.add_argument("--eval_manifest", help="with --eval_only: the test slides of another store's manifest")
-    p.add_argument("--devices", type=int, help="CPU runs: this many virtual CPU devices (the "
-                                                "encoder mesh's shards, --encoder=mesh)")
+    p.add_argument("--log_every", type=int, help="steps between training-loss rows of metrics.jsonl")
+    p.add_argument("--devices", type=int, help="encoder mesh: each step's tiles over N devices "
+                                                "(big, inmemory; CPU runs get N virtual devices)")
+    p.add_argument("--sync_bn", action=argparse.BooleanOptionalAction,
+                   help="with --devices: BatchNorm over all tiles (default) or per device")
+    p.add_argument("--processes", type=int, default=1,
+                   help="run as P processes on this machine (loopback), --devices (default P) split "
+                        "among them")
     p.add_argument("--workers", type=int, default=2, help="processes generating/tiling slides")
     p.add_argument("--no_progress", action="store_true")
     return p
@@ -103,14 +109,16 @@ def _bytes_or_auto(text: str):
 def apply_flags(preset: Preset, args: argparse.Namespace) -> Preset:
     """The preset with every given flag applied (``--workdir`` alone also moves the store into it).
 
-    ``--devices`` takes effect here, before anything starts JAX's backend.
+    ``--devices`` (with ``--processes``) takes effect here, before anything starts JAX's backend: a
+    CPU run gets devices / processes virtual CPU devices per process, and a process started by
+    ``--processes`` joins its run (``bigjax.parallel.distributed.initialize``).
 
     Raises:
       ValueError: a flag the chosen encoder mode does not read.
     """
     given = {k: v for k, v in vars(args).items() if v is not None}
-    if "devices" in given:
-        _cpu_devices(given["devices"])
+    if "devices" in given or args.processes != 1:
+        given["devices"] = _mesh_size(given.get("devices", args.processes), args.processes)
     train = preset.train
     optim = dataclasses.replace(train.optim, **{OPTIM_FIELDS[k]: given[k]
                                                 for k in OPTIM_FIELDS if k in given})
@@ -121,22 +129,33 @@ def apply_flags(preset: Preset, args: argparse.Namespace) -> Preset:
         fields["store"] = given["store"]
     train = dataclasses.replace(train, optim=optim, progress=not args.no_progress, **fields)
     _check_mode_settings(train.encoder, given)
+    if "devices" in given:
+        _use_devices(given["devices"] // args.processes)
     return dataclasses.replace(preset, train=train,
                                **{k: given[k] for k in PRESET_FIELDS if k in given})
 
 
-def _cpu_devices(n: int) -> None:
-    if n < 1:
-        raise ValueError(f"--devices={n}: must be at least 1")
+def _mesh_size(n: int, processes: int) -> int:
+    if n < 1 or processes < 1 or n % processes:
+        raise ValueError(f"--devices={n} over --processes={processes}: both at least 1, and the "
+                         f"devices an equal number per process")
+    return n
+
+
+def _use_devices(per_process: int) -> None:
+    """This process's virtual CPU devices; a process started by ``--processes`` joins its run."""
     import jax
 
-    jax.config.update("jax_num_cpu_devices", n)
+    from bigjax.parallel import distributed
+
+    jax.config.update("jax_num_cpu_devices", per_process)
+    distributed.initialize()  # the launcher's environment (bigjax.parallel.launch)
 
 
 def _check_mode_settings(encoder: str, given: dict) -> None:
     if encoder not in modes.names():
         raise ValueError(f"--encoder={encoder}: choose one of {', '.join(modes.names())}")
-    reads = modes.get_class(encoder).settings
+    reads = modes.get_class(encoder, given.get("devices", 1)).settings
     unread = [k for k in modes.STREAMING_SETTINGS if k in given and k not in reads]
     if unread:
         raise ValueError(f"--{unread[0]} has no effect with --encoder={encoder}; it applies to "

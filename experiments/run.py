@@ -2,19 +2,22 @@
 
 Library INFO logs (orbax, absl) go to ``<workdir>/libraries.log``, not the console; Ctrl-C stops at the
 end of the current step with the latest checkpoint saved; errors reach the user as one line through
-``bigjax.errors.run_cli`` (the CLIs' ``__main__``).
+``bigjax.errors.run_cli`` (the CLIs' ``__main__``). ``--processes=P``: after preparing the store the
+CLI starts itself again as P processes of one run (``bigjax.parallel.launch``, loopback) and waits.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 from typing import Callable
 
 from bigjax.data.manifest import read_manifest
 from bigjax.data.tiling import check_tiling
 from bigjax.logs import quiet_libraries
+from bigjax.parallel import distributed, launch
 from bigjax.train.interrupt import stop_on_interrupt
 from bigjax.train.loop import evaluate_run, train
 from experiments.presets import Preset
@@ -45,6 +48,18 @@ def run(a: argparse.Namespace, preset: Preset, prepare: Callable[[], None]) -> i
         evaluate_run(config.workdir, manifest=a.eval_manifest, progress=config.progress)
         return 0
     prepare()
+    if a.processes > 1 and not distributed.launched():
+        return _relaunch(a.processes)
     with stop_on_interrupt() as stop:
         train(config, resume=a.resume, should_stop=stop.requested)
     return 0
+
+
+def _relaunch(processes: int) -> int:
+    """This CLI (``python -m`` module and arguments) as ``processes`` processes of one run."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    if spec is None:
+        raise ValueError(f"--processes={processes} starts the CLI again as python -m MODULE: run it "
+                         "as python -m experiments.<name>")
+    logging.info("starting %d processes of %s", processes, spec.name)
+    return launch.launch(processes, spec.name, sys.argv[1:])

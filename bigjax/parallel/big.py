@@ -18,7 +18,10 @@ BatchNorm over shards:
   over shards as the ops merge per-band moments (Chan et al.'s pairwise update, here differentiable),
   folded once, and the folded ``a, b`` sent to every device: exactly one device's BatchNorm over the
   whole slide. The shards' backward passes are then coupled through those statistics, so one VJP
-  runs them all and JAX sums each parameter's cotangents over its N uses.
+  runs them all and JAX sums each parameter's cotangents over its N uses. All four stages run in
+  lockstep whatever ``big_stages`` is: the stages one engine would run as its jitted in-memory tail
+  run as the same ops with no partition budget (one partition per activation, as in memory), the
+  same arithmetic to float32 round-off.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ from bigjax.parallel.exchange import aggregate, encoder_vjp, slide_loss
 from bigjax.parallel.mesh import ShardLayout
 
 __all__ = ["big_mesh_value_and_grad", "Lockstep", "merge_shard_moments"]
+
+_UNBOUNDED = 2**62  # partition budget of the stages past big_stages: whole activations
 
 
 def merge_shard_moments(parts):
@@ -99,10 +104,9 @@ class Lockstep:
 def _check(encoder, sync_bn):
     if not isinstance(encoder, BigResNet):
         raise TypeError(f"Big shards need a BigResNet encoder, got {type(encoder).__name__}")
-    if sync_bn and (encoder.big_stages != 4 or not encoder.fused):
-        raise ValueError(f"synchronised BatchNorm over Big shards runs the fused path of all four "
-                         f"stages in lockstep; this encoder has big_stages={encoder.big_stages}, "
-                         f"fused={encoder.fused} (use big_stages=4, fused=True, or sync_bn=False)")
+    if sync_bn and not encoder.fused:
+        raise ValueError("synchronised BatchNorm over Big shards runs the fused path in lockstep; "
+                         "this encoder has fused=False (use fused=True, or sync_bn=False)")
 
 
 def _replica_forward(graphdef, params, stats, tiles, ex):
@@ -120,9 +124,12 @@ def _lockstep_forward(graphdef, params, stats, shards, executions):
     """All engines' forward in lockstep (synchronised BatchNorm); one VJP for all of them."""
     def forward(params):
         model = nnx.merge(graphdef, params, fresh(stats))
-        path = Lockstep(tuple(executions))
+        path, big = Lockstep(tuple(executions)), model.big_stages
         xs = tuple(ex.to_host(x) for x, ex in zip(shards, executions))
-        hs = model.stages(path, model.stem(path, xs, True), 0, 4, True)
+        hs = model.stages(path, model.stem(path, xs, True), 0, big, True)
+        # the stages one engine would run in memory: one partition each (no budget), as there
+        tail = Lockstep(tuple(ex.replace(max_partition_bytes=_UNBOUNDED) for ex in executions))
+        hs = model.stages(tail, hs, big, 4, True)
         features = tuple(ex.to_compute(host.global_avg_pool(h, execution=ex))
                          for h, ex in zip(hs, executions))
         return features, nnx.state(model, nnx.BatchStat)

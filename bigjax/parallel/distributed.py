@@ -17,9 +17,13 @@ import os
 
 import jax
 
-__all__ = ["initialize", "is_main_process", "ENV"]
+__all__ = ["initialize", "is_main_process", "launched", "share_from_main", "ENV"]
 
 ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+# a process that finishes waits at exit for the others, e.g. process 0's final evaluation
+SHUTDOWN_TIMEOUT_S = 24 * 3600
+# a loaded machine can starve a process's heartbeats for minutes (a 4-minute compile was seen here)
+HEARTBEAT_TIMEOUT_S = 900
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
@@ -44,10 +48,32 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             settings[name] = int(os.environ[env])
     # CPU collectives across processes; on a GPU run this only concerns the CPU devices
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator, **settings)
+    jax.distributed.initialize(coordinator, shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S,
+                               heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S, **settings)
     return True
 
 
 def is_main_process() -> bool:
     """True in process 0 (and in a single-process run): the one that writes outputs."""
     return jax.process_index() == 0
+
+
+def launched() -> bool:
+    """True in a process that a launcher started as part of a multi-process run (``ENV`` is set)."""
+    return bool(os.environ.get(ENV[0]))
+
+
+def share_from_main(model, optimizer, step: int) -> int:
+    """Process 0's model and optimiser state put into every process's, and its ``step`` returned.
+
+    A multi-process run starts (or resumes from a checkpoint) in process 0 only; the others take its
+    state here (``multihost_utils.broadcast_one_to_all``), so every process feeds the mesh the same
+    replicated parameters.
+    """
+    from jax.experimental import multihost_utils
+
+    from bigjax.train.checkpoint import load_state_tree, state_tree
+
+    tree, step = multihost_utils.broadcast_one_to_all((state_tree(model, optimizer), step))
+    load_state_tree(tree, model, optimizer)
+    return int(step)

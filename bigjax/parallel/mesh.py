@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-__all__ = ["AXIS", "encoder_mesh", "ShardLayout", "to_mesh", "replicate"]
+__all__ = ["AXIS", "encoder_mesh", "ShardLayout", "to_mesh", "replicate", "local"]
 
 AXIS = "encoders"
 
@@ -113,3 +113,12 @@ def replicate(tree, mesh: Mesh):
                                             impl=jax.random.key_impl(leaf))
         return to_mesh(leaf, mesh)
     return jax.tree.map(put, tree)
+
+
+def local(tree):
+    """This process's copy (its first device's) of every replicated global array of ``tree``.
+
+    What the mesh step returns spans every process's devices; the model, the optimiser and the
+    checkpoints of a run live on one device per process, and their values are these copies.
+    """
+    return jax.tree.map(lambda a: a.addressable_data(0) if isinstance(a, jax.Array) else a, tree)

@@ -1,25 +1,33 @@
-"""``--encoder=mesh``: the in-memory encoder trained end to end, each batch's tiles over the encoder mesh.
+"""``--devices=N``: the encoder modes that train the encoder, each step's tiles over an encoder mesh.
 
-Importing this module registers the mode in ``bigjax.train.modes`` (the lead's registry). Every device
-of the run is one shard (``encoder_mesh()``: on a CPU, ``jax_num_cpu_devices`` sets how many; over
-several processes, all processes' devices). The batch's B×K tiles go through the mesh together with
-synchronised BatchNorm, as the ``inmemory`` mode's encoder sees them together on one device, and the
-aggregator's mean bag loss is computed once on the gathered features: the step's loss and gradients
-are the ``inmemory`` step's.
+Importing this module registers, in ``bigjax.train.modes``, the mesh form of ``inmemory`` (the jitted
+encoder in ``shard_map`` over the mesh, ``bigjax.parallel.step``) and of ``big`` (N Big-Layers
+engines, one ``Execution`` per device, ``bigjax.parallel.big``); ``modes.get`` picks them when
+``config.devices > 1``. The mesh is the first ``devices`` devices of the run (on a CPU,
+``jax_num_cpu_devices`` sets how many; over several processes, all processes' devices).
+
+The batch's B×K tiles go through the mesh together, as the single-device mode's encoder sees them
+together; with synchronised BatchNorm (``config.sync_bn``, the default) its statistics are those of
+all B×K tiles, and the aggregator's mean bag loss is computed once on the gathered features, so the
+step's loss and gradients are the single-device step's (to float32 round-off). Evaluation (the
+mode's ``embed``) runs on one device, as in the single-device mode.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bigjax.layers.execution import Execution
 from bigjax.models import mil
-from bigjax.parallel.mesh import encoder_mesh
+from bigjax.parallel.big import big_mesh_value_and_grad
+from bigjax.parallel.mesh import encoder_mesh, local
 from bigjax.parallel.step import mesh_value_and_grad
 from bigjax.train import features, modes
 
-__all__ = ["Mesh", "batch_loss"]
+__all__ = ["InMemoryMesh", "BigMesh", "batch_loss"]
 
 
 def batch_loss(head, feats, labels):
@@ -34,22 +42,55 @@ def _update(model, optimizer, grads):
     optimizer.update(model, grads)
 
 
-@modes.register("mesh")
-class Mesh(modes.EncoderMode):
-    """The in-memory encoder trained end to end on the encoder mesh (every device of the run)."""
+def _apply(model, optimizer, loss, g_encoder, g_head):
+    """The optimiser update with the mesh's gradients (this process's copies); the loss."""
+    _update(model, optimizer, nnx.State({"encoder": local(g_encoder), "head": local(g_head)}))
+    return local(loss)
+
+
+def _tiles(inputs) -> np.ndarray:
+    """(B, K, T, T, 3) -> (B*K, T, T, 3): the batch's tiles, sharded over the mesh together."""
+    return inputs.reshape(-1, *inputs.shape[2:])
+
+
+@modes.register_mesh("inmemory")
+class InMemoryMesh(modes.InMemory):
+    """The in-memory encoder trained end to end, its jitted step over the encoder mesh."""
 
     def __init__(self, config, workdir):
         super().__init__(config, workdir)
-        self.mesh = encoder_mesh()
+        self.mesh = encoder_mesh(config.devices)
 
     def inputs(self, model, batch):
         """Normalised tiles in host memory (B, K, T, T, 3): the mesh lays them out over its devices."""
         return features.normalize_host(modes.augmented_tiles(batch), self.mean, self.std)
 
     def step(self, model, optimizer, inputs, labels):
-        tiles = inputs.reshape(-1, *inputs.shape[2:])
-        loss, (g_encoder, g_head) = mesh_value_and_grad(
-            model.encoder, model.head, tiles, np.asarray(labels, np.int32), mesh=self.mesh,
-            loss_fn=batch_loss)
-        _update(model, optimizer, nnx.State({"encoder": g_encoder, "head": g_head}))
-        return loss
+        loss, grads = mesh_value_and_grad(model.encoder, model.head, _tiles(inputs),
+                                          np.asarray(labels, np.int32), mesh=self.mesh,
+                                          sync_bn=self.config.sync_bn, loss_fn=batch_loss)
+        return _apply(model, optimizer, loss, *grads)
+
+
+@modes.register_mesh("big")
+class BigMesh(modes.Big):
+    """The Big ResNet trained end to end over N streaming engines, one per device of the mesh."""
+
+    def __init__(self, config, workdir):
+        if config.auto_fit:
+            raise ValueError("--big_stages/--max_partition_bytes=auto plans one device; with "
+                             f"--devices={config.devices} give both as numbers")
+        super().__init__(config, workdir)
+        if jax.process_count() > 1:
+            raise ValueError(f"--encoder=big over {jax.process_count()} processes: one process "
+                             "drives the Big shards' engines (bigjax.parallel.big); run it as one "
+                             "process, or use --encoder=inmemory with --processes")
+        self.executions = tuple(Execution(config.max_partition_bytes, compute=device)
+                                for device in encoder_mesh(config.devices).devices.flat)
+
+    def step(self, model, optimizer, inputs, labels):
+        loss, grads = big_mesh_value_and_grad(model.encoder, model.head, _tiles(inputs),
+                                              np.asarray(labels, np.int32),
+                                              executions=self.executions,
+                                              sync_bn=self.config.sync_bn, loss_fn=batch_loss)
+        return _apply(model, optimizer, loss, *grads)

@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from bigjax.parallel.encoder import encode, fresh
 from bigjax.parallel.exchange import explicit_shard_step, slide_loss
-from bigjax.parallel.mesh import AXIS, ShardLayout, encoder_mesh, replicate, to_mesh
+from bigjax.parallel.mesh import AXIS, ShardLayout, encoder_mesh, local, replicate, to_mesh
 
 __all__ = ["mesh_value_and_grad", "COLLECTIVES"]
 
@@ -64,7 +64,8 @@ def mesh_value_and_grad(encoder: nnx.Module, head: nnx.Module, tiles, label, *,
 
     Args:
       encoder: a ``ResNet`` (any encoder with the ResNet block interface), or an encoder without
-        BatchNorm called as ``encoder(x, train=True)``; its ``BatchStat``s are updated in place.
+        BatchNorm called as ``encoder(x, train=True)``; its ``BatchStat``s are updated in place
+        (with ``mesh.local`` copies: they stay on one device per process).
       head: a MIL aggregator (``bigjax.models.mil.build``); its non-parameter state (RNG counts) is
         updated in place.
       tiles: (n_tiles, H, W, 3) float32 host array, any n_tiles >= 1 (padded and masked per shard).
@@ -94,6 +95,6 @@ def mesh_value_and_grad(encoder: nnx.Module, head: nnx.Module, tiles, label, *,
     loss, g_enc, g_head, stats, rest = _step(
         *state, *sharded, mesh=mesh, enc_def=enc_def, head_def=head_def, layout=layout,
         sync_bn=sync_bn, dtype=dtype, remat=remat, loss_fn=loss_fn, collectives=collectives)
-    nnx.update(encoder, stats)
-    nnx.update(head, rest)
+    nnx.update(encoder, local(stats))  # the modules' state stays on one device per process
+    nnx.update(head, local(rest))
     return loss, (g_enc, g_head)

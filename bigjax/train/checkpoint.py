@@ -80,8 +80,9 @@ class RunCheckpoints:
                              f"evaluate it with that version, or choose another --workdir")
         self.latest = ocp.CheckpointManager(
             root / "checkpoints",
-            options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False,
-                                                 cleanup_tmp_directories=True, todelete_subdir=DELETED))
+            options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False,
+                                                 cleanup_tmp_directories=True, todelete_subdir=DELETED,
+                                                 **_one_process(root / "checkpoints")))
         self._purge_deleted()
 
     @property
@@ -167,6 +168,16 @@ class RunCheckpoints:
         restored = self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **items))
         load_state_tree({name: restored[name] for name in target}, model, optimizer)
         return dict(restored["meta"])
+
+
+def _one_process(directory: Path) -> dict:
+    """orbax options: this process's checkpoints; in a multi-process run only process 0 makes them,
+    and orbax must not wait for the others (``active_processes``, which needs the folder made)."""
+    if jax.process_count() == 1:
+        return {"create": True}
+    directory.mkdir(parents=True, exist_ok=True)
+    return {"create": False, "multiprocessing_options": ocp.options.MultiprocessingOptions(
+        primary_host=jax.process_index(), active_processes={jax.process_index()})}
 
 
 def _key_to_data(x):

@@ -59,6 +59,10 @@ class TrainConfig:
       checkpoint_every: also save the latest checkpoint every this many steps (0 = epoch ends only).
       log_every: steps between metrics.jsonl rows of the training loss.
       progress: tqdm progress bars.
+      devices: encoder-mesh size: each step's tiles over this many devices (all processes' devices
+        together; ``bigjax.parallel.mode``), for the modes that train the encoder; 1 = one device.
+      sync_bn: with devices > 1, BatchNorm statistics over all the step's tiles (equal to one
+        device) or per device (Campanella et al.'s practice).
     """
 
     workdir: str
@@ -89,6 +93,8 @@ class TrainConfig:
     checkpoint_every: int = 0
     log_every: int = 10
     progress: bool = True
+    devices: int = 1
+    sync_bn: bool = True
 
     @property
     def auto_fit(self) -> bool:
@@ -108,7 +114,7 @@ class TrainConfig:
             raise ValueError(f"--compute_dtype={self.compute_dtype}: only ViT encoders have a "
                              f"bfloat16 path, not --arch={self.arch}")
         for name in ("epochs", "batch_size", "tiles_per_bag", "val_draws", "embed_chunk",
-                     "log_every"):
+                     "log_every", "devices"):
             _at_least(name, getattr(self, name), 1)
         for name in ("seed", "val_tiles", "eval_draws", "eval_tiles", "checkpoint_every"):
             _at_least(name, getattr(self, name), 0)

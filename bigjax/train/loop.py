@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+import jax
 import numpy as np
 from flax import nnx
 from tqdm import tqdm
@@ -31,6 +32,7 @@ from bigjax.data.manifest import read_manifest, require_splits, select
 from bigjax.errors import Diverged, Interrupted
 from bigjax.data.store import TileStore
 from bigjax.models import mil
+from bigjax.parallel.distributed import share_from_main
 from bigjax.train import modes
 from bigjax.train.checkpoint import RunCheckpoints
 from bigjax.train.config import TrainConfig
@@ -85,7 +87,10 @@ class Run:
         tx = make_optimizer(config.optim, epochs=config.epochs,
                             steps_per_epoch=max(1, self.steps_per_epoch // config.optim.accum))
         self.optimizer = nnx.Optimizer(self.model, tx, wrt=self.mode.trainable())
-        self.checkpoints = RunCheckpoints(self.workdir)
+        # a multi-process run (--processes): process 0 writes checkpoints, metrics and results; the
+        # others take the steps with it (the encoder mesh spans their devices) and write nothing
+        self.writes = jax.process_index() == 0
+        self.checkpoints = RunCheckpoints(self.workdir) if self.writes else None
         self.log = MetricsLog(self.workdir / "metrics.jsonl")
 
     def prepare(self) -> None:
@@ -134,14 +139,15 @@ def train(config: TrainConfig, *, resume: bool = False,
     run = Run(config)
     require_splits([s for split in run.slides.values() for s in split], ("train", "val"),
                    hint="pass --splits_csv or re-tile the store")
-    meta = _start(run, resume)
-    (run.workdir / "config.json").write_text(config.to_json())
+    meta = _from_main(run, _start(run, resume) if run.writes else None)
+    if run.writes:
+        (run.workdir / "config.json").write_text(config.to_json())
     run.prepare()
     augment = _augment(run)
     for epoch in range(meta["step"] // run.steps_per_epoch, config.epochs):
         _train_epoch(run, meta, epoch, augment, on_step, should_stop)
         _end_epoch(run, meta, epoch)
-    return _final_evaluation(run)
+    return _final_evaluation(run) if run.writes else {}
 
 
 def _train_epoch(run: Run, meta: dict, epoch: int, augment, on_step, should_stop) -> None:
@@ -164,15 +170,18 @@ def _train_epoch(run: Run, meta: dict, epoch: int, augment, on_step, should_stop
         tiles_per_s = sum(len(b.tiles) for b in batch) / seconds
         bar.set_postfix(loss=f"{meta['loss_sum'] / meta['loss_count']:.4f}",
                         tiles_per_s=f"{tiles_per_s:.1f}")
-        if step % c.log_every == 0:
+        if step % c.log_every == 0 and run.writes:
             run.log.write(kind="step", step=step, epoch=epoch, loss=loss, tiles_per_s=tiles_per_s)
-        if c.checkpoint_every and step % c.checkpoint_every == 0 and step % run.steps_per_epoch:
+        if (c.checkpoint_every and step % c.checkpoint_every == 0 and step % run.steps_per_epoch
+                and run.writes):
             meta["step"] = step
             run.checkpoints.save(step, run.model, run.optimizer, meta)
         if on_step is not None:
             on_step(step)
         if should_stop is not None and should_stop():
             meta["step"] = step
+            if not run.writes:
+                raise Interrupted(f"stopped at step {step} (process {jax.process_index()})")
             run.checkpoints.save(step, run.model, run.optimizer, meta)
             raise Interrupted(f"stopped at step {step}; the checkpoint is in {run.checkpoints.directory}:"
                               " continue with --resume")
@@ -181,7 +190,10 @@ def _train_epoch(run: Run, meta: dict, epoch: int, augment, on_step, should_stop
 
 
 def _end_epoch(run: Run, meta: dict, epoch: int) -> None:
-    """Validate, keep the epoch's checkpoint (and the best), log and plot."""
+    """Validate, keep the epoch's checkpoint (and the best), log and plot (process 0 of several)."""
+    if not run.writes:
+        meta.update(loss_sum=0.0, loss_count=0)
+        return
     c = run.config
     val = run.validate()
     train_loss = meta["loss_sum"] / max(meta["loss_count"], 1)
@@ -230,6 +242,14 @@ def _start(run: Run, resume: bool) -> dict:
     return {"step": 0, "best": None, "best_step": None, "loss_sum": 0.0, "loss_count": 0}
 
 
+def _from_main(run: Run, meta: dict | None) -> dict:
+    """A multi-process run: every process takes process 0's start (model, optimiser, step)."""
+    if jax.process_count() == 1:
+        return meta
+    step = share_from_main(run.model, run.optimizer, meta["step"] if run.writes else 0)
+    return meta if run.writes else {"step": step, "loss_sum": 0.0, "loss_count": 0}
+
+
 def _same_config(run: Run) -> None:
     """A resumed run keeps its settings: a changed one would silently give another run."""
     saved = run.workdir / "config.json"
@@ -253,8 +273,9 @@ def _augment(run: Run):
     return AugmentConfig()
 
 
-def _stop_non_finite(loss: float, step: int, epoch: int, batch: list[Bag], ckpt: RunCheckpoints):
-    kept = ckpt.latest_step()
+def _stop_non_finite(loss: float, step: int, epoch: int, batch: list[Bag],
+                     ckpt: RunCheckpoints | None):
+    kept = ckpt.latest_step() if ckpt is not None else None  # None: not process 0 of several
     where = (f"the last good checkpoint, of step {kept} in {ckpt.directory}, is kept" if kept is not None
              else "no checkpoint was saved yet")
     raise NonFiniteLossError(

@@ -11,10 +11,12 @@ registry that code outside the package extends with ``@register("name")``.
 - ``frozen``: the encoder's eval-mode forward on the fly (augmented tiles), only the aggregator trained.
 - ``precomputed``: eval-mode embeddings of every tile computed once into a ``FeatureCache``; only the
   aggregator trained, on cached rows.
-- ``mesh`` (``bigjax.parallel.mode``): each batch's tiles over every device (Campanella et al.).
 - ``local`` (``bigjax.local.mode``): K gradient-isolated modules with their own losses (Zhang et al.).
 
-The modes defined in other packages are imported (so registered) on the first lookup.
+With ``config.devices > 1`` a mode that trains the encoder runs each step over an encoder mesh of that
+many devices (Campanella et al.): the lookup returns the class registered for it with
+``@register_mesh(name)`` (``bigjax.parallel.mode``: ``big``, ``inmemory``). The modes defined in other
+packages are imported (so registered) on the first lookup.
 """
 
 from __future__ import annotations
@@ -37,10 +39,11 @@ from bigjax.train import features, steps
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EncoderMode", "register", "names", "get", "get_class", "STREAMING_SETTINGS",
-           "LOCAL_SETTINGS"]
+__all__ = ["EncoderMode", "register", "register_mesh", "names", "get", "get_class",
+           "STREAMING_SETTINGS", "LOCAL_SETTINGS"]
 
 _MODES: dict[str, type["EncoderMode"]] = {}
+_MESH_MODES: dict[str, type["EncoderMode"]] = {}  # name -> the mode run over an encoder mesh
 _ELSEWHERE = ("bigjax.parallel.mode", "bigjax.local.mode")  # modules that register more modes
 # config fields only the modes that stream through Big-Layers read
 STREAMING_SETTINGS = ("big_stages", "max_partition_bytes", "device_memory")
@@ -57,6 +60,15 @@ def register(name: str):
     return add
 
 
+def register_mesh(name: str):
+    """Class decorator: the class that runs mode ``name`` over an encoder mesh (``--devices`` > 1)."""
+    def add(cls):
+        cls.name = name
+        _MESH_MODES[name] = cls
+        return cls
+    return add
+
+
 def _register_elsewhere() -> None:
     for module in _ELSEWHERE:
         importlib.import_module(module)
@@ -68,16 +80,22 @@ def names() -> tuple[str, ...]:
     return tuple(_MODES)
 
 
-def get_class(name: str) -> type["EncoderMode"]:
-    """The mode registered as ``name``."""
+def get_class(name: str, devices: int = 1) -> type["EncoderMode"]:
+    """The mode registered as ``name``; over an encoder mesh when ``devices`` > 1."""
     if name not in names():
         raise ValueError(f"encoder mode {name!r}: choose one of {', '.join(_MODES)}")
-    return _MODES[name]
+    if devices == 1:
+        return _MODES[name]
+    if name not in _MESH_MODES:
+        raise ValueError(f"--devices={devices} with --encoder={name}: only the modes that train the "
+                         f"encoder run over an encoder mesh ({', '.join(_MESH_MODES)}); {name} runs on "
+                         f"one device (--devices=1)")
+    return _MESH_MODES[name]
 
 
 def get(config, workdir: Path) -> "EncoderMode":
-    """The mode object of a run (``config.encoder``), for the run's working folder."""
-    return get_class(config.encoder)(config, workdir)
+    """The mode object of a run (``config.encoder``, ``config.devices``), for its working folder."""
+    return get_class(config.encoder, config.devices)(config, workdir)
 
 
 class EncoderMode:
@@ -152,7 +170,7 @@ class EncoderMode:
 
 def augmented_tiles(batch: list[Bag]) -> np.ndarray:
     """uint8 (B, K, T, T, 3): each bag with its slide's augmentation draw, computed on the host CPU."""
-    cpu = jax.devices("cpu")[0]
+    cpu = jax.local_devices(backend="cpu")[0]  # this process's (a multi-process run)
     return np.stack([bag.tiles if bag.aug is None else
                      np.asarray(augment_bag(jax.device_put(bag.tiles, cpu), bag.aug)) for bag in batch])
 

@@ -81,3 +81,20 @@ def test_a_store_with_a_failed_slide_is_tiled_again(tmp_path):
     assert store_ready(preset)
     write_manifest(tmp_path / "store" / "manifest.csv", [ok, failed])
     assert not store_ready(preset)
+
+
+def test_devices_log_every_and_sync_bn_flags_reach_the_config():
+    # --devices=2: the two CPU devices tests/conftest.py already gave this process
+    a = panda.parse_flags(["--encoder=inmemory", "--devices=2", "--log_every=1", "--no-sync_bn"])
+    config = panda.config_from_flags(a).train
+    assert (config.devices, config.log_every, config.sync_bn) == (2, 1, False)
+    assert panda.config_from_flags(panda.parse_flags([])).train.devices == 1
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--encoder=frozen", "--devices=2"], "--devices=2 with --encoder=frozen: only the modes"),
+    (["--encoder=inmemory", "--devices=3", "--processes=2"], "--devices=3 over --processes=2"),
+])
+def test_devices_for_a_mode_without_a_mesh_or_uneven_processes_are_refused(flags, message):
+    with pytest.raises(ValueError, match=message):
+        panda.config_from_flags(panda.parse_flags(flags))

@@ -70,9 +70,24 @@ def test_merged_shard_moments_are_the_moments_of_all_values():
     assert rel(mean, x.mean(0)) < 1e-6 and rel(var, x.var(0)) < 1e-6
 
 
-def test_synchronised_batch_norm_over_big_shards_needs_every_stage_big():
+@pytest.mark.slow
+def test_synchronised_batch_norm_streams_the_stages_one_engine_runs_in_memory():
+    """big_stages=0: one engine would run layer1 as its jitted tail; the lockstep engines stream it."""
+    tiles = TILES[:3]
+    loss0, (g_enc0, g_head0) = one_device(tiny_resnet(stages=1), head(in_dim=64), tiles)
+    encoder = tiny_resnet(big=True, stages=1)
+    encoder.big_stages = 0
+    loss, (g_enc, g_head) = big_mesh_value_and_grad(encoder, head(in_dim=64), tiles, LABEL,
+                                                    sync_bn=True,
+                                                    executions=_executions({0: [], 1: []}))
+    assert rel(loss, loss0) < 1e-6
+    assert_close(g_enc, g_enc0, 1e-5)
+    assert_close(g_head, g_head0, 1e-5)
+
+
+def test_synchronised_batch_norm_over_big_shards_needs_the_fused_path():
     encoder = tiny_resnet(big=True)
-    encoder.big_stages = 2
-    with pytest.raises(ValueError, match="big_stages=2"):
+    encoder.fused = False
+    with pytest.raises(ValueError, match="fused=False"):
         big_mesh_value_and_grad(encoder, head(), TILES, LABEL, sync_bn=True,
                                 executions=_executions({0: [], 1: []}))

@@ -1,42 +1,49 @@
-"""``--encoder=mesh`` against ``--encoder=inmemory``: the same first step (loss, updated parameters)."""
+"""``--devices``: the modes that train the encoder over an encoder mesh against their one-device step."""
 
 import numpy as np
 import pytest
 from flax import nnx
 
-modes = pytest.importorskip("bigjax.train.modes")  # the lead's mode registry (on main, 2026-12-01)
+from bigjax.data.bags import Bag
+from bigjax.parallel.mode import BigMesh, InMemoryMesh
+from bigjax.train import modes
+from bigjax.train.loop import Run
+from tests.train.conftest import store  # noqa: F401  (the generated tile store fixture)
+from tests.train.test_loop import tiny
 
-from bigjax.data.bags import Bag  # noqa: E402
-from bigjax.train.loop import Run  # noqa: E402
-from tests.train.conftest import store  # noqa: E402,F401  (the generated tile store fixture)
-from tests.train.test_loop import tiny  # noqa: E402
+
+def test_devices_pick_the_mesh_form_of_a_mode_that_trains_the_encoder():
+    assert modes.get_class("big") is modes.get_class("big", 1) is modes.Big
+    assert modes.get_class("inmemory", 1) is modes.InMemory
+    assert modes.get_class("big", 2) is BigMesh and modes.get_class("inmemory", 4) is InMemoryMesh
+    for name in ("frozen", "precomputed"):
+        with pytest.raises(ValueError, match=f"--devices=2 with --encoder={name}: only the modes"):
+            modes.get_class(name, 2)
+
+
+def _batch():
+    tiles = np.random.default_rng(0).integers(0, 255, size=(2, 5, 16, 16, 3), dtype=np.uint8)
+    return [Bag(tiles=tiles[i], label=i, slide_id=f"s{i}", indices=np.arange(5)) for i in range(2)]
 
 
 @pytest.mark.slow
-def test_a_mesh_step_is_the_in_memory_step(store, tmp_path):  # noqa: F811
-    assert "mesh" in modes.names()
-    runs = {name: Run(tiny(store, tmp_path / name, encoder=name, accum=1))
-            for name in ("mesh", "inmemory")}
-    tiles = np.random.default_rng(0).integers(0, 255, size=(2, 5, 16, 16, 3), dtype=np.uint8)
-    batch = [Bag(tiles=tiles[i], label=i, slide_id=f"s{i}", indices=np.arange(5)) for i in range(2)]
-    losses = {name: run.step(batch) for name, run in runs.items()}
-    np.testing.assert_allclose(losses["mesh"], losses["inmemory"], rtol=1e-5)
-    after = {name: dict(nnx.to_flat_state(nnx.state(run.model, nnx.Param)))
-             for name, run in runs.items()}
+@pytest.mark.parametrize("encoder", ["inmemory", "big"])
+def test_a_step_over_two_devices_is_the_one_device_step(store, tmp_path, encoder):  # noqa: F811
+    runs = {n: Run(tiny(store, tmp_path / str(n), encoder=encoder, devices=n, accum=1,
+                                 lr=1e-4)) for n in (1, 2)}
+    assert isinstance(runs[2].mode, InMemoryMesh if encoder == "inmemory" else BigMesh)
+    losses = {n: [run.step(_batch()) for _ in range(3)] for n, run in runs.items()}
+    np.testing.assert_allclose(losses[2][0], losses[1][0], rtol=1e-6)
+    # the updates carry round-off on: Adam's first steps are near sign(g), so a gradient that is
+    # round-off in both runs moves its parameter by +-lr (measured 1.7e-5 at steps 2 and 3)
+    np.testing.assert_allclose(losses[2], losses[1], rtol=5e-5)
+    after = {n: dict(nnx.to_flat_state(nnx.state(run.model, nnx.Param))) for n, run in runs.items()}
     # Adam moves a parameter by about lr (1e-3) whatever its gradient's size, so a gradient that is
     # round-off in both runs (zero in exact arithmetic) may move it the other way: every parameter
-    # agrees to 2 lr, and all but a handful exactly (to float32 round-off)
+    # agrees to 2 lr per step, and all but a handful exactly (to float32 round-off)
     far = total = 0
-    for path, v in after["inmemory"].items():
-        diff = np.abs(np.asarray(after["mesh"][path].get_value()) - np.asarray(v.get_value()))
-        assert diff.max() < 2.1e-3, path
+    for path, v in after[1].items():
+        diff = np.abs(np.asarray(after[2][path].get_value()) - np.asarray(v.get_value()))
+        assert diff.max() < 4.1e-3, path
         far, total = far + int(np.sum(diff > 1e-5)), total + diff.size
-    assert far <= 1e-5 * total, (far, total)
-
-
-@pytest.mark.slow
-def test_a_mesh_run_trains_checkpoints_and_evaluates(store, tmp_path):  # noqa: F811
-    from bigjax.train.loop import train
-
-    results = train(tiny(store, tmp_path, encoder="mesh", epochs=1))
-    assert "test QWK" in "\n".join(results["lines"])
+    assert far <= 1e-4 * total, (far, total)
