@@ -8,14 +8,13 @@ directions are DMA), compute -> host into ``pinned_host`` where the engine stage
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass
 
 import jax
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 
+from bigjax.bench.profile import median_seconds
 from bigjax.layers.execution import Execution
 
 __all__ = ["Bandwidth", "copy_bandwidth"]
@@ -43,16 +42,6 @@ def copy_bandwidth(execution: Execution, nbytes: int = 256 * 2**20, reps: int = 
                      else SingleDeviceSharding(execution.host, memory_kind=kind))
     x = jax.device_put(np.ones(nbytes // 4, np.float32), host_sharding)
     on_device = jax.block_until_ready(jax.device_put(x, execution.compute))
-    h2d = _median_seconds(lambda: jax.device_put(x, execution.compute), reps)
-    d2h = _median_seconds(lambda: jax.device_put(on_device, host_sharding), reps)
+    h2d = median_seconds(lambda: jax.device_put(x, execution.compute), reps)
+    d2h = median_seconds(lambda: jax.device_put(on_device, host_sharding), reps)
     return Bandwidth(nbytes / h2d, nbytes / d2h, nbytes)
-
-
-def _median_seconds(copy, reps) -> float:
-    jax.block_until_ready(copy())
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(copy())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)

@@ -9,6 +9,7 @@ profiled step is slower than the timed one: read the shares, not the sum.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import defaultdict
 from typing import Callable
@@ -17,7 +18,7 @@ import jax
 
 from bigjax.layers.execution import Execution
 
-__all__ = ["Stopwatch", "profile_step", "CATEGORIES", "KERNELS"]
+__all__ = ["Stopwatch", "profile_step", "median_seconds", "CATEGORIES", "KERNELS"]
 
 CATEGORIES = {
     "to_compute": "host->device copies",
@@ -70,3 +71,14 @@ def profile_step(step: Callable[[Execution], object], execution: Execution) -> d
     totals[REMAINDER] = wall - sum(totals.values())
     totals["total (blocking)"] = wall
     return totals
+
+
+def median_seconds(run: Callable[[], object], reps: int) -> float:
+    """Median wall seconds of ``reps`` calls of ``run`` (each waited for), after one warm-up call."""
+    jax.block_until_ready(run())
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(run())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

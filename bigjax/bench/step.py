@@ -8,17 +8,14 @@ kernels jitted); the twin's whole step is one ``nnx.jit`` function.
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import asdict, dataclass
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from bigjax.bench.bandwidth import copy_bandwidth
-from bigjax.bench.profile import KERNELS, profile_step
+from bigjax.bench.profile import KERNELS, median_seconds, profile_step
 from bigjax.bench.traffic import step_traffic
 from bigjax.layers.execution import Execution
 from bigjax.models.resnet import BigResNet, in_memory_twin
@@ -86,16 +83,6 @@ class PartitionCounter:
         return fn(*args, **kwargs)
 
 
-def _median_seconds(step, reps: int) -> float:
-    jax.block_until_ready(step())  # compile and warm up
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(step())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def benchmark_step(depth: int, shape: tuple, budget: int, *, fused: bool = True, reps: int = 3,
                    seed: int = 0, profile: bool = True, prefetch: int | None = 1
                    ) -> StepTiming:
@@ -128,11 +115,11 @@ def benchmark_step(depth: int, shape: tuple, budget: int, *, fused: bool = True,
     counter = PartitionCounter()
     big(x_on[ex.host], train=False, execution=ex.replace(observer=counter))
     big_step = lambda e: big_grad(big, x_on[e.host], e)  # noqa: E731
-    big_s = _median_seconds(lambda: big_step(ex), reps)
+    big_s = median_seconds(lambda: big_step(ex), reps)
     big_peak = _peak_bytes(ex)
     breakdown = profile_step(big_step, ex) if profile else None
     traffic = step_traffic(lambda e: big(x_on[e.host], train=True, execution=e), big_step, bus)
-    plain_s = _median_seconds(lambda: plain_step(twin, x_device), reps)
+    plain_s = median_seconds(lambda: plain_step(twin, x_device), reps)
     bw = copy_bandwidth(bus)
     return StepTiming(depth, tuple(shape), budget, fused, counter.conv_partitions, big_s, plain_s,
                       big_peak, _peak_bytes(ex), breakdown, traffic, {"h2d": bw.h2d, "d2h": bw.d2h})

@@ -30,7 +30,7 @@ from flax import nnx
 from bigjax.layers.bands import take_band
 from bigjax.layers.execution import Execution, ensure_eager, zeros_like
 from bigjax.models.vit import ViT, ViTConfig, config_for, embed_tokens, pool_tokens
-from bigjax.models.vit_streamed import streamed_block
+from bigjax.models.vit_streamed import stage_backward, stage_forward, streamed_block
 
 __all__ = ["BigViT", "build_big", "in_memory_twin", "tile_bytes", "VIT_EVENTS", "ATTENTION"]
 
@@ -49,19 +49,6 @@ def _run(kind: str, config: ViTConfig, parts, x):
     if kind == "block":
         return parts(x)
     return pool_tokens(config, parts, x)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _forward_kernel(graphdef, kind, config, state, x):
-    return _run(kind, config, nnx.merge(graphdef, state), x)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _backward_kernel(graphdef, kind, config, acc, state, x, g):
-    """This partition's input cotangent, and the parameter cotangents added to ``acc``."""
-    _, pull = jax.vjp(lambda s, v: _run(kind, config, nnx.merge(graphdef, s), v), state, x)
-    d_state, dx = pull(g)
-    return jax.tree.map(jnp.add, acc, d_state), dx
 
 
 @dataclass(frozen=True)
@@ -94,7 +81,7 @@ def _forward(stage: _Stage, state, x):
     on_device = jax.tree.map(ex.to_compute, state)
     out = []
     for a, b in _partitions(stage, x.shape[0]):
-        y = ex.call("vit_forward", _forward_kernel, stage.graphdef, stage.kind, stage.config,
+        y = ex.call("vit_forward", stage_forward, _run, stage.graphdef, stage.kind, stage.config,
                     on_device, _take(ex, x, a, b))
         out.append(ex.to_host(y))
         del y
@@ -119,7 +106,7 @@ def _streamed_bwd(stage, res, g):
     on_device = jax.tree.map(ex.to_compute, state)
     acc, g, dx = zeros_like(on_device), ex.to_host(g), []
     for a, b in _partitions(stage, host_x.shape[0]):
-        acc, d = ex.call("vit_backward", _backward_kernel, stage.graphdef, stage.kind, stage.config,
+        acc, d = ex.call("vit_backward", stage_backward, _run, stage.graphdef, stage.kind, stage.config,
                          acc, on_device, _take(ex, host_x, a, b), _take(ex, g, a, b))
         dx.append(ex.to_host(d))
         del d

@@ -57,17 +57,18 @@ def _scaled(ls, x):
     return x if ls is None else ls(x)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _forward_kernel(graphdef, kind, heads, state, xs):
-    return _run(kind, heads, nnx.merge(graphdef, state), xs)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def stage_forward(run, graphdef, kind, setting, state, x):
+    """One partition of a stage: ``run(kind, setting, module, x)`` with the stage's module merged."""
+    return run(kind, setting, nnx.merge(graphdef, state), x)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _backward_kernel(graphdef, kind, heads, acc, state, xs, gs):
-    """This partition's input cotangents, and the parameter cotangents added to ``acc``."""
-    _, pull = jax.vjp(lambda s, v: _run(kind, heads, nnx.merge(graphdef, s), v), state, xs)
-    d_state, dxs = pull(gs)
-    return jax.tree.map(jnp.add, acc, d_state), dxs
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def stage_backward(run, graphdef, kind, setting, acc, state, x, g):
+    """This partition's input cotangent, and the parameter cotangents added to ``acc``."""
+    _, pull = jax.vjp(lambda s, v: run(kind, setting, nnx.merge(graphdef, s), v), state, x)
+    d_state, dx = pull(g)
+    return jax.tree.map(jnp.add, acc, d_state), dx
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ def _forward(stage: _Stage, state, xs):
     on_device = jax.tree.map(ex.to_compute, state)
     outs = []
     for part in stage.grid:
-        ys = ex.call("vit_forward", _forward_kernel, stage.graphdef, stage.kind, stage.heads,
+        ys = ex.call("vit_forward", stage_forward, _run, stage.graphdef, stage.kind, stage.heads,
                      on_device, tuple(_take(ex, x, part, ax) for x, ax in zip(xs, in_axes)))
         outs.append(tuple(ex.to_host(y) for y in ys))
         del ys
@@ -156,8 +157,8 @@ def _token_stage_bwd(stage, res, gs):
     on_device = jax.tree.map(ex.to_compute, state)
     acc, gs, dxs = zeros_like(on_device), tuple(map(ex.to_host, gs)), []
     for part in stage.grid:
-        acc, d = ex.call("vit_backward", _backward_kernel, stage.graphdef, stage.kind, stage.heads,
-                         acc, on_device, tuple(_take(ex, x, part, ax) for x, ax in zip(host, in_axes)),
+        acc, d = ex.call("vit_backward", stage_backward, _run, stage.graphdef, stage.kind,
+                         stage.heads, acc, on_device, tuple(_take(ex, x, part, ax) for x, ax in zip(host, in_axes)),
                          tuple(_take(ex, g, part, ax) for g, ax in zip(gs, out_axes)))
         dxs.append(tuple(map(ex.to_host, d)))
         del d

@@ -53,18 +53,18 @@ LOCAL_SETTINGS = ("modules", "local_alpha")
 
 def register(name: str):
     """Class decorator: make an ``EncoderMode`` subclass available as ``--encoder=name``."""
-    def add(cls):
-        cls.name = name
-        _MODES[name] = cls
-        return cls
-    return add
+    return _registrar(_MODES, name)
 
 
 def register_mesh(name: str):
     """Class decorator: the class that runs mode ``name`` over an encoder mesh (``--devices`` > 1)."""
+    return _registrar(_MESH_MODES, name)
+
+
+def _registrar(table: dict, name: str):
     def add(cls):
         cls.name = name
-        _MESH_MODES[name] = cls
+        table[name] = cls
         return cls
     return add
 
