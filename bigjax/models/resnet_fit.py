@@ -150,3 +150,26 @@ def _compiled_step_bytes(model, shape, k) -> int:
 
     stats = jax.jit(step).lower(state, x).compile().memory_analysis()
     return int(stats.temp_size_in_bytes) + math.prod(x.shape) * x.dtype.itemsize
+
+
+def main(argv=None) -> None:
+    """``python -m bigjax.models.resnet_fit --depth 18 --shape 512x256x256x3 --limits 80,24,8``:
+    what ``auto`` picks for each device limit (GiB), one logged reason a line."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--depth", type=int, default=18, choices=(18, 34, 50))
+    p.add_argument("--shape", default="512x256x256x3", help="NxHxWxC of one step's input")
+    p.add_argument("--limits", default="80,24,8", help="device memory limits in GiB, comma-separated")
+    a = p.parse_args(argv)
+    model, shape = ResNet(a.depth, rngs=nnx.Rngs(0)), tuple(int(n) for n in a.shape.split("x"))
+    for gib in (float(g) for g in a.limits.split(",")):
+        try:
+            print(f"ResNet-{a.depth} {a.shape} {gib:g} GiB: "
+                  f"{choose_big_stages(model, shape, int(gib * 2**30)).reason}", flush=True)
+        except ValueError as e:
+            print(f"ResNet-{a.depth} {a.shape} {gib:g} GiB: {e}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
