@@ -7,7 +7,8 @@
 * ``batchnorm``: BatchNorm over shards, synchronised or per shard. ``encoder``: one shard's forward.
 * ``big``: the same with Big-Layers shards, N streaming engines driven eagerly.
 * ``distributed`` / ``launch``: several processes (``jax.distributed``, gloo on CPU).
-* ``mode``: ``--encoder=mesh`` for ``bigjax.train.modes`` (registers on import; not imported here).
+* ``mode``: the mesh forms of ``big`` and ``inmemory`` (``--devices`` > 1) for ``bigjax.train.modes``
+  (registers on import; not imported here).
 * ``memory``: tiles per device that fit, from one shard's compiled step.
 
 References: Campanella et al., "Beyond Multiple Instance Learning: Full Resolution All-In-Memory
