@@ -56,10 +56,13 @@ def busy_gc_callback(phase, info):
     if phase == "start" and signal_in_callback[0]:
         signal_in_callback[0] = False
         os.kill(os.getpid(), signal.SIGINT)
-        sum(range(100_000))  # the handler runs here, inside the callback
+        deadline = time.monotonic() + 5  # the handler runs here, inside the callback, however loaded
+        while time.monotonic() < deadline and not (watched[0] and watched[0].requested()):
+            time.sleep(0.001)
 
 
 signal_in_callback = [False]
+watched = [None]  # the stop_on_interrupt in force, if any
 
 
 def collect_with_signal_inside():
@@ -77,7 +80,11 @@ def test_an_interrupt_inside_a_gc_callback_is_not_lost(monkeypatch):
     collect_with_signal_inside()  # the default handler: KeyboardInterrupt raised there, and dropped
     assert dropped == [KeyboardInterrupt]
     with stop_on_interrupt() as stop:
-        collect_with_signal_inside()
+        watched[0] = stop
+        try:
+            collect_with_signal_inside()
+        finally:
+            watched[0] = None
         assert stop.requested()
     assert dropped == [KeyboardInterrupt]
 
