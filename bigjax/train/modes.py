@@ -223,9 +223,11 @@ def _fit_device(config) -> "resnet_fit.Fit":
     if limit is None:
         raise ValueError(f"--big_stages/--max_partition_bytes=auto: the {device.platform} device "
                          "reports no memory limit; give --device_memory (e.g. --device_memory=8GiB)")
-    fixed = {k: getattr(config, v) for k, v in (("big_stages", "big_stages"),
-                                                ("budget", "max_partition_bytes"))
-             if getattr(config, v) != "auto"}
+    fixed = {}  # what was given as a number is kept
+    if config.big_stages != "auto":
+        fixed["big_stages"] = config.big_stages
+    if config.max_partition_bytes != "auto":
+        fixed["budget"] = config.max_partition_bytes
     fit = resnet_fit.choose_big_stages(arch.build(config.arch, big=False, rngs=nnx.Rngs(0)),
                                        shape, limit, **fixed)
     log.info("auto fit for %s steps of %s tiles: %s", config.arch, "x".join(map(str, shape)),
