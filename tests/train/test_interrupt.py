@@ -77,7 +77,11 @@ def collect_with_signal_inside():
 def test_an_interrupt_inside_a_gc_callback_is_not_lost(monkeypatch):
     dropped = []
     monkeypatch.setattr(sys, "unraisablehook", lambda info: dropped.append(info.exc_type))
-    collect_with_signal_inside()  # the default handler: KeyboardInterrupt raised there, and dropped
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # whatever ran before us
+    try:
+        collect_with_signal_inside()  # the default handler: KeyboardInterrupt raised there, dropped
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert dropped == [KeyboardInterrupt]
     with stop_on_interrupt() as stop:
         watched[0] = stop
