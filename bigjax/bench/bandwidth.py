@@ -35,11 +35,9 @@ class Bandwidth:
 
 def copy_bandwidth(execution: Execution, nbytes: int = 256 * 2**20, reps: int = 5) -> Bandwidth:
     """Measure host -> compute and compute -> host copies of ``nbytes`` on ``execution``'s devices."""
-    staged = execution.compute.platform != "cpu" if execution.pinned_staging is None \
-        else execution.pinned_staging
-    kind = "pinned_host" if staged else None
-    host_sharding = (SingleDeviceSharding(execution.compute, memory_kind="pinned_host") if staged
-                     else SingleDeviceSharding(execution.host, memory_kind=kind))
+    host_sharding = (SingleDeviceSharding(execution.compute, memory_kind="pinned_host")
+                     if execution.stages_from(execution.compute)
+                     else SingleDeviceSharding(execution.host))
     x = jax.device_put(np.ones(nbytes // 4, np.float32), host_sharding)
     on_device = jax.block_until_ready(jax.device_put(x, execution.compute))
     h2d = median_seconds(lambda: jax.device_put(x, execution.compute), reps)

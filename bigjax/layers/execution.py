@@ -151,8 +151,11 @@ class Execution:
         return self.to_host(x)
 
     def _staged(self, x: jax.Array) -> bool:
+        return self.stages_from(next(iter(x.devices())))
+
+    def stages_from(self, device: jax.Device) -> bool:
+        """Whether copies from ``device`` to host memory go through its ``pinned_host`` memory."""
         staging = self.pinned_staging
-        device = next(iter(x.devices()))
         return device != self.host and (device.platform != "cpu" if staging is None else staging)
 
     def to_compute(self, x) -> jax.Array:
