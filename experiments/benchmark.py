@@ -3,6 +3,7 @@
     python -m experiments.benchmark --quick        # small inputs, about a minute on 2 CPU cores
     python -m experiments.benchmark                # the targets: 1x1024x1024 and 32x256x256
     python -m experiments.benchmark --shapes=1x4096x4096x3,1x8192x8192x3 --profile   # a GPU's floor
+    python -m experiments.benchmark --quick --host_dtype=bfloat16   # half the bytes, its error
 
 Per input: the Big step and its jitted twin (median seconds, ratio), the bytes each way, the achieved
 GB/s, the floor (bytes / measured copy bandwidth), the orchestration share of a profiled step
@@ -40,6 +41,7 @@ class Config:
     out: str | None = None
     profile: bool = False
     prefetch: int | None = 1
+    host_dtype: str | None = None
 
 
 def parse(argv=None) -> Config:
@@ -65,12 +67,15 @@ def parse(argv=None) -> Config:
                    help="also print the breakdown of one Big-Layers step by category")
     p.add_argument("--prefetch", type=_prefetch, default=1,
                    help="partitions in flight beside the current one (default 1; none = unbounded)")
+    p.add_argument("--host_dtype", choices=["bfloat16"],
+                   help="keep the Big step's host activations in this dtype (half the bytes); "
+                        "also prints its gradient error against float32")
     a = p.parse_args(argv)
     if a.sweep:
         return _sweep_config(a)
     shapes = a.shapes or (QUICK if a.quick else FULL)
     return Config(a.depth, tuple(shapes), a.max_partition_bytes,
-                  not a.separate, a.reps, a.out, a.profile, a.prefetch)
+                  not a.separate, a.reps, a.out, a.profile, a.prefetch, a.host_dtype)
 
 
 def _sweep_config(a) -> tuple[SweepConfig, str]:
@@ -97,13 +102,17 @@ def main(argv=None) -> None:
           f"{'h2d MiB':>8} {'d2h MiB':>8} {'GB/s':>6} {'floor s':>7} {'orch.':>6} {'peak MB':>8}")
     for shape in cfg.shapes:
         t = benchmark_step(cfg.depth, shape, cfg.budget, fused=cfg.fused, reps=cfg.reps,
-                           prefetch=cfg.prefetch)
+                           prefetch=cfg.prefetch, host_dtype=cfg.host_dtype)
         m = {k: v / 2**20 for k, v in t.traffic.items() if k.endswith(("h2d", "d2h"))}
         print(f"{'x'.join(map(str, shape)):>14} {t.budget:>11,} {t.conv_partitions:>5} "
               f"{t.big_s:>7.3f} {t.plain_s:>7.3f} {t.ratio:>6.2f} {m['fwd_h2d'] + m['bwd_h2d']:>8.0f} "
               f"{m['fwd_d2h'] + m['bwd_d2h']:>8.0f} {t.moved_bytes / t.big_s / 1e9:>6.2f} "
               f"{t.floor_s:>7.3f} {t.orchestration_share:>6.0%} {_mb(t.big_peak_bytes):>8}",
               flush=True)
+        if t.precision:
+            print(f"    {t.host_dtype} host activations: gradient error "
+                  f"{t.precision['grad_error']:.2%} (relative L2 vs float32 storage); rounding "
+                  f"only the input: {t.precision['input_rounding_error']:.2%}", flush=True)
         if cfg.profile:
             for category, seconds in sorted(t.profile.items(), key=lambda kv: -kv[1]):
                 print(f"    {category:<36} {seconds:8.3f} s")

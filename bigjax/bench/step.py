@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from bigjax.bench.bandwidth import copy_bandwidth
+from bigjax.bench.precision import narrow_host_error
 from bigjax.bench.profile import KERNELS, median_seconds, profile_step
 from bigjax.bench.traffic import step_traffic
 from bigjax.layers.execution import Execution
@@ -39,6 +40,8 @@ class StepTiming:
     profile: dict | None = None  # seconds per category of one blocking Big-Layers step
     traffic: dict | None = None  # bytes each way, forward and backward, of one step (``traffic``)
     bandwidth: dict | None = None  # measured copy bytes/s, {"h2d", "d2h"} (``bandwidth``)
+    host_dtype: str | None = None  # narrow host activations (``Execution.host_dtype``), or None
+    precision: dict | None = None  # their gradient error (``precision.narrow_host_error``)
 
     @property
     def ratio(self) -> float:
@@ -84,8 +87,8 @@ class PartitionCounter:
 
 
 def benchmark_step(depth: int, shape: tuple, budget: int, *, fused: bool = True, reps: int = 3,
-                   seed: int = 0, profile: bool = True, prefetch: int | None = 1
-                   ) -> StepTiming:
+                   seed: int = 0, profile: bool = True, prefetch: int | None = 1,
+                   host_dtype: str | None = None) -> StepTiming:
     """Median step time of ``BigResNet(depth, big_stages=4)`` and its jitted twin on one input.
 
     Args:
@@ -97,12 +100,14 @@ def benchmark_step(depth: int, shape: tuple, budget: int, *, fused: bool = True,
       profile: also profile one Big-Layers step (``profile.profile_step``) into ``.profile`` (the
         orchestration share).
       prefetch: the engine's in-flight partitions (``Execution.prefetch``).
+      host_dtype: e.g. "bfloat16": the Big step keeps its activations in it; the result then also
+        carries the gradient error against float32 storage (``.precision``).
     """
     x = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
     big = BigResNet(depth, big_stages=4, fused=fused, rngs=nnx.Rngs(seed))
     twin = in_memory_twin(big)
     weights = jnp.ones((shape[0], big.embed_dim)) / big.embed_dim
-    bus, ex = _executions(budget, prefetch)
+    bus, ex = _executions(budget, prefetch, host_dtype)
 
     def loss(model, x, execution=None):
         kwargs = {} if execution is None else {"execution": execution}
@@ -121,11 +126,14 @@ def benchmark_step(depth: int, shape: tuple, budget: int, *, fused: bool = True,
     traffic = step_traffic(lambda e: big(x_on[e.host], train=True, execution=e), big_step, bus)
     plain_s = median_seconds(lambda: plain_step(twin, x_device), reps)
     bw = copy_bandwidth(bus)
+    precision = None if host_dtype is None else narrow_host_error(
+        lambda x, e: big_grad(big, x, e)[1], lambda x: plain_step(twin, x)[1], x, ex, host_dtype)
     return StepTiming(depth, tuple(shape), budget, fused, counter.conv_partitions, big_s, plain_s,
-                      big_peak, _peak_bytes(ex), breakdown, traffic, {"h2d": bw.h2d, "d2h": bw.d2h})
+                      big_peak, _peak_bytes(ex), breakdown, traffic, {"h2d": bw.h2d, "d2h": bw.d2h},
+                      host_dtype, precision)
 
 
-def _executions(budget, prefetch) -> tuple[Execution, Execution]:
+def _executions(budget, prefetch, host_dtype=None) -> tuple[Execution, Execution]:
     """The engine whose copies are counted (host memory on a distinct device) and the one timed.
 
     On an accelerator they are the same. On a CPU-only machine the timed engine keeps activations on
@@ -133,7 +141,7 @@ def _executions(budget, prefetch) -> tuple[Execution, Execution]:
     between two virtual CPU devices are memcpys no real deployment makes. Bytes are counted (and
     bandwidth measured) across two CPU devices, so that they are not all zero.
     """
-    bus = Execution(budget, prefetch=prefetch)
+    bus = Execution(budget, prefetch=prefetch, host_dtype=host_dtype)
     if bus.compute.platform != "cpu":
         return bus, bus
     return bus, bus.replace(host=bus.compute)

@@ -50,7 +50,9 @@ class _Spec:
 
 
 def _band_forward(x, kernel, bias, a, b, *, geom, pad):
-    """Output band of one input band (halo included): conv(relu(x*a+b) or x) + bias."""
+    """Output band of one input band (halo included): conv(relu(x*a+b) or x) + bias, computed in the
+    kernel's dtype (a band kept narrower in host memory, ``Execution.host_dtype``, is widened here)."""
+    x = x.astype(kernel.dtype)
     z = x if a is None else jax.nn.relu(x * a + b)
     y = conv2d(z, kernel, geom, pad)
     return y if bias is None else y + bias
@@ -58,19 +60,25 @@ def _band_forward(x, kernel, bias, a, b, *, geom, pad):
 
 @functools.partial(jax.jit, static_argnames=("geom", "pad", "stats"))
 def _forward_kernel(x, kernel, bias, a, b, acc, *, geom, pad, stats):
-    """Output band and, with ``stats``, the output moments so far with this band's merged in."""
+    """Output band, rounded to the input's (host) dtype, and, with ``stats``, the moments so far
+    (of the unrounded band) with this band's merged in."""
     y = _band_forward(x, kernel, bias, a, b, geom=geom, pad=pad)
-    return y, (moments.accumulate_moments(acc, y) if stats else None)
+    return y.astype(x.dtype), (moments.accumulate_moments(acc, y) if stats else None)
 
 
 @functools.partial(jax.jit, static_argnames=("geom", "pad", "emit", "take"))
 def _backward_kernel(acc, carry, x, kernel, bias, a, b, g, *, geom, pad, emit, take):
-    """Band input gradient (emit rows, carry rows) and accumulated parameter gradients."""
-    _, pull = jax.vjp(lambda *p: _band_forward(*p, geom=geom, pad=pad), x, kernel, bias, a, b)
-    dx, *dparams = pull(g)
+    """Band input gradient (emit rows, carry rows) and accumulated parameter gradients.
+
+    Computed in the kernel's dtype, the overlap-add carry included; only the emitted rows are rounded
+    to the host dtype of ``x``."""
+    wide = kernel.dtype
+    _, pull = jax.vjp(lambda *p: _band_forward(*p, geom=geom, pad=pad), x.astype(wide), kernel,
+                      bias, a, b)
+    dx, *dparams = pull(g.astype(wide))
     dx = dx.at[:, : carry.shape[1]].add(carry)  # overlap-add of the previous band's halo
     out = jnp.pad(dx[:, :take], ((0, 0), (0, emit - take), (0, 0), (0, 0)))
-    return jax.tree.map(jnp.add, acc, tuple(dparams)), out, dx[:, take:]
+    return jax.tree.map(jnp.add, acc, tuple(dparams)), out.astype(x.dtype), dx[:, take:]
 
 
 @jax.jit
@@ -79,24 +87,30 @@ def _stats_cotangent(g, y, mean, g_mean, g_var, count):
     return g + moments.moments_cotangent(y, mean, g_mean, g_var, count)
 
 
-def _footprint(kernel, a, stats, backward) -> Footprint:
-    """Device buffers per partition (in band / out band units), forward or backward.
+def _footprint(kernel, a, stats, backward, narrow=0.0) -> Footprint:
+    """Device buffers per partition (in band / out band units of the kernel's dtype), fwd or bwd.
 
     Fixed: the kernel (and its gradient accumulator in the backward pass) and a few per-channel
     vectors (bias, prologue, statistics). The prologue materialises relu(x*a+b) beside the input band.
+    A band kept in a narrower host dtype (``narrow`` = its itemsize over the kernel's, else 0) is
+    widened beside itself, and what goes back is rounded beside the wide result: those narrow copies
+    are the fractions below.
     """
     *_, cin, cout = kernel.shape
     fixed = (1 + backward) * (kernel.size + 6 * (cin + cout)) * kernel.dtype.itemsize
     pro = a is not None
-    if backward:
-        return Footprint(in_buffers=2 + pro, out_buffers=2 + stats, fixed_bytes=fixed, carry=True)
-    return Footprint(in_buffers=1 + pro, out_buffers=2, fixed_bytes=fixed)
+    if backward:  # in: x, dx, prologue (+ narrow x, rounded dx); out: g, y, scratch (+ narrow g, y)
+        return Footprint(in_buffers=2 + pro + 2 * narrow, out_buffers=2 + stats + narrow * (1 + stats),
+                         fixed_bytes=fixed, carry=True)
+    return Footprint(in_buffers=1 + pro + narrow, out_buffers=2 + narrow, fixed_bytes=fixed)
 
 
 def _plan(spec, x, kernel, a, backward):
-    fp = _footprint(kernel, a, spec.stats, backward)
+    wide = kernel.dtype.itemsize
+    narrow = x.dtype.itemsize / wide if x.dtype.itemsize < wide else 0
+    fp = _footprint(kernel, a, spec.stats, backward, narrow)
     return plan_partitions(x.shape, kernel.shape[-1], spec.geom, fp, spec.ex.max_partition_bytes,
-                           x.dtype.itemsize, "convolution")
+                           max(x.dtype.itemsize, wide), "convolution")
 
 
 def _place(spec, x, kernel, bias, a, b):
@@ -151,7 +165,7 @@ def _backward(spec, res, cts):
     for p, end in zip(plan, _row_ends(plan, x.shape[1])):
         ex.window.admit(ex)
         if p.r0 == 0:  # a new image chunk: nothing to overlap-add yet
-            carry = ex.to_compute(np.zeros((p.n1 - p.n0, 0, *x.shape[2:]), x.dtype))
+            carry = ex.to_compute(np.zeros((p.n1 - p.n0, 0, *x.shape[2:]), kernel.dtype))
             start = 0
         gb = _band(ex, g, p.n0, p.n1, p.r0, p.r1)
         if spec.stats:

@@ -83,6 +83,10 @@ class Execution:
         accelerator's code path (the tests do).
       prefetch: partitions whose copies may still be in flight when the next one is dispatched
         (``stream.Window``; default 1, double buffering); None = unbounded.
+      host_dtype: the dtype big activations (and their cotangents) are kept in between ops, e.g.
+        ``bfloat16``: half the bytes in host RAM and across the bus each way. The kernels still compute
+        in the parameters' dtype: each band is widened on the device and its result rounded there
+        before it goes back. None = the input's dtype (float32 end to end).
     """
 
     max_partition_bytes: int = DEFAULT_PARTITION_BYTES
@@ -91,6 +95,7 @@ class Execution:
     observer: Observer | None = field(default=None, compare=False)
     prefetch: int | None = 1
     pinned_staging: bool | None = None
+    host_dtype: object = None
     window: Window = field(init=False, compare=False, repr=False)
 
     def __post_init__(self):
@@ -105,6 +110,11 @@ class Execution:
             raise ValueError(f"prefetch must be None or a number of partitions >= 0, "
                              f"got {self.prefetch!r}")
         object.__setattr__(self, "window", Window(self.prefetch))
+        if self.host_dtype is not None:
+            dtype = jnp.dtype(self.host_dtype)
+            if not jnp.issubdtype(dtype, jnp.floating):
+                raise ValueError(f"host_dtype must be a floating dtype, got {self.host_dtype!r}")
+            object.__setattr__(self, "host_dtype", dtype)
 
     def replace(self, **changes) -> "Execution":
         """A copy with some fields changed (e.g. another compute device or an observer)."""
@@ -115,6 +125,12 @@ class Execution:
         if self.observer is None:
             return fn(*args, **kwargs)
         return self.observer(event, fn, *args, **kwargs)
+
+    def stored(self, x):
+        """``x`` cast to ``host_dtype`` where it lives (a model's input before its first big op)."""
+        if self.host_dtype is None or x.dtype == self.host_dtype:
+            return x
+        return x.astype(self.host_dtype)
 
     def to_host(self, x) -> jax.Array:
         """Commit ``x`` (numpy or JAX) to the host device; a no-op when it is already there.

@@ -69,21 +69,29 @@ def max_pool_plain(x, window=3, stride=2, padding=1):
     return lax.reduce_window(x, -jnp.inf, lax.max, (1, window, window, 1), (1, stride, stride, 1), pads)
 
 
+# The folded-BatchNorm ops compute in the dtype of a, b (the parameters') and round the result to x's
+# (a bfloat16 host activation stays bfloat16, ``Execution.host_dtype``); so does their pullback.
+
 def _affine_relu(x, a, b):
-    return jax.nn.relu(x * a + b)
+    return jax.nn.relu(x * a + b).astype(x.dtype)
 
 
 def _affine_add_relu(x, a, b, shortcut):
-    return jax.nn.relu(x * a + b + shortcut)
+    return jax.nn.relu(x * a + b + shortcut).astype(x.dtype)
 
 
 def _affine2_add_relu(x, a, b, s, sa, sb):
-    return jax.nn.relu(x * a + b + (s * sa + sb))
+    return jax.nn.relu(x * a + b + (s * sa + sb)).astype(x.dtype)
+
+
+def _global_avg_pool(x):
+    """Mean over rows and columns, accumulated in at least float32 (the embedding leaves the host)."""
+    return jnp.mean(x, axis=(1, 2), dtype=jnp.promote_types(x.dtype, jnp.float32))
 
 
 relu = host_op(jax.nn.relu, "relu")
 add = host_op(jnp.add, "add")
-global_avg_pool = host_op(lambda x: jnp.mean(x, axis=(1, 2)), "global_avg_pool")
+global_avg_pool = host_op(_global_avg_pool, "global_avg_pool")
 affine_relu = host_op(_affine_relu, "affine_relu")
 _affine_add_relu_op = host_op(_affine_add_relu, "affine_add_relu")
 _affine2_add_relu_op = host_op(_affine2_add_relu, "affine_add_relu")

@@ -70,10 +70,11 @@ IDENTITY = ConvGeometry()
 
 @dataclass(frozen=True)
 class Footprint:
-    """What one partition holds on the device, in buffers of its input and output band size."""
+    """What one partition holds on the device, in buffers of its input and output band size (a
+    fraction where a buffer is narrower than the unit, e.g. a bfloat16 band beside float32 ones)."""
 
-    in_buffers: int
-    out_buffers: int
+    in_buffers: float
+    out_buffers: float
     fixed_bytes: int = 0
     carry: bool = False  # a band's halo of input gradient waits on the device for the next band
 
@@ -101,7 +102,7 @@ def _band_bytes(shape, geom, fp, itemsize, n_img, rows, cout) -> int:
     in_b = n_img * in_rows * w * cin * itemsize
     out_b = n_img * rows * ow * cout * itemsize
     carry = n_img * max(geom.span[0] - geom.stride[0], 0) * w * cin * itemsize if fp.carry else 0
-    return fp.fixed_bytes + fp.in_buffers * in_b + fp.out_buffers * out_b + carry
+    return fp.fixed_bytes + math.ceil(fp.in_buffers * in_b + fp.out_buffers * out_b) + carry
 
 
 def plan_partitions(shape, cout: int, geom: ConvGeometry, fp: Footprint, budget: int,

@@ -148,11 +148,16 @@ class BigResNet(ResNet):
 
     def __call__(self, x, *, train: bool, execution: Execution | None = None):
         ex = execution or Execution()
+        if ex.host_dtype is not None and not self.fused:
+            raise ValueError("host_dtype (narrow host activations) needs the fused path; the "
+                             "separate ops compute in their activations' dtype")
         path = Fused(ex) if self.fused else Separate(ex)
-        x = self.stages(path, self.stem(path, ex.to_host(x), train), 0, self.big_stages, train)
+        x = ex.to_host(ex.stored(x))
+        x = self.stages(path, self.stem(path, x, train), 0, self.big_stages, train)
         if self.big_stages == 4:
             return ex.to_compute(host.global_avg_pool(x, execution=ex))
-        return _tail(self, ex.to_compute(x), start=self.big_stages, train=train)
+        wide = self.conv1.kernel.get_value().dtype
+        return _tail(self, ex.to_compute(x).astype(wide), start=self.big_stages, train=train)
 
 
 def in_memory_twin(model: ResNet) -> ResNet:

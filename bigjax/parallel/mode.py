@@ -85,7 +85,9 @@ class BigMesh(modes.Big):
             raise ValueError(f"--encoder=big over {jax.process_count()} processes: one process "
                              "drives the Big shards' engines (bigjax.parallel.big); run it as one "
                              "process, or use --encoder=inmemory with --processes")
-        self.executions = tuple(Execution(config.max_partition_bytes, compute=device)
+        narrow = None if config.host_dtype == "float32" else config.host_dtype
+        self.executions = tuple(Execution(config.max_partition_bytes, compute=device,
+                                          host_dtype=narrow)
                                 for device in encoder_mesh(config.devices).devices.flat)
 
     def step(self, model, optimizer, inputs, labels):

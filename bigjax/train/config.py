@@ -40,6 +40,9 @@ class TrainConfig:
       big_stages, max_partition_bytes: what runs as Big-Layers and their partition budget (modes that
         stream only); "auto": the fewest big stages and the largest budget predicted to fit the
         device (``bigjax.models.resnet_fit``; ResNets).
+      host_dtype: the dtype Big-Layers keep big activations and their gradients in between ops
+        (big mode, ResNets): "bfloat16" halves their host RAM and the bytes across the bus; kernels,
+        parameters and optimiser state stay float32 (``Execution.host_dtype``).
       device_memory: bytes of device memory ``auto`` may plan for (default: the device's own limit;
         a CPU has none, so there it must be given).
       modules, local_alpha: the local mode's K gradient-isolated modules (dividing 8) and the weight
@@ -75,6 +78,7 @@ class TrainConfig:
     compute_dtype: str = "float32"
     big_stages: int | str = 4
     max_partition_bytes: int | str = DEFAULT_PARTITION_BYTES
+    host_dtype: str = "float32"
     device_memory: int | None = None
     modules: int = 4
     local_alpha: float = 1.0
@@ -113,6 +117,10 @@ class TrainConfig:
         if self.compute_dtype != "float32" and arch.is_resnet(self.arch):
             raise ValueError(f"--compute_dtype={self.compute_dtype}: only ViT encoders have a "
                              f"bfloat16 path, not --arch={self.arch}")
+        _choose("host_dtype", self.host_dtype, ("float32", "bfloat16"))
+        if self.host_dtype != "float32" and not arch.is_resnet(self.arch):
+            raise ValueError(f"--host_dtype={self.host_dtype}: narrow host activations are for the "
+                             f"Big ResNets, not --arch={self.arch}")
         for name in ("epochs", "batch_size", "tiles_per_bag", "val_draws", "embed_chunk",
                      "log_every", "devices"):
             _at_least(name, getattr(self, name), 1)

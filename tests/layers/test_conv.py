@@ -84,8 +84,9 @@ def _device_bytes():
     return sum(a.nbytes for a in jax.live_arrays() if in_device_memory(a, dev))
 
 
-@pytest.mark.parametrize("stats", [False, True])
-def test_no_partition_puts_more_than_the_budget_on_the_device(stats):
+@pytest.mark.parametrize("stats,dtype", [(False, jnp.float32), (True, jnp.float32),
+                                         (True, jnp.bfloat16)])
+def test_no_partition_puts_more_than_the_budget_on_the_device(stats, dtype):
     budget = 24_000
     rng, x, kernel, bias = _data(3, seed=2, h=41)
     seen = []
@@ -95,10 +96,10 @@ def test_no_partition_puts_more_than_the_budget_on_the_device(stats):
             seen.append(_device_bytes())
         return fn(*args, **kwargs)
 
-    x_host = jax.device_put(x, EX.host)
+    x_host = jax.device_put(x, EX.host).astype(dtype)  # bfloat16: a narrow host activation
     del x, bias
     ex = Execution(budget, observer=observer)
-    weights = EX.to_compute(rng.normal(size=(2, 41, 29, 6)).astype(np.float32))
+    weights = EX.to_compute(rng.normal(size=(2, 41, 29, 6)).astype(dtype))
 
     def loss(x, w):  # every output used: an unused one's zero cotangent is an implicit transfer
         if not stats:

@@ -6,6 +6,7 @@ from flax import nnx
 
 from bigjax.layers import Execution
 from bigjax.models.resnet import BigResNet, ResNet, in_memory_twin, load_torchvision
+from bigjax.bench.traffic import Traffic
 from tests.layers.helpers import EX, in_device_memory, rel_err
 
 X = np.random.default_rng(0).normal(size=(2, 61, 45, 3)).astype(np.float32)  # odd sizes
@@ -85,6 +86,40 @@ def test_big_resnet_equals_in_memory_twin_more_configs(depth, big_stages, fused,
 def test_big_resnet50_equals_in_memory_twin_in_float64(depth, big_stages, fused, budget):
     with jax.enable_x64(True):
         _compare(depth, big_stages, fused, budget, dtype=np.float64, tol=1e-9)
+
+
+def test_narrow_host_activations_halve_the_bytes_and_stay_close_to_wide_ones():
+    """float64 model, activations kept in float32 between ops (``host_dtype``): what bfloat16 is to
+    float32, with a reference precise enough to tell rounding from a bug."""
+    with jax.enable_x64(True):
+        model = BigResNet(18, big_stages=1, rngs=nnx.Rngs(4))
+        nnx.update(model, jax.tree.map(lambda v: v.astype(np.float64), nnx.state(model)))
+        x = X.astype(np.float64)
+        runs = {}
+        for host_dtype in (None, np.float32):
+            traffic = Traffic(Execution(900_000, host_dtype=host_dtype))
+            crossed = set()
+
+            def observer(event, fn, *args, traffic=traffic, crossed=crossed, **kwargs):
+                if event in ("to_host", "to_compute") and np.shape(args[0])[:1] == (len(X),):
+                    crossed.add(np.dtype(args[0].dtype))
+                return traffic(event, fn, *args, **kwargs)
+
+            ex = traffic.execution.replace(observer=observer)
+            runs[host_dtype] = (*_grads(model, jit=False, x=x, execution=ex), traffic, crossed)
+    (loss, grads, wide, _), (narrow_loss, narrow_grads, narrow, crossed) = runs.values()
+    assert crossed == {np.dtype(np.float32)}  # every activation band that moved, the input cast
+    assert 0 < rel_err(narrow_loss, loss) < 1e-6
+    _assert_same_grads(narrow_grads, grads, np.float64, tol=1e-4)
+    # half, plus the halo rows of the narrow plan's bands (its widened copies make them shorter)
+    moved = {k: narrow.bytes[k] / wide.bytes[k] for k in wide.bytes}
+    assert all(0.5 <= r < 0.55 for r in moved.values()), moved
+
+
+def test_narrow_host_activations_need_the_fused_path():
+    model = BigResNet(18, big_stages=0, fused=False)
+    with pytest.raises(ValueError, match="fused path"):
+        model(X, train=False, execution=Execution(host_dtype=jnp.bfloat16))
 
 
 def test_big_activations_live_in_host_memory_after_forward():
