@@ -128,8 +128,9 @@ def train(config: TrainConfig, *, resume: bool = False,
       resume: continue from the latest checkpoint in ``config.workdir`` (else the workdir must
         have none).
       on_step: called with the global step after every step (tests use it to simulate a kill).
-      should_stop: polled after every step; True saves the latest checkpoint and stops (the CLIs
-        pass ``bigjax.train.interrupt``'s Ctrl-C request).
+      should_stop: polled after every step; True saves the latest checkpoint and stops (on an
+        epoch's last step, after that epoch's validation; the CLIs pass ``bigjax.train.interrupt``'s
+        Ctrl-C request).
     Returns:
       the final results (as written to ``<workdir>/results.json``).
     Raises:
@@ -147,6 +148,8 @@ def train(config: TrainConfig, *, resume: bool = False,
     for epoch in range(meta["step"] // run.steps_per_epoch, config.epochs):
         _train_epoch(run, meta, epoch, augment, on_step, should_stop)
         _end_epoch(run, meta, epoch)
+        if should_stop is not None and should_stop():  # asked during the epoch's last step
+            _interrupt(run, meta)
     return _final_evaluation(run) if run.writes else {}
 
 
@@ -178,15 +181,24 @@ def _train_epoch(run: Run, meta: dict, epoch: int, augment, on_step, should_stop
             run.checkpoints.save(step, run.model, run.optimizer, meta)
         if on_step is not None:
             on_step(step)
-        if should_stop is not None and should_stop():
+        # a stop on the epoch's last step waits for its validation (``train``): a checkpoint saved
+        # here would resume in the next epoch and never validate this one
+        if should_stop is not None and step % run.steps_per_epoch and should_stop():
             meta["step"] = step
-            if not run.writes:
-                raise Interrupted(f"stopped at step {step} (process {jax.process_index()})")
-            run.checkpoints.save(step, run.model, run.optimizer, meta)
-            raise Interrupted(f"stopped at step {step}; the checkpoint is in {run.checkpoints.directory}:"
-                              " continue with --resume")
+            if run.writes:
+                run.checkpoints.save(step, run.model, run.optimizer, meta)
+            _interrupt(run, meta)
     bar.close()
     meta["step"] = step
+
+
+def _interrupt(run: Run, meta: dict):
+    """Stop on request, the latest checkpoint (of ``meta["step"]``) saved."""
+    step = meta["step"]
+    if not run.writes:
+        raise Interrupted(f"stopped at step {step} (process {jax.process_index()})")
+    raise Interrupted(f"stopped at step {step}; the checkpoint is in {run.checkpoints.directory}:"
+                      " continue with --resume")
 
 
 def _end_epoch(run: Run, meta: dict, epoch: int) -> None:

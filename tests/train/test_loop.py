@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from bigjax.data.bags import epoch_order
+from bigjax.errors import Interrupted
 from bigjax.train.config import TrainConfig
 from bigjax.train.features import FeatureCache
 from bigjax.train.loop import NonFiniteLossError, Run, evaluate_run, train
@@ -165,3 +166,16 @@ def test_all_tiles_metrics_carry_a_bootstrap_interval_over_slides():
     assert r.to_json()["accuracy_ci95"] == (low, high)
     draws = ProtocolResult("test", "2 draws", {"qwk": [0.5, 0.6]}, labels, np.concatenate([probs] * 2))
     assert draws.ci("qwk") is None  # repeated draws report their spread
+
+
+def test_a_stop_on_an_epochs_last_step_validates_that_epoch_first(store, tmp_path):
+    """Ctrl-C during the last step of an epoch: the epoch is validated (and kept as best) before the
+    stop, so the resumed run does not skip it (here: the only epoch, then the test evaluation)."""
+    config = tiny(store, tmp_path, epochs=1)  # 4 steps
+    steps = []
+    with pytest.raises(Interrupted, match="stopped at step 4"):
+        train(config, on_step=steps.append, should_stop=lambda: steps[-1] == 4)
+    assert [json.loads(line)["epoch"] for line in open(tmp_path / "metrics.jsonl")
+            if '"kind": "epoch"' in line] == [1]
+    results = train(config, resume=True)
+    assert results["best_step"] == 4
