@@ -230,8 +230,11 @@ def evaluate_run(workdir: str | Path, manifest: str | Path | None = None, **over
         the store is the manifest's folder); default: the run's own test slides.
       **overrides: config fields to change (e.g. eval_draws=10).
     """
-    config = TrainConfig.from_json((Path(workdir) / "config.json").read_text(), workdir=str(workdir),
-                                   **overrides)
+    saved = Path(workdir) / "config.json"
+    if not saved.is_file():
+        raise FileNotFoundError(f"--workdir {workdir} holds no run ({saved.name} missing): train there "
+                                "first, or check --workdir")
+    config = TrainConfig.from_json(saved.read_text(), workdir=str(workdir), **overrides)
     store = Path(manifest).parent if manifest else None
     run = Run(config, store=store, manifest=manifest)
     return _final_evaluation(run, tag="external" if manifest else "")

@@ -179,3 +179,11 @@ def test_a_stop_on_an_epochs_last_step_validates_that_epoch_first(store, tmp_pat
             if '"kind": "epoch"' in line] == [1]
     results = train(config, resume=True)
     assert results["best_step"] == 4
+
+
+def test_eval_only_of_a_folder_without_a_run_names_it(tmp_path):
+    from bigjax.errors import _classify
+
+    with pytest.raises(FileNotFoundError, match="holds no run") as err:
+        evaluate_run(tmp_path)
+    assert _classify(err.value, ("bigjax",))[1] == 2  # one line "error: ...", not a traceback
