@@ -211,7 +211,7 @@ def _end_epoch(run: Run, meta: dict, epoch: int) -> None:
     train_loss = meta["loss_sum"] / max(meta["loss_count"], 1)
     meta.update(loss_sum=0.0, loss_count=0)
     score = val[f"val_{c.select_metric}"]
-    is_best = meta["best"] is None or score > meta["best"]
+    is_best = meta["best"] is None or improves(score, meta["best"])
     if is_best:
         meta.update(best=score, best_step=meta["step"])
     run.checkpoints.save(meta["step"], run.model, run.optimizer, meta, best=is_best)
@@ -219,6 +219,12 @@ def _end_epoch(run: Run, meta: dict, epoch: int) -> None:
     log.info("epoch %d: train loss %.4f, %s", epoch + 1, train_loss,
              ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
     plot_curves(run.workdir / "metrics.jsonl", run.workdir / "curves.png")
+
+
+def improves(score: float, best: float) -> bool:
+    """Whether a validation score beats the best so far; an undefined one (NaN: an AUC of a single
+    class) never does, and any defined one beats it (else a NaN first epoch would stay best)."""
+    return math.isfinite(score) and (not math.isfinite(best) or score > best)
 
 
 def evaluate_run(workdir: str | Path, manifest: str | Path | None = None, **overrides) -> dict:

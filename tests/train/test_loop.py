@@ -13,7 +13,7 @@ from bigjax.data.bags import epoch_order
 from bigjax.errors import Interrupted
 from bigjax.train.config import TrainConfig
 from bigjax.train.features import FeatureCache
-from bigjax.train.loop import NonFiniteLossError, Run, evaluate_run, train
+from bigjax.train.loop import NonFiniteLossError, Run, evaluate_run, improves, train
 from bigjax.train.optim import OptimizerConfig
 
 def tiny(store, workdir, **overrides) -> TrainConfig:
@@ -187,3 +187,11 @@ def test_eval_only_of_a_folder_without_a_run_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="holds no run") as err:
         evaluate_run(tmp_path)
     assert _classify(err.value, ("bigjax",))[1] == 2  # one line "error: ...", not a traceback
+
+
+def test_an_undefined_validation_score_is_never_the_best():
+    nan = float("nan")
+    assert improves(0.6, nan)  # a NaN first epoch (an AUC of one class) does not stay best
+    assert not improves(nan, 0.6) and not improves(nan, nan)
+    assert improves(0.7, 0.6) and not improves(0.6, 0.6) and not improves(0.5, 0.6)
+
