@@ -195,3 +195,13 @@ def test_an_undefined_validation_score_is_never_the_best():
     assert not improves(nan, 0.6) and not improves(nan, nan)
     assert improves(0.7, 0.6) and not improves(0.6, 0.6) and not improves(0.5, 0.6)
 
+
+def test_a_bootstrap_interval_is_computed_once_per_metric(monkeypatch):
+    from bigjax import metrics
+    from bigjax.train.evaluate import _result
+
+    calls = []
+    monkeypatch.setattr(metrics, "bootstrap_ci", lambda *a, **k: calls.append(1) or (0.1, 0.9))
+    r = _result("test", "all tiles", "panda", np.array([0, 1, 2]), np.eye(6)[[0, 1, 1]][None])
+    r.lines(), r.to_json(), r.to_json()
+    assert len(calls) == 2 and r.to_json()["qwk_ci95"] == (0.1, 0.9)
