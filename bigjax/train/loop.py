@@ -93,6 +93,12 @@ class Run:
         self.checkpoints = RunCheckpoints(self.workdir) if self.writes else None
         self.log = MetricsLog(self.workdir / "metrics.jsonl")
 
+    def close(self) -> None:
+        """Close the metrics log's TensorBoard writer and the checkpoint manager."""
+        self.log.close()
+        if self.checkpoints is not None:
+            self.checkpoints.close()
+
     def prepare(self) -> None:
         """The mode's work before training or evaluation (e.g. precomputing embeddings)."""
         self.mode.prepare(self.model, self.store, [s for split in self.slides.values() for s in split])
@@ -138,6 +144,15 @@ def train(config: TrainConfig, *, resume: bool = False,
       Interrupted: ``should_stop`` asked to stop; the run continues with ``resume=True``.
     """
     run = Run(config)
+    try:
+        return _train(run, resume, on_step, should_stop)
+    finally:
+        run.close()
+
+
+def _train(run: Run, resume: bool, on_step, should_stop) -> dict:
+    """``train``'s steps in order: start or resume, prepare, epochs, final evaluation."""
+    config = run.config
     require_splits([s for split in run.slides.values() for s in split], ("train", "val"),
                    hint="pass --splits_csv or re-tile the store")
     meta = _from_main(run, _start(run, resume) if run.writes else None)
@@ -243,7 +258,10 @@ def evaluate_run(workdir: str | Path, manifest: str | Path | None = None, **over
     config = TrainConfig.from_json(saved.read_text(), workdir=str(workdir), **overrides)
     store = Path(manifest).parent if manifest else None
     run = Run(config, store=store, manifest=manifest)
-    return _final_evaluation(run, tag="external" if manifest else "")
+    try:
+        return _final_evaluation(run, tag="external" if manifest else "")
+    finally:
+        run.close()
 
 
 # --- pieces of the run ------------------------------------------------------------------------

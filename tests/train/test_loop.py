@@ -112,10 +112,15 @@ def test_run_writes_metrics_curves_and_results(uninterrupted):
 
 
 def test_eval_only_restores_the_best(uninterrupted):
+    import os
+
     config, results = uninterrupted
     again = evaluate_run(config.workdir)
     assert again["best_step"] == results["best_step"]
     assert again["lines"] == results["lines"]
+    board = str(Path(config.workdir, "tensorboard").resolve())
+    open_files = [os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")]
+    assert not [f for f in open_files if f.startswith(board)]  # train's and evaluate_run's writers closed
 
 
 def test_existing_checkpoints_need_resume(uninterrupted):
