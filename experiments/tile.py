@@ -36,7 +36,7 @@ class Config:
     seed: int = 0
     workers: int = 2
     n_slides: int = 96
-    side: str = "512,1024"
+    side: tuple[int, int] = (512, 1024)
     tiling: TilingConfig = TilingConfig()
     bench: bool = False
     k: int = 256
@@ -54,7 +54,7 @@ def parse_flags(argv=None) -> Config:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="tiling processes")
     p.add_argument("--n_slides", type=int, default=96, help="synthetic: number of slides")
-    p.add_argument("--side", default="512,1024", help="synthetic: min,max slide side in pixels")
+    p.add_argument("--side", default="512,1024", type=_side, help="synthetic: min,max slide side in pixels")
     p.add_argument("--tile_size", type=int, default=256)
     p.add_argument("--rule", default="panda", choices=["panda", "camelyon"])
     p.add_argument("--mpp", type=float, help="µm per pixel to tile at (closest level); default level 0")
@@ -64,16 +64,30 @@ def parse_flags(argv=None) -> Config:
     p.add_argument("--k", type=int, default=256, help="bench: tiles per bag")
     p.add_argument("--n_bags", type=int, default=64, help="bench: bags to read")
     a = p.parse_args(argv)
+    needs = "data_dir" if a.layout in ("panda", "synthetic") else "csv"
+    if not a.bench and getattr(a, needs) is None:
+        p.error(f"--layout={a.layout} needs --{needs}")
     tiling = TilingConfig(tile_size=a.tile_size, rule=a.rule, mpp=a.mpp, base_mpp=a.base_mpp, compression=a.compression)
     return Config(out=a.out, layout=a.layout, data_dir=a.data_dir, csv=a.csv, splits_csv=a.splits_csv, seed=a.seed,
                   workers=a.workers, n_slides=a.n_slides, side=a.side, tiling=tiling, bench=a.bench, k=a.k,
                   n_bags=a.n_bags)
 
 
+def _side(text: str) -> tuple[int, int]:
+    """--side "min,max" -> (min, max) slide side in pixels."""
+    try:
+        lo, hi = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected two integers min,max (e.g. 512,1024)") from None
+    if not 0 < lo <= hi:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 0 < min <= max")
+    return lo, hi
+
+
 def slides_of(config: Config) -> list[layouts.SlideEntry]:
     """The layout's slide list (generating the synthetic set first when asked)."""
     if config.layout == "synthetic":
-        lo, hi = (int(v) for v in config.side.split(","))
+        lo, hi = config.side
         if not (Path(config.data_dir) / "train.csv").is_file():
             make_panda_like(config.data_dir, n_slides=config.n_slides, seed=config.seed, side=(lo, hi),
                             workers=config.workers)

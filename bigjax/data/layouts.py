@@ -126,6 +126,8 @@ def stratified_split(labels, seed: int, fractions: tuple[float, float, float] = 
 
 def _stratified_pick(labels, n: int, seed: int) -> list[int]:
     """Indices of `n` items drawn without replacement, in proportion to each label's share."""
+    if n <= 0:
+        return []
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     order = np.concatenate([rng.permutation(np.flatnonzero(labels == y)) for y in np.unique(labels)])

@@ -83,8 +83,20 @@ class TiffSlide:
         _check_tiff_header(path)
         try:
             self._tif = tifffile.TiffFile(path)
-            self._pages = _level_pages(self._tif)
         except Exception as err:  # tifffile raises many types on corrupt files
+            raise SlideReadError(f"slide {path}: unreadable TIFF ({err})") from err
+        try:
+            self._read_levels(path, base_mpp)
+        except BaseException:
+            self._tif.close()  # a refused slide keeps no file open (tiling goes on to thousands)
+            raise
+
+    def _read_levels(self, path: Path, base_mpp: float | None) -> None:
+        try:
+            self._pages = _level_pages(self._tif)
+        except SlideReadError:
+            raise
+        except Exception as err:
             raise SlideReadError(f"slide {path}: unreadable TIFF ({err})") from err
         _check_data_in_file(path, self._pages)
         self._bits = [_bits_per_sample(path, page) for page in self._pages]

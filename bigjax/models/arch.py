@@ -6,6 +6,8 @@ loader, the mean/std its input tiles are normalised with, and its jittable eval-
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from flax import nnx
 
 from bigjax.models import vit, vit_big, vit_configs
@@ -48,6 +50,8 @@ def build(arch: str, *, big: bool, big_stages: int = 4, rngs: nnx.Rngs,
 
 def load(encoder: nnx.Module, arch: str, path: str) -> None:
     """Pretrained weights from a local ``.safetensors`` (torchvision/timm names)."""
+    if not Path(path).is_file():  # safetensors' own error would come with a traceback
+        raise FileNotFoundError(f"--init {path}: no such file (a torchvision/timm .safetensors)")
     (load_torchvision if is_resnet(arch) else vit.load_timm)(encoder, path)
 
 

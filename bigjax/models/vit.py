@@ -9,7 +9,7 @@ the patch tokens (timm's ``global_pool='avg'``, normalised by ``fc_norm``), or V
 of both. Parameter names follow timm's state dict (``blocks.3.attn.qkv.weight``), so
 ``load_timm(model, "model.safetensors")`` reads a timm checkpoint without torch.
 
-Layout. bigjax tiles are NHWC (``(N, H, W, 3)``, normalised with ``config.mean``/``config.std``);
+Layout. bigjax tiles are NHWC (``(N, H, W, 3)``, normalised with ``config.normalization``);
 timm takes NCHW. To feed the same batch to both: ``x_nhwc = x_nchw.transpose(0, 2, 3, 1)``.
 ``model(x_nhwc, train=False)`` gives the ``(N, D)`` embedding timm's
 ``create_model(name, num_classes=0, **card_kwargs)(x_nchw)`` gives. ``train`` is accepted for the

@@ -40,6 +40,8 @@ class ProtocolResult:
     values: dict[str, list[float]]
     labels: np.ndarray  # (n_slides,)
     probs: np.ndarray  # (n_draws, n_slides, C)
+    # metric -> its interval: 1000 resamples each, asked by lines() and every to_json()
+    _cis: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     def mean(self, metric: str) -> float:
         return metrics.mean_std(self.values[metric])[0]
@@ -47,6 +49,11 @@ class ProtocolResult:
     def ci(self, metric: str) -> tuple[float, float] | None:
         """95 % percentile-bootstrap interval over the labelled slides (one-draw protocols only:
         all tiles; repeated draws report their spread instead)."""
+        if metric not in self._cis:
+            self._cis[metric] = self._bootstrap(metric)
+        return self._cis[metric]
+
+    def _bootstrap(self, metric: str) -> tuple[float, float] | None:
         known = self.labels >= 0
         if self.probs.shape[0] != 1 or not known.any():
             return None

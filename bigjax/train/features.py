@@ -9,6 +9,7 @@ eval-mode forward, and ``FeatureCache`` keeps every tile's embedding for the ``p
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -60,6 +61,10 @@ def embed_tiles(forward: EvalForward, encoder: nnx.Module, tiles: np.ndarray, no
 class FeatureCache:
     """Eval-mode embeddings of every tile of every slide, one ``<slide_id>.npy`` (float32 (n, D)) each.
 
+    Beside each, ``<slide_id>.json`` names the store and slide folder it was computed from: a slide
+    of another store with the same id (an external test set, ``--eval_manifest``) is computed anew,
+    not answered with the training slide's embeddings.
+
     Args:
       folder: where the ``.npy`` files live (e.g. ``<workdir>/features``).
     """
@@ -71,6 +76,27 @@ class FeatureCache:
     def path(self, slide_id: str) -> Path:
         return self.folder / f"{slide_id}.npy"
 
+    def _origin_path(self, slide_id: str) -> Path:
+        return self.folder / f"{slide_id}.json"
+
+    @staticmethod
+    def _origin(store, row) -> dict:
+        return {"store": str(Path(store.root).absolute()), "folder": row.store, "n_tiles": row.n_tiles}
+
+    def _cached(self, store, row) -> bool:
+        origin = self._origin_path(row.slide_id)
+        return (self.path(row.slide_id).is_file() and origin.is_file()
+                and json.loads(origin.read_text()) == self._origin(store, row))
+
+    def _write(self, store, row, feats: np.ndarray) -> None:
+        """The embeddings, then their origin: a kill in between leaves no origin (recomputed)."""
+        self._origin_path(row.slide_id).unlink(missing_ok=True)
+        tmp = self.folder / f".{row.slide_id}.tmp.npy"
+        np.save(tmp, feats)
+        tmp.rename(self.path(row.slide_id))
+        self._origin_path(row.slide_id).write_text(json.dumps(self._origin(store, row)))
+        self._loaded.pop(row.slide_id, None)
+
     def fill(self, embed: Callable[[np.ndarray], jax.Array], store, slides: Sequence,
              progress: bool = True) -> None:
         """Embed every tile of the slides not cached yet (written to a temp name, then renamed).
@@ -81,20 +107,18 @@ class FeatureCache:
         from tqdm import tqdm
         from bigjax.data.bags import eval_chunks
 
-        todo = [row for row in slides if not self.path(row.slide_id).is_file()]
+        todo = {row.slide_id: row for row in slides if not self._cached(store, row)}
         if not todo:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         parts: dict[str, list] = {}
-        bar = tqdm(total=sum(r.n_tiles for r in todo), desc="precomputing embeddings", unit="tile",
-                   disable=not progress)
-        for c in eval_chunks(store, todo, chunk=4096):
+        bar = tqdm(total=sum(r.n_tiles for r in todo.values()), desc="precomputing embeddings",
+                   unit="tile", disable=not progress)
+        for c in eval_chunks(store, list(todo.values()), chunk=4096):
             parts.setdefault(c.slide_id, []).append(np.asarray(embed(c.tiles)))
             bar.update(len(c.tiles))
             if c.start + len(c.tiles) == c.n_tiles:
-                tmp = self.folder / f".{c.slide_id}.tmp.npy"
-                np.save(tmp, np.concatenate(parts.pop(c.slide_id)))
-                tmp.rename(self.path(c.slide_id))
+                self._write(store, todo[c.slide_id], np.concatenate(parts.pop(c.slide_id)))
         bar.close()
 
     def features(self, slide_id: str, indices=None) -> np.ndarray:

@@ -93,6 +93,12 @@ class Run:
         self.checkpoints = RunCheckpoints(self.workdir) if self.writes else None
         self.log = MetricsLog(self.workdir / "metrics.jsonl")
 
+    def close(self) -> None:
+        """Close the metrics log's TensorBoard writer and the checkpoint manager."""
+        self.log.close()
+        if self.checkpoints is not None:
+            self.checkpoints.close()
+
     def prepare(self) -> None:
         """The mode's work before training or evaluation (e.g. precomputing embeddings)."""
         self.mode.prepare(self.model, self.store, [s for split in self.slides.values() for s in split])
@@ -128,8 +134,9 @@ def train(config: TrainConfig, *, resume: bool = False,
       resume: continue from the latest checkpoint in ``config.workdir`` (else the workdir must
         have none).
       on_step: called with the global step after every step (tests use it to simulate a kill).
-      should_stop: polled after every step; True saves the latest checkpoint and stops (the CLIs
-        pass ``bigjax.train.interrupt``'s Ctrl-C request).
+      should_stop: polled after every step; True saves the latest checkpoint and stops (on an
+        epoch's last step, after that epoch's validation; the CLIs pass ``bigjax.train.interrupt``'s
+        Ctrl-C request).
     Returns:
       the final results (as written to ``<workdir>/results.json``).
     Raises:
@@ -137,6 +144,15 @@ def train(config: TrainConfig, *, resume: bool = False,
       Interrupted: ``should_stop`` asked to stop; the run continues with ``resume=True``.
     """
     run = Run(config)
+    try:
+        return _train(run, resume, on_step, should_stop)
+    finally:
+        run.close()
+
+
+def _train(run: Run, resume: bool, on_step, should_stop) -> dict:
+    """``train``'s steps in order: start or resume, prepare, epochs, final evaluation."""
+    config = run.config
     require_splits([s for split in run.slides.values() for s in split], ("train", "val"),
                    hint="pass --splits_csv or re-tile the store")
     meta = _from_main(run, _start(run, resume) if run.writes else None)
@@ -147,6 +163,8 @@ def train(config: TrainConfig, *, resume: bool = False,
     for epoch in range(meta["step"] // run.steps_per_epoch, config.epochs):
         _train_epoch(run, meta, epoch, augment, on_step, should_stop)
         _end_epoch(run, meta, epoch)
+        if should_stop is not None and should_stop():  # asked during the epoch's last step
+            _interrupt(run, meta)
     return _final_evaluation(run) if run.writes else {}
 
 
@@ -178,15 +196,24 @@ def _train_epoch(run: Run, meta: dict, epoch: int, augment, on_step, should_stop
             run.checkpoints.save(step, run.model, run.optimizer, meta)
         if on_step is not None:
             on_step(step)
-        if should_stop is not None and should_stop():
+        # a stop on the epoch's last step waits for its validation (``train``): a checkpoint saved
+        # here would resume in the next epoch and never validate this one
+        if should_stop is not None and step % run.steps_per_epoch and should_stop():
             meta["step"] = step
-            if not run.writes:
-                raise Interrupted(f"stopped at step {step} (process {jax.process_index()})")
-            run.checkpoints.save(step, run.model, run.optimizer, meta)
-            raise Interrupted(f"stopped at step {step}; the checkpoint is in {run.checkpoints.directory}:"
-                              " continue with --resume")
+            if run.writes:
+                run.checkpoints.save(step, run.model, run.optimizer, meta)
+            _interrupt(run, meta)
     bar.close()
     meta["step"] = step
+
+
+def _interrupt(run: Run, meta: dict):
+    """Stop on request, the latest checkpoint (of ``meta["step"]``) saved."""
+    step = meta["step"]
+    if not run.writes:
+        raise Interrupted(f"stopped at step {step} (process {jax.process_index()})")
+    raise Interrupted(f"stopped at step {step}; the checkpoint is in {run.checkpoints.directory}:"
+                      " continue with --resume")
 
 
 def _end_epoch(run: Run, meta: dict, epoch: int) -> None:
@@ -199,7 +226,7 @@ def _end_epoch(run: Run, meta: dict, epoch: int) -> None:
     train_loss = meta["loss_sum"] / max(meta["loss_count"], 1)
     meta.update(loss_sum=0.0, loss_count=0)
     score = val[f"val_{c.select_metric}"]
-    is_best = meta["best"] is None or score > meta["best"]
+    is_best = meta["best"] is None or improves(score, meta["best"])
     if is_best:
         meta.update(best=score, best_step=meta["step"])
     run.checkpoints.save(meta["step"], run.model, run.optimizer, meta, best=is_best)
@@ -207,6 +234,12 @@ def _end_epoch(run: Run, meta: dict, epoch: int) -> None:
     log.info("epoch %d: train loss %.4f, %s", epoch + 1, train_loss,
              ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
     plot_curves(run.workdir / "metrics.jsonl", run.workdir / "curves.png")
+
+
+def improves(score: float, best: float) -> bool:
+    """Whether a validation score beats the best so far; an undefined one (NaN: an AUC of a single
+    class) never does, and any defined one beats it (else a NaN first epoch would stay best)."""
+    return math.isfinite(score) and (not math.isfinite(best) or score > best)
 
 
 def evaluate_run(workdir: str | Path, manifest: str | Path | None = None, **overrides) -> dict:
@@ -218,11 +251,17 @@ def evaluate_run(workdir: str | Path, manifest: str | Path | None = None, **over
         the store is the manifest's folder); default: the run's own test slides.
       **overrides: config fields to change (e.g. eval_draws=10).
     """
-    config = TrainConfig.from_json((Path(workdir) / "config.json").read_text(), workdir=str(workdir),
-                                   **overrides)
+    saved = Path(workdir) / "config.json"
+    if not saved.is_file():
+        raise FileNotFoundError(f"--workdir {workdir} holds no run ({saved.name} missing): train there "
+                                "first, or check --workdir")
+    config = TrainConfig.from_json(saved.read_text(), workdir=str(workdir), **overrides)
     store = Path(manifest).parent if manifest else None
     run = Run(config, store=store, manifest=manifest)
-    return _final_evaluation(run, tag="external" if manifest else "")
+    try:
+        return _final_evaluation(run, tag="external" if manifest else "")
+    finally:
+        run.close()
 
 
 # --- pieces of the run ------------------------------------------------------------------------

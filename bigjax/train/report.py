@@ -42,6 +42,12 @@ class MetricsLog:
                 self._board.add_scalar(f"{kind}/{name}", float(value), step)
         self._board.flush()
 
+    def close(self) -> None:
+        """Close the TensorBoard writer (its event file and thread); a later ``write`` reopens one."""
+        if self._board is not None:
+            self._board.close()
+            self._board = None
+
     def read(self) -> list[dict]:
         if not self.path.is_file():
             return []

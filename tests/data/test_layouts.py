@@ -116,3 +116,9 @@ def test_external_csv_labels_ids_and_splits_checked(tmp_path):
     path.write_text("path,split\nTCGA-1.svs,tset\n")
     with pytest.raises(ValueError, match=r"line 2, column split: 'tset' is not one of"):
         csv_layout(path)
+
+
+def test_camelyon_layout_without_validation_slides(tmp_path):
+    plain = tmp_path / "c17.csv"
+    plain.write_text("path,label\n" + "\n".join(f"s{i}.tif,{i % 2}" for i in range(4)) + "\n")
+    assert {e.split for e in camelyon_layout(plain, n_val=0)} == {"train"}  # was a ZeroDivisionError

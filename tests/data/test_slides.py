@@ -135,3 +135,19 @@ def test_12_bit_grey_in_16_and_float_samples(tmp_path):
     tifffile.imwrite(path, np.ones((32, 32, 3), np.float32), photometric="rgb")
     with pytest.raises(SlideReadError, match=r"float.tiff: 32-bit float32 samples are not supported"):
         open_slide(path)
+
+
+def test_a_refused_slide_keeps_no_file_open(tmp_path):
+    import os
+
+    path = tmp_path / "float.tiff"
+    tifffile.imwrite(path, np.ones((32, 32, 3), np.float32), photometric="rgb")
+
+    def open_handles():
+        fds = os.listdir("/proc/self/fd")
+        return sum(os.path.realpath(f"/proc/self/fd/{fd}") == str(path.resolve()) for fd in fds
+                   if os.path.exists(f"/proc/self/fd/{fd}"))
+
+    with pytest.raises(SlideReadError) as refused:
+        open_slide(path)
+    assert open_handles() == 0, refused  # the traceback still holds the half-made slide

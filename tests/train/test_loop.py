@@ -10,9 +10,10 @@ import pytest
 from flax import nnx
 
 from bigjax.data.bags import epoch_order
+from bigjax.errors import Interrupted
 from bigjax.train.config import TrainConfig
 from bigjax.train.features import FeatureCache
-from bigjax.train.loop import NonFiniteLossError, Run, evaluate_run, train
+from bigjax.train.loop import NonFiniteLossError, Run, evaluate_run, improves, train
 from bigjax.train.optim import OptimizerConfig
 
 def tiny(store, workdir, **overrides) -> TrainConfig:
@@ -111,10 +112,15 @@ def test_run_writes_metrics_curves_and_results(uninterrupted):
 
 
 def test_eval_only_restores_the_best(uninterrupted):
+    import os
+
     config, results = uninterrupted
     again = evaluate_run(config.workdir)
     assert again["best_step"] == results["best_step"]
     assert again["lines"] == results["lines"]
+    board = str(Path(config.workdir, "tensorboard").resolve())
+    open_files = [os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")]
+    assert not [f for f in open_files if f.startswith(board)]  # train's and evaluate_run's writers closed
 
 
 def test_existing_checkpoints_need_resume(uninterrupted):
@@ -165,3 +171,42 @@ def test_all_tiles_metrics_carry_a_bootstrap_interval_over_slides():
     assert r.to_json()["accuracy_ci95"] == (low, high)
     draws = ProtocolResult("test", "2 draws", {"qwk": [0.5, 0.6]}, labels, np.concatenate([probs] * 2))
     assert draws.ci("qwk") is None  # repeated draws report their spread
+
+
+def test_a_stop_on_an_epochs_last_step_validates_that_epoch_first(store, tmp_path):
+    """Ctrl-C during the last step of an epoch: the epoch is validated (and kept as best) before the
+    stop, so the resumed run does not skip it (here: the only epoch, then the test evaluation)."""
+    config = tiny(store, tmp_path, epochs=1)  # 4 steps
+    steps = []
+    with pytest.raises(Interrupted, match="stopped at step 4"):
+        train(config, on_step=steps.append, should_stop=lambda: steps[-1] == 4)
+    assert [json.loads(line)["epoch"] for line in open(tmp_path / "metrics.jsonl")
+            if '"kind": "epoch"' in line] == [1]
+    results = train(config, resume=True)
+    assert results["best_step"] == 4
+
+
+def test_eval_only_of_a_folder_without_a_run_names_it(tmp_path):
+    from bigjax.errors import _classify
+
+    with pytest.raises(FileNotFoundError, match="holds no run") as err:
+        evaluate_run(tmp_path)
+    assert _classify(err.value, ("bigjax",))[1] == 2  # one line "error: ...", not a traceback
+
+
+def test_an_undefined_validation_score_is_never_the_best():
+    nan = float("nan")
+    assert improves(0.6, nan)  # a NaN first epoch (an AUC of one class) does not stay best
+    assert not improves(nan, 0.6) and not improves(nan, nan)
+    assert improves(0.7, 0.6) and not improves(0.6, 0.6) and not improves(0.5, 0.6)
+
+
+def test_a_bootstrap_interval_is_computed_once_per_metric(monkeypatch):
+    from bigjax import metrics
+    from bigjax.train.evaluate import _result
+
+    calls = []
+    monkeypatch.setattr(metrics, "bootstrap_ci", lambda *a, **k: calls.append(1) or (0.1, 0.9))
+    r = _result("test", "all tiles", "panda", np.array([0, 1, 2]), np.eye(6)[[0, 1, 1]][None])
+    r.lines(), r.to_json(), r.to_json()
+    assert len(calls) == 2 and r.to_json()["qwk_ci95"] == (0.1, 0.9)
