@@ -62,12 +62,12 @@ def slides_of(a: argparse.Namespace, preset: Preset) -> list[layouts.SlideEntry]
 
 def prepare_store(a: argparse.Namespace, preset: Preset) -> None:
     config = preset.train
-    if store_ready(preset):
+    tiling = TilingConfig(tile_size=preset.tile_size, rule="camelyon" if a.csv else "panda",
+                          mpp=preset.mpp if a.csv else None)
+    if store_ready(preset, tiling):
         return
-    rule = "camelyon" if a.csv else "panda"
-    tile_dataset(slides_of(a, preset), config.store,
-                 TilingConfig(tile_size=preset.tile_size, rule=rule, mpp=preset.mpp if a.csv else None),
-                 workers=a.workers, progress=config.progress)
+    tile_dataset(slides_of(a, preset), config.store, tiling, workers=a.workers,
+                 progress=config.progress)
 
 
 def main(argv=None) -> int:

@@ -45,7 +45,8 @@ def config_from_flags(a: argparse.Namespace) -> Preset:
 def prepare_store(a: argparse.Namespace, preset: Preset) -> None:
     """Tile PANDA (or the generated PANDA-like set, generated first) into the run's store."""
     config = preset.train
-    if store_ready(preset):
+    tiling = TilingConfig(tile_size=preset.tile_size, rule="panda")
+    if store_ready(preset, tiling):
         return
     data_dir = a.data_dir
     if data_dir is None:
@@ -55,8 +56,7 @@ def prepare_store(a: argparse.Namespace, preset: Preset) -> None:
             make_panda_like(data_dir, n_slides=preset.n_slides, seed=a.data_seed, side=preset.side,
                             workers=a.workers)
     slides = layouts.panda_layout(data_dir, splits_csv=a.splits_csv, seed=a.data_seed)
-    tile_dataset(slides, config.store, TilingConfig(tile_size=preset.tile_size, rule="panda"),
-                 workers=a.workers, progress=config.progress)
+    tile_dataset(slides, config.store, tiling, workers=a.workers, progress=config.progress)
 
 
 def main(argv=None) -> int:

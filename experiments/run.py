@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from bigjax.data.manifest import read_manifest
-from bigjax.data.tiling import check_tiling
+from bigjax.data.tiling import TilingConfig, check_tiling
 from bigjax.logs import quiet_libraries
 from bigjax.parallel import distributed, launch
 from bigjax.train.interrupt import stop_on_interrupt
@@ -25,12 +25,14 @@ from experiments.presets import Preset
 __all__ = ["run", "store_ready"]
 
 
-def store_ready(preset: Preset) -> bool:
-    """Whether the run's store is tiled as the preset asks with no failed slide (those are retried)."""
+def store_ready(preset: Preset, tiling: TilingConfig) -> bool:
+    """Whether the run's store is tiled as ``tiling`` asks with no failed slide (those are retried).
+
+    A store tiled otherwise (tile size, foreground rule or magnification) is refused, naming each."""
     config = preset.train
     if not config.manifest_path.is_file():
         return False
-    check_tiling(config.store, tile_size=preset.tile_size)
+    check_tiling(config.store, tile_size=tiling.tile_size, rule=tiling.rule, mpp=tiling.mpp)
     failed = [r.slide_id for r in read_manifest(config.manifest_path) if r.status == "failed"]
     if failed:
         logging.info("retrying %d slide(s) that failed tiling: %s", len(failed), ", ".join(failed[:5]))

@@ -2,6 +2,7 @@
 
 import pytest
 
+from bigjax.data.tiling import TilingConfig
 from experiments import camelyon, panda
 
 
@@ -73,14 +74,32 @@ def test_a_store_with_a_failed_slide_is_tiled_again(tmp_path):
     from experiments.run import store_ready
 
     preset = panda.config_from_flags(panda.parse_flags([f"--workdir={tmp_path}"]))
-    assert not store_ready(preset)  # no manifest yet
+    tiling = TilingConfig(tile_size=preset.tile_size)
+    assert not store_ready(preset, tiling)  # no manifest yet
     (tmp_path / "store").mkdir()
     ok = ManifestRow("a", 1, "train", 4, "ok", "slides/a", "a.tiff")
     failed = ManifestRow("b", 2, "train", 0, "failed", "", "b.tiff", "truncated")
     write_manifest(tmp_path / "store" / "manifest.csv", [ok])
-    assert store_ready(preset)
+    assert store_ready(preset, tiling)
     write_manifest(tmp_path / "store" / "manifest.csv", [ok, failed])
-    assert not store_ready(preset)
+    assert not store_ready(preset, tiling)
+
+
+def test_a_store_tiled_at_another_magnification_is_refused(tmp_path):
+    import json
+
+    from bigjax.data.manifest import ManifestRow, write_manifest
+    from experiments.run import store_ready
+
+    preset = panda.config_from_flags(panda.parse_flags([f"--workdir={tmp_path}"]))
+    (tmp_path / "store").mkdir()
+    write_manifest(tmp_path / "store" / "manifest.csv",
+                   [ManifestRow("a", 1, "train", 4, "ok", "slides/a", "a.tiff")])
+    (tmp_path / "store" / "tiling.json").write_text(json.dumps(
+        {"tile_size": preset.tile_size, "rule": "camelyon", "mpp": 0.5, "base_mpp": None}))
+    asked = TilingConfig(tile_size=preset.tile_size, rule="camelyon", mpp=1.0)
+    with pytest.raises(ValueError, match=r"tiled with mpp=0.5; asked mpp=1.0"):
+        store_ready(preset, asked)
 
 
 def test_devices_log_every_and_sync_bn_flags_reach_the_config():
