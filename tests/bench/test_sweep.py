@@ -31,6 +31,7 @@ def _two_point_sweep(tmp_path, configs, compiled_memory):
     assert all(len(load.start) == 3 and len(load.end) == 3 for load in result.loads)
     text = write_sweep(result, tmp_path, "test")
     assert "| inmemory |" in text and "32² s" in text and "Load average" in text
+    assert "| 48² | 1.00 (" in text  # time / in-memory time, with the host peak
     saved = json.loads((tmp_path / "sweep.json").read_text())
     assert len(saved["points"]) == 2 * len(configs) and saved["fits"]["big2"] is None  # 2 points
     assert [load["side"] for load in saved["loads"]] == [32, 48]
