@@ -59,7 +59,10 @@ def parse(argv=None) -> Config:
     p.add_argument("--sweep", action="store_true", help="time vs input side per configuration")
     p.add_argument("--sides", help="with --sweep: comma-separated sides (default 256,...,2048 in "
                                    "steps of sqrt(2); ResNet-50: 256,...,1024)")
-    p.add_argument("--warmup", type=int, default=1, help="with --sweep: untimed iterations per point")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="with --sweep: untimed iterations per point (more while one still compiles)")
+    p.add_argument("--fewer-reps", dest="fewer_reps", type=_side_reps,
+                   help="with --sweep: SIDE:REPS, sides above SIDE get REPS timed iterations")
     p.add_argument("--gpu-scale", dest="gpu_scale", action="store_true",
                    help="with --sweep: sides 4096,8192,16384,32768")
     p.add_argument("--configs", help=f"with --sweep: comma-separated subset of {','.join(CONFIGS)}")
@@ -86,7 +89,8 @@ def _sweep_config(a) -> tuple[SweepConfig, str]:
     else:
         sides = (256, 512, 724, 1024, 1448, 2048) if a.depth != 50 else (256, 362, 512, 724, 1024)
     configs = tuple(a.configs.split(",")) if a.configs else CONFIGS
-    cfg = SweepConfig(a.depth, sides, configs, a.max_partition_bytes, warmup=a.warmup, reps=a.reps)
+    cfg = SweepConfig(a.depth, sides, configs, a.max_partition_bytes, warmup=a.warmup, reps=a.reps,
+                      fewer_reps=a.fewer_reps)
     return cfg, a.out or "runs/sweep"
 
 
@@ -129,6 +133,14 @@ def _shapes(text: str) -> list[tuple[int, ...]]:
     if not shapes or any(len(s) != 4 or min(s) < 1 for s in shapes):
         raise argparse.ArgumentTypeError(f"{text!r}: give NxHxWxC shapes such as 1x1024x1024x3")
     return shapes
+
+
+def _side_reps(text: str) -> tuple[int, int]:
+    try:
+        side, reps = (int(n) for n in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give SIDE:REPS such as 1024:2") from None
+    return side, reps
 
 
 def _prefetch(text: str) -> int | None:

@@ -26,13 +26,14 @@ def fits_of(points: list[Point]) -> dict[str, PowerLawFit | None]:
 def write_sweep(sweep: Sweep, out: str | Path, title: str) -> str:
     """Write sweep.json (points, fits, loads per side), sweep.md and sweep.png into ``out``.
 
-    Returns the Markdown: the table of times and fits, then the load averages per side.
+    Returns the Markdown: the table of times and fits, the times and host peaks relative to the
+    in-memory step, then the load averages per side.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     points = sweep.points
     fits = fits_of(points)
-    text = _markdown(points, fits, title) + _loads(sweep.loads)
+    text = _markdown(points, fits, title) + _relative(points) + _loads(sweep.loads)
     (out / "sweep.md").write_text(text)
     (out / "sweep.json").write_text(json.dumps(
         {"points": [dataclasses.asdict(p) for p in points],
@@ -51,6 +52,31 @@ def _markdown(points, fits, title) -> str:
         cells = [name, *[_cell(by.get((name, s))) for s in sides]]
         cells += ([f"{fit.a:.3g}", f"{fit.b:.2f}", f"{fit.c:.3g}", f"{fit.r2:.3f}", str(fit.n),
                    f"{fit.doubling:.2f}"] if fit else ["–"] * 6)
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def _relative(points) -> str:
+    """Per side and configuration: time / the in-memory time, and the host peak (GiB)."""
+    sides = sorted({p.side for p in points})
+    names = list(dict.fromkeys(p.config for p in points))
+    by = {(p.config, p.side): p for p in points}
+    base = {s: by.get(("inmemory", s)) for s in sides}
+    if not any(b and b.status == "ok" for b in base.values()):
+        return ""
+    head = ["side", *names]
+    rows = ["", "Time / in-memory time (host peak RSS, GiB):", "",
+            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in sides:
+        cells = [f"{s}²"]
+        for name in names:
+            p, b = by.get((name, s)), base[s]
+            if p is None or p.status != "ok":
+                cells.append(p.status if p else "")
+                continue
+            ratio = f"{p.mean_s / b.mean_s:.2f}" if b and b.status == "ok" else "–"
+            peak = f" ({p.host_peak_bytes / 2**30:.1f})" if p.host_peak_bytes else ""
+            cells.append(ratio + peak)
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"
 

@@ -9,10 +9,19 @@ separate ops with all stages big; and the peers a user would pick instead (``big
 At each side every configuration is set up and warmed up first; then the timed iterations go
 round-robin over the configurations (the starting one rotating each round), so that a change of load
 on a shared machine hits every configuration alike and ratios within one run stay meaningful. The
-machine load (``os.getloadavg``) is recorded at the start and end of each side. A point that is
-predicted not to fit host RAM is skipped and marked; one that runs out of memory is recorded as such;
-the offload policy, where the backend cannot compile it, is marked "unsupported". ``bigjax.bench.fits``
-fits each configuration's times.
+machine load (``os.getloadavg``) is recorded at the start and end of each side. Warm-up goes on past
+``warmup`` iterations while an iteration still compiles (the Big-Layers step compiles new kernels in its
+second iteration), so no timed iteration pays for compilation.
+
+Memory: only one configuration's iteration is in flight at a time and its buffers are handed back to
+the OS after it (``memory.release_host``), so the resident set is the configurations' parameters plus
+one iteration's peak, not the sum of their peaks. A point predicted not to fit — host memory available
+now (or ``host_limit_bytes``) times ``host_fraction``, or the device's limit — is skipped and marked
+"predicted ...". The prediction is the largest of: activations counted from the architecture, the
+jitted step's compiled memory analysis, and the configuration's measured rise of the resident set in
+one iteration at the previous side scaled by the area. One that runs out of memory anyway is recorded
+as such; the offload policy, where the backend cannot compile it, is marked "unsupported".
+``bigjax.bench.fits`` fits each configuration's times.
 """
 
 from __future__ import annotations
@@ -51,7 +60,10 @@ class SweepConfig:
       configs: names from ``CONFIGS``.
       budget: Big-Layers partition budget (bytes).
       warmup, reps: untimed and timed iterations per point.
-      host_fraction: a point whose predicted host memory exceeds this share of RAM is skipped.
+      fewer_reps: (side, reps): sides above ``side`` get only ``reps`` timed iterations.
+      host_fraction: a point whose predicted host memory exceeds this share of ``host_limit_bytes``
+        is skipped.
+      host_limit_bytes: the host memory a point may use; None: what is available when it starts.
       compiled_memory: also compile the jitted steps ahead of time for XLA's memory analysis (a
         second compile per point: the CPU's device-memory figure).
     """
@@ -62,8 +74,16 @@ class SweepConfig:
     budget: int = 32 * 2**20
     warmup: int = 1
     reps: int = 3
+    fewer_reps: tuple[int, int] | None = None
     host_fraction: float = 0.6
+    host_limit_bytes: int | None = None
     compiled_memory: bool = True
+
+    def reps_at(self, side: int) -> int:
+        """Timed iterations per point at ``side``."""
+        if self.fewer_reps and side > self.fewer_reps[0]:
+            return self.fewer_reps[1]
+        return self.reps
 
 
 @dataclasses.dataclass
@@ -77,6 +97,7 @@ class Point:
     std_s: float | None = None
     device_peak_bytes: int | None = None  # jitted: XLA's memory analysis; Big: the partition budget
     host_peak_bytes: int | None = None  # peak resident set size during the point's iterations
+    host_step_bytes: int | None = None  # largest rise of the resident set within one iteration
     note: str = ""
 
     @property
@@ -153,14 +174,28 @@ class _Run:
     compiled: int | None
     times: list[float] = dataclasses.field(default_factory=list)
     host_peak: int | None = None
+    host_step: int | None = None
 
     def once(self) -> float:
+        """One timed iteration; its result is dropped and its freed memory handed back."""
+        before = memory.host_rss_bytes()
         memory.reset_host_peak()
         start = time.perf_counter()
         jax.block_until_ready(self.iteration())
         took = time.perf_counter() - start
-        self.host_peak = max(filter(None, (self.host_peak, memory.host_peak_bytes())), default=None)
+        peak = memory.host_peak_bytes()
+        self.host_peak = max(filter(None, (self.host_peak, peak)), default=None)
+        if peak and before:
+            self.host_step = max(self.host_step or 0, peak - before)
+        memory.release_host()
         return took
+
+
+_COMPILES = [0]
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, seconds, **kw: _COMPILES.__setitem__(
+        0, _COMPILES[0] + event.endswith("backend_compile_duration")))
+_MAX_EXTRA_WARMUP = 3
 
 
 def _oom_note(err: Exception) -> str | None:
@@ -173,14 +208,42 @@ def _oom_note(err: Exception) -> str | None:
 def _point(name: str, side: int, run: _Run, cfg: SweepConfig) -> Point:
     device = run.compiled or (cfg.budget if name.startswith("big") else None)
     std = statistics.stdev(run.times) if len(run.times) > 1 else 0.0
-    return Point(name, side, "ok", statistics.mean(run.times), std, device, run.host_peak)
+    return Point(name, side, "ok", statistics.mean(run.times), std, device, run.host_peak,
+                 run.host_step)
 
 
-def measure_side(side: int, cfg: SweepConfig, tick: Callable[[int], None] = lambda n: None):
+def _predicted(name: str, side: int, cfg: SweepConfig, previous: dict[str, Point]) -> int:
+    """Host bytes one iteration of ``name`` is predicted to add at ``side`` (see the module doc)."""
+    need = memory.predicted_host_bytes(cfg.depth, side)
+    last = previous.get(name)
+    if last and last.host_step_bytes:
+        need = max(need, last.host_step_bytes * side * side // last.area)
+    return need
+
+
+def _too_big(need: int, cfg: SweepConfig, device_bytes: int | None = None) -> str | None:
+    """The "predicted ..." note of a point that would not fit, None where it fits."""
+    limit = cfg.host_fraction * (cfg.host_limit_bytes or memory.host_available_bytes())
+    device_limit = memory.device_limit_bytes()
+    if device_limit is None:  # CPU: the compiled step's buffers are host memory
+        need = max(need, device_bytes or 0)
+    elif device_bytes and device_bytes > device_limit:
+        return (f"predicted {device_bytes / 2**30:.2f} GiB on the device > its "
+                f"{device_limit / 2**30:.2f} GiB")
+    if need > limit:
+        return (f"predicted {need / 2**30:.2f} GiB of host memory > {cfg.host_fraction:.0%} of "
+                f"{limit / cfg.host_fraction / 2**30:.2f} GiB available")
+    return None
+
+
+def measure_side(side: int, cfg: SweepConfig, tick: Callable[[int], None] = lambda n: None,
+                 previous: dict[str, Point] | None = None):
     """Every configuration of ``cfg`` at one side: (points in ``cfg.configs`` order, its SideLoad).
 
     Set-up and warm-up per configuration, then the timed iterations round-robin, the first
-    configuration of a round rotating. ``tick(n)`` is told of each n iterations done or given up.
+    configuration of a round rotating. ``previous``: the points of the last side, by configuration
+    (their measured memory scales the prediction). ``tick(n)`` is told of each n iterations done or
+    given up.
     """
     start_load = os.getloadavg()
     ticked = [0]
@@ -190,36 +253,44 @@ def measure_side(side: int, cfg: SweepConfig, tick: Callable[[int], None] = lamb
         tick(n)
     done: dict[str, Point] = {}
     runs: dict[str, _Run] = {}
-    need = memory.predicted_host_bytes(cfg.depth, side)
-    if need > cfg.host_fraction * memory.host_ram_bytes():
-        note = f"needs ~{need / 2**30:.1f} GiB of host RAM"
-        done = {name: Point(name, side, "skipped", note=note) for name in cfg.configs}
-    else:
-        x = np.random.default_rng(0).normal(size=(1, side, side, 3)).astype(np.float32)
-        for name in cfg.configs:
-            reason = peers.offload_support() if name == "offload" else None
-            if reason:
-                done[name] = Point(name, side, "unsupported",
-                                   note=f"not supported on this backend: {reason}")
-                continue
-            _guarded(name, side, done, runs, lambda: _warm(name, cfg, x, runs))
-            count(cfg.warmup)
-        for r in range(cfg.reps):
-            names = list(runs)
-            for name in names[r % len(names):] + names[:r % len(names)] if names else ():
-                _guarded(name, side, done, runs, lambda: runs[name].times.append(runs[name].once()))
-                count(1)
+    x = None
+    for name in cfg.configs:
+        reason = peers.offload_support() if name == "offload" else None
+        too_big = _too_big(_predicted(name, side, cfg, previous or {}), cfg)
+        if reason or too_big:
+            done[name] = (Point(name, side, "unsupported", note=f"not supported on this backend: "
+                                f"{reason}") if reason else Point(name, side, "skipped", note=too_big))
+            continue
+        if x is None:
+            x = np.random.default_rng(0).normal(size=(1, side, side, 3)).astype(np.float32)
+        _guarded(name, side, done, runs, lambda: _warm(name, side, cfg, x, runs, done, previous))
+        count(cfg.warmup)
+    for r in range(cfg.reps_at(side)):
+        names = list(runs)
+        for name in names[r % len(names):] + names[:r % len(names)] if names else ():
+            _guarded(name, side, done, runs, lambda: runs[name].times.append(runs[name].once()))
+            count(1)
     done.update({name: _point(name, side, run, cfg) for name, run in runs.items()})
-    tick((cfg.warmup + cfg.reps) * len(cfg.configs) - ticked[0])  # those given up
+    tick(max(0, (cfg.warmup + cfg.reps_at(side)) * len(cfg.configs) - ticked[0]))  # given up
     return [done[name] for name in cfg.configs], SideLoad(side, start_load, os.getloadavg(),
                                                        memory.device_peak_bytes())
 
 
-def _warm(name, cfg, x, runs):
+def _warm(name, side, cfg, x, runs, done, previous):
+    """Set up and warm up one configuration into ``runs``, or mark it skipped in ``done`` when its
+    compiled memory analysis predicts it would not fit. Warm-up iterations go on (up to
+    ``_MAX_EXTRA_WARMUP`` more) while one still compiles."""
     iteration, compiled = _setup(name, cfg, x)
+    too_big = _too_big(_predicted(name, side, cfg, previous or {}), cfg, compiled)
+    if too_big:
+        done[name] = Point(name, side, "skipped", device_peak_bytes=compiled, note=too_big)
+        return
     run = _Run(iteration, compiled)
-    for _ in range(cfg.warmup):
+    for k in range(cfg.warmup + _MAX_EXTRA_WARMUP):
+        compiles = _COMPILES[0]
         run.once()
+        if k + 1 >= cfg.warmup and _COMPILES[0] == compiles:
+            break
     runs[name] = run
 
 
@@ -246,12 +317,13 @@ def run_sweep(cfg: SweepConfig, progress: bool = True,
     unknown = sorted(set(cfg.configs) - set(CONFIGS))
     if unknown:
         raise ValueError(f"unknown sweep configuration(s) {unknown}; choose from {', '.join(CONFIGS)}")
-    points, loads = [], []
-    total = len(cfg.sides) * len(cfg.configs) * (cfg.warmup + cfg.reps)
+    points, loads, previous = [], [], {}
+    total = len(cfg.configs) * sum(cfg.warmup + cfg.reps_at(side) for side in cfg.sides)
     with tqdm(total=total, desc="sweep", unit="iteration", disable=not progress) as bar:
         for side in sorted(cfg.sides):
             bar.set_postfix(side=side)
-            side_points, load = measure_side(side, cfg, bar.update)
+            side_points, load = measure_side(side, cfg, bar.update, previous)
+            previous = {p.config: p for p in side_points if p.status == "ok"}
             points += side_points
             loads.append(load)
             after_side(Sweep(list(points), list(loads)))

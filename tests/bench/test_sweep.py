@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bigjax.bench import peers, sweep
+from bigjax.bench import memory, peers, sweep
 from bigjax.bench.report import write_sweep
 from bigjax.bench.sweep import SweepConfig, run_sweep
 from bigjax.models.resnet import ResNet
@@ -31,6 +31,7 @@ def _two_point_sweep(tmp_path, configs, compiled_memory):
     assert all(len(load.start) == 3 and len(load.end) == 3 for load in result.loads)
     text = write_sweep(result, tmp_path, "test")
     assert "| inmemory |" in text and "32² s" in text and "Load average" in text
+    assert "| 48² | 1.00 (" in text  # time / in-memory time, with the host peak
     saved = json.loads((tmp_path / "sweep.json").read_text())
     assert len(saved["points"]) == 2 * len(configs) and saved["fits"]["big2"] is None  # 2 points
     assert [load["side"] for load in saved["loads"]] == [32, 48]
@@ -50,7 +51,7 @@ def test_timed_iterations_go_round_robin_with_a_rotating_start(monkeypatch):
     order = []
 
     def fake_setup(name, cfg, x):
-        return (lambda: order.append(name) or jnp.zeros(())), None
+        return (lambda: order.append(name) or 0.0), None
     monkeypatch.setattr(sweep, "_setup", fake_setup)
     cfg = SweepConfig(sides=(8,), configs=("inmemory", "big0", "big4"), warmup=1, reps=3)
     points, load = sweep.measure_side(8, cfg)
@@ -68,7 +69,7 @@ def test_an_out_of_memory_ends_only_its_configuration(monkeypatch):
                 calls["big0"] += 1
                 if calls["big0"] == 2:  # the first timed iteration
                     raise MemoryError("host RAM exhausted")
-            return jnp.zeros(())
+            return 0.0
         return iteration, None
     monkeypatch.setattr(sweep, "_setup", fake_setup)
     cfg = SweepConfig(sides=(8,), configs=("inmemory", "big0"), warmup=1, reps=2)
@@ -77,10 +78,52 @@ def test_an_out_of_memory_ends_only_its_configuration(monkeypatch):
     assert calls["big0"] == 2
 
 
-def test_a_point_that_cannot_fit_the_host_is_skipped():
-    cfg = SweepConfig(depth=18, sides=(10**6,), configs=("inmemory",))
-    (point,) = run_sweep(cfg, progress=False).points
-    assert point.status == "skipped" and "GiB of host RAM" in point.note
+def test_a_point_that_cannot_fit_the_host_is_skipped_before_it_is_built(monkeypatch):
+    monkeypatch.setattr(sweep, "_setup", lambda *a: pytest.fail("a skipped point was set up"))
+    cfg = SweepConfig(depth=18, sides=(10**6,), configs=("inmemory", "big4"))
+    points = run_sweep(cfg, progress=False).points
+    assert [p.status for p in points] == ["skipped"] * 2
+    assert all(p.note.startswith("predicted ") and "GiB of host memory" in p.note for p in points)
+
+
+def test_a_tiny_host_limit_skips_a_jitted_point_by_its_compiled_memory(monkeypatch):
+    # the architecture's count fits (32² x 600 B ~ 0.6 MB < 0.6 x 4 MB); XLA's memory analysis does not
+    cfg = SweepConfig(depth=18, sides=(32,), configs=("inmemory",), host_limit_bytes=4 * 2**20,
+                      warmup=1, reps=1)
+    (point,), _ = sweep.measure_side(32, cfg)
+    assert point.status == "skipped" and point.note.startswith("predicted ")
+    assert point.device_peak_bytes > 0.6 * 4 * 2**20
+
+
+def test_the_prediction_scales_the_last_sides_measured_rise_by_the_area():
+    cfg = SweepConfig(depth=18, host_limit_bytes=10 * 2**30)
+    last = sweep.Point("big4", 100, "ok", host_step_bytes=2**30)
+    assert sweep._predicted("big4", 200, cfg, {"big4": last}) == 4 * 2**30
+    assert sweep._predicted("big4", 200, cfg, {}) == memory.predicted_host_bytes(18, 200)
+    assert sweep._too_big(4 * 2**30, cfg) is None
+    assert sweep._too_big(7 * 2**30, cfg).startswith("predicted 7.00 GiB of host memory")
+
+
+def test_warm_up_goes_on_while_an_iteration_compiles_and_results_are_not_kept(monkeypatch):
+    calls = []
+    grow = jax.jit(lambda v: v + 1)
+
+    def fake_setup(name, cfg, x):
+        def iteration():
+            calls.append(len(calls))
+            grow(jnp.zeros((min(len(calls), 3), 5)))  # new shapes (compiles) in the first 3 calls
+            return 0.0
+        return iteration, None
+    monkeypatch.setattr(sweep, "_setup", fake_setup)
+    cfg = SweepConfig(sides=(8,), configs=("big0",), warmup=1, reps=2)
+    (point,), _ = sweep.measure_side(8, cfg)
+    assert len(calls) == 4 + 2 and point.status == "ok"  # 3 compiling + 1 quiet warm-up, 2 timed
+    assert point.host_step_bytes is not None and point.host_step_bytes >= 0
+
+
+def test_fewer_reps_above_a_side():
+    cfg = SweepConfig(reps=3, fewer_reps=(1024, 2))
+    assert [cfg.reps_at(s) for s in (512, 1024, 1448)] == [3, 3, 2]
 
 
 def test_offload_is_recorded_unsupported_where_the_backend_cannot_compile_it(monkeypatch):
