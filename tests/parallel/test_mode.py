@@ -47,3 +47,15 @@ def test_a_step_over_two_devices_is_the_one_device_step(store, tmp_path, encoder
         assert diff.max() < 4.1e-3, path
         far, total = far + int(np.sum(diff > 1e-5)), total + diff.size
     assert far <= 1e-4 * total, (far, total)
+
+
+def test_remat_is_a_setting_of_the_in_memory_mesh_only(tmp_path):
+    from bigjax.train.config import TrainConfig
+    from experiments import flags
+
+    flags._check_mode_settings("inmemory", {"remat": "block", "devices": 2})
+    for encoder, devices in (("inmemory", 1), ("big", 2)):
+        with pytest.raises(ValueError, match=f"--remat has no effect with --encoder={encoder}"):
+            flags._check_mode_settings(encoder, {"remat": "block", "devices": devices})
+    with pytest.raises(ValueError, match="layer"):
+        TrainConfig(workdir=str(tmp_path), store=str(tmp_path), remat="layer")
