@@ -20,7 +20,7 @@ __all__ = ["training_flags", "apply_flags"]
 TRAIN_FIELDS = ("encoder", "aggregator", "arch", "compute_dtype", "big_stages", "max_partition_bytes",
                 "host_dtype", "device_memory", "init",
                 "epochs", "batch_size", "tiles_per_bag", "augment", "seed", "eval_draws", "eval_tiles",
-                "checkpoint_every", "modules", "local_alpha", "log_every", "devices", "sync_bn")
+                "checkpoint_every", "modules", "local_alpha", "log_every", "devices", "sync_bn", "remat")
 OPTIM_FIELDS = {"optimizer": "name", "lr": "lr", "weight_decay": "weight_decay",
                 "schedule": "schedule", "accum": "accum"}
 PRESET_FIELDS = ("tile_size",)
@@ -75,6 +75,9 @@ def training_flags(doc: str) -> argparse.ArgumentParser:
                                                 "(big, inmemory; CPU runs get N virtual devices)")
     p.add_argument("--sync_bn", action=argparse.BooleanOptionalAction,
                    help="with --devices: BatchNorm over all tiles (default) or per device")
+    p.add_argument("--remat", choices=["none", "conv", "block"],
+                   help="with --encoder=inmemory --devices=N: jax.checkpoint each conv + BatchNorm, "
+                        "or the stem and each residual block (default none)")
     p.add_argument("--processes", type=int, default=1,
                    help="run as P processes on this machine (loopback), --devices (default P) split "
                         "among them")
@@ -163,6 +166,10 @@ def _check_mode_settings(encoder: str, given: dict) -> None:
     if unread:
         raise ValueError(f"--{unread[0]} has no effect with --encoder={encoder}; it applies to "
                          f"the modes that stream through Big-Layers (--encoder=big)")
+    if "remat" in given and "remat" not in reads:
+        raise ValueError(f"--remat has no effect with --encoder={encoder} on "
+                         f"{given.get('devices', 1)} device(s); it applies to --encoder=inmemory "
+                         "with --devices above 1")
     unread = [k for k in modes.LOCAL_SETTINGS if k in given and k not in reads]
     if unread:
         raise ValueError(f"--{unread[0]} has no effect with --encoder={encoder}; it applies to "

@@ -5,6 +5,11 @@ A ResNet (``bigjax.models.resnet.ResNet``, or a ``BigResNet``'s parameters) runs
 An encoder without BatchNorm (no ``nnx.BatchStat``, e.g. a ViT) is called as ``encoder(x, train=True)``:
 its tiles do not interact, so sharding cannot change it.
 
+Remat (``jax.checkpoint``, Chen et al. "Training deep nets with sublinear memory cost"): ``"conv"``
+checkpoints each conv + BatchNorm (the backward recomputes the conv output and its normalisation);
+``"block"`` the stem and each residual block, so only the tiles and the blocks' inputs are kept and
+the backward recomputes a block's inner activations one block at a time.
+
 bf16 compute (Campanella et al. train with PyTorch AMP): the parameters are cast to the compute dtype
 inside the differentiated function, so activations and matmuls run in it while the parameters, their
 gradients (the cast's transpose casts back) and the optimiser stay float32; BatchNorm moments and the
@@ -20,7 +25,9 @@ from flax import nnx
 from bigjax.models.resnet import ResNet
 from bigjax.parallel.batchnorm import ShardedInMemory
 
-__all__ = ["encode", "fresh"]
+__all__ = ["encode", "fresh", "check_remat", "REMAT"]
+
+REMAT = ("none", "conv", "block")
 
 
 def fresh(state):
@@ -34,8 +41,29 @@ def _cast(tree, dtype):
                         tree)
 
 
+def check_remat(remat: str) -> str:
+    """``remat`` if it is one of ``REMAT``."""
+    if remat not in REMAT:
+        raise ValueError(f"remat={remat!r}: choose one of {', '.join(REMAT)}")
+    return remat
+
+
+def _trunk(model: ResNet, path, x, remat: str):
+    """Stem and residual stages; with "block" the stem and each block are checkpointed
+    (``nnx.remat``: the backward recomputes one from its input, and its running-statistics updates
+    are kept), so what stays for the backward is the tiles and each block's input."""
+    if remat != "block":
+        return model.stages(path, model.stem(path, x, True), 0, 4, True)
+    x = nnx.remat(lambda m, x: m.stem(path, x, True))(model, x)
+    block_step = nnx.remat(lambda block, x: block(path, x, True))
+    for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+        for block in layer:
+            x = block_step(block, x)
+    return x
+
+
 def encode(graphdef, params, stats, tiles, mask, *, sync_bn: bool, dtype=jnp.float32,
-           remat: bool = False):
+           remat: str = "none"):
     """Features (rows, D) float32 of one shard's tiles, and the encoder's updated ``BatchStat``s.
 
     Args:
@@ -43,13 +71,14 @@ def encode(graphdef, params, stats, tiles, mask, *, sync_bn: bool, dtype=jnp.flo
       tiles: this shard's (rows, H, W, 3) tiles, padding included; mask: (rows,) 1 = real tile.
       sync_bn: BatchNorm statistics over every shard (True) or this shard's only.
       dtype: compute dtype (float32 or bfloat16).
-      remat: recompute each conv + BatchNorm in the backward (``jax.checkpoint``), ResNets only.
+      remat: one of ``REMAT`` (ResNets only): keep every activation ("none"), or recompute each
+        conv + BatchNorm ("conv") or the stem and each residual block ("block") in the backward.
     """
     model = nnx.merge(graphdef, _cast(params, dtype), fresh(stats))
     x = tiles.astype(dtype)
     if isinstance(model, ResNet):
-        path = ShardedInMemory(mask, sync_bn, remat)
-        h = model.stages(path, model.stem(path, x, True), 0, 4, True)
+        path = ShardedInMemory(mask, sync_bn, remat == "conv")
+        h = _trunk(model, path, x, remat)
         features = jnp.mean(h.astype(jnp.float32), axis=(1, 2))
     elif not jax.tree.leaves(stats):
         features = model(x, train=True).astype(jnp.float32)

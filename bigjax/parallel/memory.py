@@ -3,8 +3,9 @@
     python -m bigjax.parallel.memory --depth=18 --tile=224 --tiles=2,4 --device_gb=80
 
 compiles the mesh step (``mesh_value_and_grad``'s jitted program) on a one-device mesh — the program
-every shard runs, collectives aside — for each count of tiles per device, float32 (with and without
-remat) and bfloat16, reads ``temp_size_in_bytes`` and the argument bytes, and extrapolates linearly
+every shard runs, collectives aside — for each count of tiles per device and each of ``CONFIGS``
+(float32 or bfloat16, without remat or with remat per conv + BatchNorm or per residual block; pick
+some with ``--configs=float32,bfloat16+block``), reads ``temp_size_in_bytes`` and the argument bytes, and extrapolates linearly
 (temp grows linearly in the tiles) to the count that fits ``device_gb``. Also prints what each device exchanges per step: the
 all-gathered features, no feature gradients (the aggregator is replicated, each shard slices its
 rows), and the psum of the encoder gradients.
@@ -26,10 +27,15 @@ from bigjax.parallel.exchange import slide_loss
 from bigjax.parallel.mesh import AXIS, ShardLayout, encoder_mesh, replicate, to_mesh
 from jax.sharding import PartitionSpec as P
 
-__all__ = ["step_memory"]
+__all__ = ["step_memory", "CONFIGS"]
+
+# name -> (compute dtype, remat)
+CONFIGS = {"float32": (jnp.float32, "none"), "float32+conv": (jnp.float32, "conv"),
+           "float32+block": (jnp.float32, "block"), "bfloat16": (jnp.bfloat16, "none"),
+           "bfloat16+block": (jnp.bfloat16, "block")}
 
 
-def step_memory(depth: int, tile: int, tiles: int, dtype, remat: bool) -> tuple[int, int]:
+def step_memory(depth: int, tile: int, tiles: int, dtype, remat: str) -> tuple[int, int]:
     """(temp bytes, argument bytes) of one shard's compiled step with ``tiles`` tiles."""
     mesh = encoder_mesh(1)
     encoder = ResNet(depth, rngs=nnx.Rngs(0))
@@ -53,11 +59,16 @@ def main(argv=None):
     parser.add_argument("--tile", type=int, default=224)
     parser.add_argument("--tiles", default="2,4", help="two tile counts per device to fit a line")
     parser.add_argument("--device_gb", type=float, default=80.0)
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated, of: "
+                        + ", ".join(CONFIGS))
     opts = parser.parse_args(argv)
+    unknown = [c for c in opts.configs.split(",") if c not in CONFIGS]
+    if unknown:
+        raise ValueError(f"--configs: {unknown[0]!r} is not one of {', '.join(CONFIGS)}")
     counts = [int(t) for t in opts.tiles.split(",")]
     embed = 512 if opts.depth < 50 else 2048
-    for name, dtype, remat in (("float32", jnp.float32, False), ("float32 remat", jnp.float32, True),
-                               ("bfloat16", jnp.bfloat16, False)):
+    for name in opts.configs.split(","):
+        dtype, remat = CONFIGS[name]
         sizes = [step_memory(opts.depth, opts.tile, k, dtype, remat) for k in counts]
         per_tile = (sizes[1][0] - sizes[0][0]) / (counts[1] - counts[0])
         fixed = sizes[0][0] - per_tile * counts[0] + sizes[0][1]

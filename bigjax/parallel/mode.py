@@ -55,7 +55,9 @@ def _tiles(inputs) -> np.ndarray:
 
 @modes.register_mesh("inmemory")
 class InMemoryMesh(modes.InMemory):
-    """The in-memory encoder trained end to end, its jitted step over the encoder mesh."""
+    """The in-memory encoder trained end to end, its jitted step over the encoder mesh (``remat``)."""
+
+    settings = (*modes.InMemory.settings, "remat")
 
     def __init__(self, config, workdir):
         super().__init__(config, workdir)
@@ -68,7 +70,8 @@ class InMemoryMesh(modes.InMemory):
     def step(self, model, optimizer, inputs, labels):
         loss, grads = mesh_value_and_grad(model.encoder, model.head, _tiles(inputs),
                                           np.asarray(labels, np.int32), mesh=self.mesh,
-                                          sync_bn=self.config.sync_bn, loss_fn=batch_loss)
+                                          sync_bn=self.config.sync_bn, remat=self.config.remat,
+                                          loss_fn=batch_loss)
         return _apply(model, optimizer, loss, *grads)
 
 
@@ -94,5 +97,6 @@ class BigMesh(modes.Big):
         loss, grads = big_mesh_value_and_grad(model.encoder, model.head, _tiles(inputs),
                                               np.asarray(labels, np.int32),
                                               executions=self.executions,
-                                              sync_bn=self.config.sync_bn, loss_fn=batch_loss)
+                                              sync_bn=self.config.sync_bn, remat=self.config.remat,
+                                          loss_fn=batch_loss)
         return _apply(model, optimizer, loss, *grads)

@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from bigjax.parallel.encoder import encode, fresh
+from bigjax.parallel.encoder import check_remat, encode, fresh
 from bigjax.parallel.exchange import explicit_shard_step, slide_loss
 from bigjax.parallel.mesh import AXIS, ShardLayout, encoder_mesh, local, replicate, to_mesh
 
@@ -59,7 +59,7 @@ def _step(*args, mesh, enc_def, head_def, layout, sync_bn, dtype, remat, loss_fn
 
 def mesh_value_and_grad(encoder: nnx.Module, head: nnx.Module, tiles, label, *,
                         mesh: Mesh | None = None, sync_bn: bool = True, dtype=jnp.float32,
-                        remat: bool = False, collectives: str = "explicit", loss_fn=slide_loss):
+                        remat: str = "none", collectives: str = "explicit", loss_fn=slide_loss):
     """Slide loss and gradients with the slide's tiles spread over ``mesh`` (one jitted step).
 
     Args:
@@ -75,7 +75,8 @@ def mesh_value_and_grad(encoder: nnx.Module, head: nnx.Module, tiles, label, *,
         shard (False, Campanella et al.'s DDP practice).
       dtype: compute dtype of the encoder, ``jnp.float32`` or ``jnp.bfloat16`` (parameters, gradients
         and the aggregator stay float32).
-      remat: ``jax.checkpoint`` each conv + BatchNorm of a ResNet encoder (less memory, more compute).
+      remat: ``jax.checkpoint`` in a ResNet encoder (less memory, more compute): "none", "conv"
+        (each conv + BatchNorm) or "block" (each residual block); ``encoder.REMAT``.
       collectives: "explicit" (the paper's gather / aggregate / scatter / pseudo-loss VJP) or "xla"
         (``jax.value_and_grad`` of the sharded function).
       loss_fn: ``loss_fn(head, features, label)`` -> scalar (default ``slide_loss``: the bag loss;
@@ -85,6 +86,7 @@ def mesh_value_and_grad(encoder: nnx.Module, head: nnx.Module, tiles, label, *,
     """
     if collectives not in COLLECTIVES:
         raise ValueError(f"collectives={collectives!r}: choose one of {', '.join(COLLECTIVES)}")
+    check_remat(remat)
     mesh = mesh or encoder_mesh()
     layout = ShardLayout(len(tiles), mesh.size)
     enc_def, enc_params, enc_stats = nnx.split(encoder, nnx.Param, nnx.BatchStat)

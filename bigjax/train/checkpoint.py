@@ -122,7 +122,7 @@ class RunCheckpoints:
             if best_step == self._best_of(step):
                 return
             self._delete(step)  # the steps before it still name a best on disk
-        tree = state_tree(model, optimizer)
+        tree = _process_local(state_tree(model, optimizer))
         self.latest.save(step, args=ocp.args.Composite(
             model=ocp.args.StandardSave(tree["model"]), opt=ocp.args.StandardSave(tree["opt"]),
             meta=ocp.args.JsonSave(meta), best=ocp.args.JsonSave({"step": best_step})))
@@ -163,10 +163,14 @@ class RunCheckpoints:
             shutil.rmtree(self.directory / DELETED, ignore_errors=True)
 
     def _restore(self, step: int, model, optimizer) -> dict:
-        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_tree(model, optimizer))
+        current = state_tree(model, optimizer)
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _process_local(current))
         items = {name: ocp.args.StandardRestore(tree) for name, tree in target.items()}
         restored = self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **items))
-        load_state_tree({name: restored[name] for name in target}, model, optimizer)
+        values = {name: restored[name] for name in target}
+        if jax.process_count() > 1:  # numpy back onto each leaf's device
+            values = jax.tree.map(_placed_like, values, {name: current[name] for name in target})
+        load_state_tree(values, model, optimizer)
         return dict(restored["meta"])
 
 
@@ -178,6 +182,19 @@ def _one_process(directory: Path) -> dict:
     directory.mkdir(parents=True, exist_ok=True)
     return {"create": False, "multiprocessing_options": ocp.options.MultiprocessingOptions(
         primary_host=jax.process_index(), active_processes={jax.process_index()})}
+
+
+def _process_local(tree: dict) -> dict:
+    """The tree as orbax may save it: in a multi-process run a single-device ``jax.Array`` is
+    "host local" and refused (orbax wants global arrays), so its leaves go as numpy."""
+    if jax.process_count() == 1:
+        return tree
+    return jax.tree.map(lambda x: np.asarray(x) if isinstance(x, jax.Array) else x, tree)
+
+
+def _placed_like(value, current):
+    """A restored numpy leaf on the device (sharding) of the model's current leaf."""
+    return jax.device_put(value, current.sharding) if isinstance(current, jax.Array) else value
 
 
 def _key_to_data(x):

@@ -66,6 +66,8 @@ class TrainConfig:
         together; ``bigjax.parallel.mode``), for the modes that train the encoder; 1 = one device.
       sync_bn: with devices > 1, BatchNorm statistics over all the step's tiles (equal to one
         device) or per device (Campanella et al.'s practice).
+      remat: with devices > 1 and the in-memory encoder, ``jax.checkpoint`` in each shard's ResNet:
+        "none", "conv" (each conv + BatchNorm) or "block" (the stem and each residual block).
     """
 
     workdir: str
@@ -99,6 +101,7 @@ class TrainConfig:
     progress: bool = True
     devices: int = 1
     sync_bn: bool = True
+    remat: str = "none"
 
     @property
     def auto_fit(self) -> bool:
@@ -110,6 +113,9 @@ class TrainConfig:
         from bigjax.models import arch
         from bigjax.models.mil import AGGREGATORS
 
+        from bigjax.parallel.encoder import REMAT
+
+        _choose("remat", self.remat, REMAT)
         _choose("task", self.task, TASKS)
         _choose("aggregator", self.aggregator, AGGREGATORS)
         _choose("arch", self.arch, arch.names())

@@ -1,5 +1,5 @@
-"""Training runs over the encoder mesh: ``--devices=2`` and a 2-process loopback run log the step
-losses of the one-device run (same seed, same generated store)."""
+"""Training runs over the encoder mesh: ``--devices=2`` logs the step losses of the one-device run
+(same seed, same generated store), and a 2-process loopback run those of one process with 2 devices."""
 
 import json
 import os
@@ -39,16 +39,18 @@ FLAGS = ["--encoder=inmemory", "--tile_size=16", "--epochs=1", "--batch_size=2",
 
 
 @pytest.mark.slow
-def test_two_loopback_processes_log_the_one_process_losses(store, tmp_path):  # noqa: F811
+def test_two_loopback_processes_log_the_losses_of_one_process_with_two_devices(store, tmp_path):  # noqa: F811
+    """Same mesh, same shards: one process driving 2 devices and 2 processes of 1 device each take the
+    same steps (measured bitwise equal over 18 steps, docs/results.md); against one device the free
+    runs drift from the second step on (Adam, same section), which test_mode checks step by step."""
     flags = FLAGS + [f"--store={store}"]
-    panda.main(flags + [f"--workdir={tmp_path / 'one'}"])
+    panda.main(flags + [f"--workdir={tmp_path / 'one'}", "--devices=2"])
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, "-m", "experiments.panda", *flags, f"--workdir={tmp_path / 'two'}",
                     "--processes=2"], check=True, timeout=900, cwd=ROOT, env=env)
     ours, theirs = step_losses(tmp_path / "two"), step_losses(tmp_path / "one")
     assert len(theirs) == 4
-    np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-6)
-    np.testing.assert_allclose(ours, theirs, rtol=5e-5)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6)
     two = tmp_path / "two"
     assert (two / "results.json").is_file() and (two / "checkpoints").is_dir()
     assert len((two / "metrics.jsonl").read_text().splitlines()) == len(

@@ -36,14 +36,21 @@ def test_mesh_gradients_equal_one_device_with_synchronised_batch_norm(reference,
     assert_close(nnx.state(encoder, nnx.BatchStat), stats0, 1e-6)
 
 
-@pytest.mark.slow
-def test_remat_gives_the_same_gradients(reference):
-    loss0, g_enc0, g_head0, _ = reference
-    loss, (g_enc, g_head) = mesh_value_and_grad(tiny_resnet(), head(), TILES, LABEL,
-                                                mesh=encoder_mesh(2), remat=True)
+@pytest.mark.parametrize("remat", ["block", pytest.param("conv", marks=pytest.mark.slow)])
+def test_remat_gives_the_same_gradients_and_running_statistics(reference, remat):
+    loss0, g_enc0, g_head0, stats0 = reference
+    encoder = tiny_resnet()
+    loss, (g_enc, g_head) = mesh_value_and_grad(encoder, head(), TILES, LABEL,
+                                                mesh=encoder_mesh(2), remat=remat)
     assert rel(loss, loss0) < 1e-6
     assert_close(g_enc, g_enc0, 1e-5)
     assert_close(g_head, g_head0, 1e-5)
+    assert_close(nnx.state(encoder, nnx.BatchStat), stats0, 1e-6)
+
+
+def test_an_unknown_remat_is_refused_by_name():
+    with pytest.raises(ValueError, match="remat='layer'"):
+        mesh_value_and_grad(tiny_resnet(), head(), TILES, LABEL, mesh=encoder_mesh(2), remat="layer")
 
 
 @pytest.mark.slow
