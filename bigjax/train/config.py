@@ -112,7 +112,6 @@ class TrainConfig:
         """Refuse a bad setting before any work, naming it (the CLIs' flags have the same names)."""
         from bigjax.models import arch
         from bigjax.models.mil import AGGREGATORS
-
         from bigjax.parallel.encoder import REMAT
 
         _choose("remat", self.remat, REMAT)
