@@ -49,6 +49,8 @@ def parse_flags(argv=None) -> argparse.Namespace:
     p.add_argument("--magnification", type=float, default=5.0, help="read slides at this (default 5)")
     p.add_argument("--modules", type=int, help="K gradient-isolated modules: 1, 2, 4 (default), 8")
     p.add_argument("--alpha", type=float, help="weight of the RFR loss (default 1)")
+    p.add_argument("--norm", choices=("batch", "group"),
+                   help="backbone norm: frozen BatchNorm (default) or GroupNorm(C, C), Zhang's two variants")
     p.add_argument("--n_patches", type=int, help="RFR patches per module and step (default 10)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--accum", type=int, help="slides per optimiser update (default 8)")

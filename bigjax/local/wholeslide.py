@@ -37,6 +37,7 @@ from bigjax.data.layouts import SlideEntry
 from bigjax.data.slides import PANDA_GREY_RANGE, greyscale, open_slide, pick_level
 from bigjax.errors import Interrupted
 from bigjax.layers.execution import DEFAULT_PARTITION_BYTES, Execution
+from bigjax.local.group_norm import NORMS, to_group_norm
 from bigjax.local.model import LocalNetwork, local_resnet34
 from bigjax.local.run_state import TrainingState
 from bigjax.local.step import decay_updates, make_optimizers, paths_for, train_step
@@ -63,6 +64,8 @@ class WholeSlideConfig:
       mpp: µm per pixel to read slides at (2.0 = 5× for 0.5 µm/px at 20×).
       modules: K (1, 2, 4 or 8; 1 is end-to-end).
       alpha: weight of the RFR loss.
+      norm: "batch" (the backbone's BatchNorm frozen, ``Resnet34LocalBatchNorm``) or "group" (every
+        backbone BatchNorm made GroupNorm(C, C), ``Resnet34Local``; ``bigjax.local.group_norm``).
       n_patches: RFR patches per module and step (10).
       epochs: passes over the training slides.
       accum: slides per optimiser update.
@@ -85,6 +88,7 @@ class WholeSlideConfig:
     mpp: float = 2.0
     modules: int = 4
     alpha: float = 1.0
+    norm: str = "batch"
     n_patches: int = 10
     epochs: int = 55
     accum: int = 8
@@ -106,6 +110,8 @@ class WholeSlideConfig:
         for name in ("epochs", "accum", "pad", "max_partition_bytes", "n_classes", "n_patches", "n_boot"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name}={getattr(self, name)}: must be at least 1")
+        if self.norm not in NORMS:
+            raise ValueError(f"--norm={self.norm}: choose one of {', '.join(NORMS)}")
         if self.checkpoint_every < 0 or any(e < 0 for e in self.decay_epochs):
             raise ValueError(f"--checkpoint_every={self.checkpoint_every}, --decay_epochs="
                              f"{','.join(map(str, self.decay_epochs))}: must be >= 0")
@@ -146,13 +152,16 @@ def _image(rgb: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarra
 
 
 def build_network(config: WholeSlideConfig):
-    """``local_resnet34`` (stem stride 3) from ``config.init`` or a random ResNet-34."""
+    """``local_resnet34`` (stem stride 3) from ``config.init`` or a random ResNet-34, with
+    ``config.norm``."""
     resnet = ResNet(34, rngs=nnx.Rngs(config.seed))
     if config.init:
         load_torchvision(resnet, config.init)
     else:
         log.warning("ResNet-34 has random initial weights (no --init); Zhang et al. start from "
                     "ImageNet weights")
+    if config.norm == "group":
+        to_group_norm(resnet)  # the backbone only: the RFR decoders keep BatchNorm, as the official
     return local_resnet34(config.modules, config.n_classes, resnet=resnet, alpha=config.alpha,
                           n_patches=config.n_patches, rngs=nnx.Rngs(config.seed + 1))
 
