@@ -248,8 +248,10 @@ def _final(state: "TrainingState", config: WholeSlideConfig, split: dict, images
     meta = state.checkpoints.restore_best(state.net)
     results = {name: _classify(state.net, split[name], images, execution, config.n_classes,
                                n_boot=config.n_boot) for name in ("val", "test")}
-    seconds = [row["seconds"] for row in state.rows() if row["kind"] == "step"]
-    results.update(losses=meta["last_losses"], best_epoch=meta["best_epoch"],
+    rows = state.rows()
+    seconds = [row["seconds"] for row in rows if row["kind"] == "step"]
+    results.update(losses=[row for row in rows if row["kind"] == "epoch"][-1]["losses"],
+                   best_epoch=meta["best_epoch"],
                    seconds_per_slide=float(np.median(seconds)) if seconds else None,
                    largest_slide=max((im.shape[:2] for im in images.values()),
                                      key=lambda s: s[0] * s[1]),
