@@ -78,6 +78,7 @@ def test_bad_local_settings_name_the_value(tmp_path):
         tiny("s", tmp_path, local_norm="layer")
 
 
+@pytest.mark.slow  # ~35 s on the loaded machine: a ResNet-18's eager initialisation
 def test_local_norm_group_gives_group_norm_in_the_resnet_and_batch_norm_in_the_decoders():
     from bigjax.layers.modules import BigBatchNorm
     from bigjax.local.bags import LocalResNet
