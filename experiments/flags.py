@@ -20,7 +20,8 @@ __all__ = ["training_flags", "apply_flags"]
 TRAIN_FIELDS = ("encoder", "aggregator", "arch", "compute_dtype", "big_stages", "max_partition_bytes",
                 "host_dtype", "device_memory", "init",
                 "epochs", "batch_size", "tiles_per_bag", "augment", "seed", "eval_draws", "eval_tiles",
-                "checkpoint_every", "modules", "local_alpha", "log_every", "devices", "sync_bn", "remat")
+                "checkpoint_every", "modules", "local_alpha", "local_norm", "log_every", "devices",
+                "sync_bn", "remat")
 OPTIM_FIELDS = {"optimizer": "name", "lr": "lr", "weight_decay": "weight_decay",
                 "schedule": "schedule", "accum": "accum"}
 PRESET_FIELDS = ("tile_size",)
@@ -49,6 +50,8 @@ def training_flags(doc: str) -> argparse.ArgumentParser:
                    help="device memory auto may plan for (default: the device's limit; needed on a CPU)")
     p.add_argument("--modules", type=int, help="local mode: K gradient-isolated modules (1, 2, 4, 8)")
     p.add_argument("--local_alpha", type=float, help="local mode: weight of the RFR loss (default 1)")
+    p.add_argument("--local_norm", choices=["batch", "group"],
+                   help="local mode: the ResNet's BatchNorm, or GroupNorm(C, C) (Zhang's second variant)")
     p.add_argument("--init", help="torchvision/timm ResNet .safetensors (default: random init)")
     p.add_argument("--optimizer", choices=["adam", "adamw", "demon_adam"])
     p.add_argument("--lr", type=float)

@@ -36,6 +36,7 @@ from flax import nnx
 
 from bigjax.layers import host
 from bigjax.layers.execution import Execution
+from bigjax.local.group_norm import NORMS, require_one_map, to_group_norm
 from bigjax.local.rfr import RFRDecoder, check_patches, rfr_patches, sample_tile_patches
 from bigjax.local.split import SPLITS, module_pieces
 from bigjax.models import mil
@@ -73,13 +74,21 @@ class LocalResNet(ResNet):
       patch: RFR patch side in the stem output's pixels (128), over each module's stride.
       bn_train: the blocks' BatchNorm normalises with the batch's statistics (and updates the
         running ones), else with the running statistics (frozen, as Zhang et al.).
+      norm: "batch", or "group": every BatchNorm of the ResNet (not of the RFR decoders) made
+        GroupNorm(C, C), each tile normalised by its own statistics (``group_norm``).
     """
 
     def __init__(self, depth: int, n_modules: int, n_classes: int, *, alpha: float = 1.0,
-                 n_patches: int = 10, patch: int = 128, bn_train: bool = True, rngs: nnx.Rngs):
+                 n_patches: int = 10, patch: int = 128, bn_train: bool = True, norm: str = "batch",
+                 rngs: nnx.Rngs):
         if depth not in SPLITS:
             raise ValueError(f"local training splits ResNet-18 or ResNet-34, got ResNet-{depth}")
+        if norm not in NORMS:
+            raise ValueError(f"norm={norm!r}: choose one of {', '.join(NORMS)}")
         super().__init__(depth, rngs=rngs)
+        if norm == "group":
+            to_group_norm(self)  # before the auxiliary decoders exist: they keep BatchNorm
+        self.norm = norm
         pieces, channels, strides = SPLITS[depth]
         groups = module_pieces(n_modules, len(pieces))
         self.module_blocks = tuple(tuple((layer, b) for p in g for layer, start, stop in [pieces[p]]
@@ -173,6 +182,8 @@ def local_step(model: steps.MILClassifier, optimizer: nnx.Optimizer, tiles, labe
     enc, labels = model.encoder, jnp.asarray(labels, jnp.int32)
     x = tiles.reshape(-1, *tiles.shape[2:])
     path = InMemory if execution is None else Fused(execution)
+    if execution is not None and enc.norm == "group":
+        require_one_map(x.shape)
     x = _stem(enc, x) if execution is None else jax.lax.stop_gradient(
         enc.stem(path, execution.to_host(x), False))
     losses, grads = [], []

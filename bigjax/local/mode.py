@@ -1,7 +1,8 @@
 """``--encoder=local``: the run's ResNet trained as K gradient-isolated modules (Zhang et al. 2022).
 
 Importing this module registers the mode in ``bigjax.train.modes``. The encoder is a
-``bags.LocalResNet`` (``--arch`` resnet18 or resnet34, ``--modules`` K, ``--local_alpha`` α); each
+``bags.LocalResNet`` (``--arch`` resnet18 or resnet34, ``--modules`` K, ``--local_alpha`` α,
+``--local_norm`` batch or group); each
 step trains every module on its own loss, the last with the run's aggregator, and applies all of
 their gradients in one update of the run's optimiser (``bags.local_step``). A module's activations
 on a batch of tile bags are small, so each module's gradient is one jitted function (measured on the
@@ -19,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from bigjax.local.bags import TRAINABLE, LocalResNet, local_step
+from bigjax.local.group_norm import to_group_norm
 from bigjax.models import arch
 from bigjax.models.resnet import ResNet, load_torchvision
 from bigjax.train import features, modes
@@ -40,10 +42,13 @@ class Local(modes.EncoderMode):
             raise ValueError(f"--encoder=local splits a ResNet-18 or ResNet-34 into its 8 pieces, "
                              f"got --arch={c.arch}")
         depth = arch.RESNETS[c.arch]
-        encoder = LocalResNet(depth, c.modules, c.n_classes, alpha=c.local_alpha, rngs=rngs)
+        encoder = LocalResNet(depth, c.modules, c.n_classes, alpha=c.local_alpha, norm=c.local_norm,
+                              rngs=rngs)
         if c.init:  # the checkpoint holds the ResNet only, not the auxiliary heads
             resnet = ResNet(depth, rngs=rngs)
             load_torchvision(resnet, c.init)
+            if c.local_norm == "group":
+                to_group_norm(resnet)  # fresh GroupNorms, as the official conversion after loading
             nnx.update(encoder, nnx.state(resnet))
             log.info("encoder %s initialised from %s", c.arch, c.init)
         else:

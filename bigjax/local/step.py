@@ -15,53 +15,88 @@ or one per module) runs eagerly through partitioned Big-Layers with activations 
 
 References:
     Zhang et al., MICCAI 2022; official code cvlab-stonybrook/local_learning_wsi (trainer.py,
-    options.py: AdamW, lr 2e-5 with a 0.5 factor for the pretrained backbone, accumulation 8).
+    options.py: AdamW, lr 2e-5 with a 0.5 factor for the pretrained backbone, accumulation 8;
+    ``MultiStepLR``: lr × 0.1 at epochs 25, 35, 45 in its README command).
 """
 
 from __future__ import annotations
 
+import collections
 import functools
-from dataclasses import dataclass
 from typing import Sequence
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 
 from bigjax.layers.execution import Execution
 from bigjax.local.model import LocalModule, LocalNetwork
 from bigjax.local.rfr import check_patches
 from bigjax.models.resnet_paths import Fused, InMemory
-from bigjax.train.optim import make_optimizer
 
-__all__ = ["BACKBONE", "HEADS", "LocalOptimizer", "make_optimizers", "module_grad", "paths_for",
-           "train_step"]
+__all__ = ["BACKBONE", "HEADS", "LocalOptimizer", "make_optimizers", "step_decay", "decay_updates",
+           "module_grad", "paths_for", "train_step"]
 
 BACKBONE = nnx.All(nnx.Param, nnx.PathContains("blocks"))
 HEADS = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("blocks")))
 
 
-@dataclass
-class LocalOptimizer:
-    """The two optimisers of one module: its backbone blocks and its heads."""
+class LocalOptimizer(nnx.Module):
+    """The two optimisers of one module: its backbone blocks and its heads (an NNX object, so a
+    list of them checkpoints as one state)."""
 
-    backbone: nnx.Optimizer
-    heads: nnx.Optimizer
+    def __init__(self, backbone: nnx.Optimizer, heads: nnx.Optimizer):
+        self.backbone, self.heads = backbone, heads
 
     def update(self, module: LocalModule, grads: nnx.State) -> None:
         backbone, heads = nnx.filter_state(grads, BACKBONE, HEADS)
-        self.backbone.update(module, backbone)
-        self.heads.update(module, heads)
+        _apply(self.backbone, module, backbone)
+        _apply(self.heads, module, heads)
+
+
+@nnx.jit
+def _apply(optimizer: nnx.Optimizer, module: LocalModule, grads: nnx.State) -> None:
+    # jitted: run eagerly, optax.MultiSteps' lax.cond compiles anew at every call (~5 s here)
+    optimizer.update(module, grads)
 
 
 def make_optimizers(net: LocalNetwork, *, lr_backbone: float = 1e-5, lr_heads: float = 2e-5,
-                    weight_decay: float = 1e-2, accum: int = 1) -> list[LocalOptimizer]:
-    """One ``LocalOptimizer`` per module (AdamW; ``accum`` slides averaged per update)."""
+                    weight_decay: float = 1e-2, accum: int = 1,
+                    decay_at: Sequence[int] = ()) -> list[LocalOptimizer]:
+    """One ``LocalOptimizer`` per module (AdamW; ``accum`` slides averaged per update).
+
+    ``decay_at``: update counts from which the learning rates are 10 times smaller, once more at
+    each (``step_decay``; ``decay_updates`` turns the official epochs into update counts).
+    """
     def adamw(lr):
-        return make_optimizer(name="adamw", lr=lr, weight_decay=weight_decay, accum=accum)
+        opt = optax.adamw(step_decay(lr, decay_at), weight_decay=weight_decay)
+        return optax.MultiSteps(opt, every_k_schedule=accum).gradient_transformation() if accum > 1 else opt
     return [LocalOptimizer(nnx.Optimizer(m, adamw(lr_backbone), wrt=BACKBONE),
                            nnx.Optimizer(m, adamw(lr_heads), wrt=HEADS))
             for m in net.local_modules]
+
+
+def step_decay(lr: float, decay_at: Sequence[int], factor: float = 0.1) -> optax.Schedule:
+    """``lr`` times ``factor`` for every boundary in ``decay_at`` that the update count has reached:
+    torch's ``MultiStepLR`` (gamma 0.1), the official schedule, counted in optimiser updates."""
+    scales = collections.Counter(int(u) for u in decay_at)
+    if any(u < 0 for u in scales):
+        raise ValueError(f"learning-rate decay at updates {sorted(scales)}: must be >= 0")
+    return optax.piecewise_constant_schedule(lr, {u: factor ** k for u, k in scales.items()})
+
+
+def decay_updates(decay_epochs: Sequence[int], slides_per_epoch: int, accum: int) -> list[int]:
+    """The update counts at which ``decay_epochs`` (0-based epochs, as the official
+    ``--decay-multi-epochs``) begin: the first update that completes on a slide of that epoch.
+
+    Update u completes on slide (u + 1)·accum − 1 of the run, in epoch ⌊that / slides_per_epoch⌋,
+    so epoch m's first update is ⌊m·slides_per_epoch / accum⌋. (The official trainer counts its
+    accumulation within each epoch; this counts it over the run, as ``optax.MultiSteps``.)
+    """
+    if slides_per_epoch < 1 or accum < 1:
+        raise ValueError(f"slides_per_epoch={slides_per_epoch}, accum={accum}: must be >= 1")
+    return [m * slides_per_epoch // accum for m in decay_epochs]
 
 
 def paths_for(execution: Execution | Sequence[Execution] | None, n_modules: int) -> list:

@@ -8,8 +8,12 @@ to compile), and trained on as one image: ``local_resnet34``'s K modules, each s
 activations stay in host memory and the device holds one partition at a time. Each module has its own
 AdamW (``make_optimizers``: lr 1e-5 for the backbone, 2e-5 for the heads, gradient accumulation 8);
 the weight decay is the official code's 1e-2 (options.py and its README command; the issue's 1e-6 is
-not in the code). Slides are flipped at random (the official trainer also crops edges, rotates and
-jitters colour). After the last epoch the validation and test slides are classified by H.
+not in the code), and the learning rates drop 10 times at epochs 25, 35 and 45 (the official
+``MultiStepLR`` in its README command). Slides are flipped at random (the official trainer also
+crops edges, rotates and jitters colour). After every epoch H classifies the validation slides and
+the checkpoint is kept (``run_state``: the latest, and the best by validation QWK, in one atomic
+commit; ``resume=True`` continues a run and takes the steps it would have taken). At the end the
+best checkpoint classifies the validation and test slides, with 95 % bootstrap intervals over slides.
 
 References:
     Zhang et al., MICCAI 2022; official code cvlab-stonybrook/local_learning_wsi (main.py, trainer.py,
@@ -23,7 +27,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -31,12 +35,16 @@ from flax import nnx
 
 from bigjax.data.layouts import SlideEntry
 from bigjax.data.slides import PANDA_GREY_RANGE, greyscale, open_slide, pick_level
+from bigjax.errors import Interrupted
 from bigjax.layers.execution import DEFAULT_PARTITION_BYTES, Execution
-from bigjax.local.model import local_resnet34
-from bigjax.local.step import make_optimizers, paths_for, train_step
-from bigjax.metrics import accuracy, quadratic_weighted_kappa
+from bigjax.local.group_norm import NORMS, to_group_norm
+from bigjax.local.model import LocalNetwork, local_resnet34
+from bigjax.local.run_state import TrainingState
+from bigjax.local.step import decay_updates, make_optimizers, paths_for, train_step
+from bigjax.metrics import bootstrap_ci
 from bigjax.models.arch import IMAGENET
 from bigjax.models.resnet import ResNet, load_torchvision
+from bigjax.train.evaluate import score
 from bigjax.train.features import normalize_host
 
 log = logging.getLogger(__name__)
@@ -56,13 +64,22 @@ class WholeSlideConfig:
       mpp: µm per pixel to read slides at (2.0 = 5× for 0.5 µm/px at 20×).
       modules: K (1, 2, 4 or 8; 1 is end-to-end).
       alpha: weight of the RFR loss.
+      norm: "batch" (the backbone's BatchNorm frozen, ``Resnet34LocalBatchNorm``) or "group" (every
+        backbone BatchNorm made GroupNorm(C, C), ``Resnet34Local``; ``bigjax.local.group_norm``).
       n_patches: RFR patches per module and step (10).
       epochs: passes over the training slides.
       accum: slides per optimiser update.
       lr_backbone, lr_heads, weight_decay: the AdamW settings.
+      decay_epochs: 0-based epochs from which the learning rates are 10 times smaller (the
+        official README command's ``--decay-multi-epochs 25,35,45``; ``MultiStepLR``).
+      checkpoint_every: also save the latest checkpoint every this many slides (0: at the end of
+        each epoch only, and on Ctrl-C).
       max_partition_bytes: the Big-Layers partition budget.
+      in_memory: run every module in memory, jitted, instead of through Big-Layers (slides that
+        fit on the device; the tests' tiny runs).
       pad: slides are padded to a multiple of this many pixels.
       init: torchvision ResNet-34 .safetensors (None: random init).
+      n_boot: bootstrap resamples of the final metrics' 95 % intervals.
       seed: parameters, slide order, flips and RFR patches.
     """
 
@@ -71,23 +88,33 @@ class WholeSlideConfig:
     mpp: float = 2.0
     modules: int = 4
     alpha: float = 1.0
+    norm: str = "batch"
     n_patches: int = 10
     epochs: int = 55
     accum: int = 8
     lr_backbone: float = 1e-5
     lr_heads: float = 2e-5
     weight_decay: float = 1e-2
+    decay_epochs: tuple[int, ...] = (25, 35, 45)
+    checkpoint_every: int = 0
     max_partition_bytes: int = DEFAULT_PARTITION_BYTES
+    in_memory: bool = False
     pad: int = 128
     init: str | None = None
+    n_boot: int = 1000
     seed: int = 0
 
     def __post_init__(self):
         if self.modules not in (1, 2, 4, 8):
             raise ValueError(f"--modules={self.modules}: must divide the 8 pieces (1, 2, 4 or 8)")
-        for name in ("epochs", "accum", "pad", "max_partition_bytes", "n_classes", "n_patches"):
+        for name in ("epochs", "accum", "pad", "max_partition_bytes", "n_classes", "n_patches", "n_boot"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name}={getattr(self, name)}: must be at least 1")
+        if self.norm not in NORMS:
+            raise ValueError(f"--norm={self.norm}: choose one of {', '.join(NORMS)}")
+        if self.checkpoint_every < 0 or any(e < 0 for e in self.decay_epochs):
+            raise ValueError(f"--checkpoint_every={self.checkpoint_every}, --decay_epochs="
+                             f"{','.join(map(str, self.decay_epochs))}: must be >= 0")
         if not self.mpp > 0:
             raise ValueError(f"--mpp={self.mpp}: must be positive (µm per pixel)")
 
@@ -125,74 +152,140 @@ def _image(rgb: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarra
 
 
 def build_network(config: WholeSlideConfig):
-    """``local_resnet34`` (stem stride 3) from ``config.init`` or a random ResNet-34."""
+    """``local_resnet34`` (stem stride 3) from ``config.init`` or a random ResNet-34, with
+    ``config.norm``."""
     resnet = ResNet(34, rngs=nnx.Rngs(config.seed))
     if config.init:
         load_torchvision(resnet, config.init)
     else:
         log.warning("ResNet-34 has random initial weights (no --init); Zhang et al. start from "
                     "ImageNet weights")
+    if config.norm == "group":
+        to_group_norm(resnet)  # the backbone only: the RFR decoders keep BatchNorm, as the official
     return local_resnet34(config.modules, config.n_classes, resnet=resnet, alpha=config.alpha,
                           n_patches=config.n_patches, rngs=nnx.Rngs(config.seed + 1))
 
 
-def train_wholeslide(config: WholeSlideConfig, slides: Sequence[SlideEntry],
-                     progress: bool = True) -> dict:
-    """Train on the "train" slides, then classify "val" and "test"; writes results.json.
+def train_wholeslide(config: WholeSlideConfig, slides: Sequence[SlideEntry], *, resume: bool = False,
+                     progress: bool = True, network: LocalNetwork | None = None,
+                     should_stop: Callable[[], bool] | None = None,
+                     on_step: Callable[[int], None] | None = None) -> dict:
+    """Train on the "train" slides, validate every epoch, then classify "val" and "test" with the best.
 
+    Args:
+      config: the run.
+      slides: the layout (``split`` "train", "val", "test").
+      resume: continue from the workdir's latest checkpoint (else it must hold none).
+      progress: a log line per slide.
+      network: the network to train (default ``build_network(config)``; tests give a tiny one).
+      should_stop: polled after every slide; True saves the latest checkpoint and raises
+        ``Interrupted`` (the CLI passes Ctrl-C's request).
+      on_step: called with the run's slide count after every slide (tests simulate a kill).
     Returns:
-      {"val"/"test": {"accuracy", "qwk", "n"}, "losses": last epoch's mean L_1..L_K, "seconds_per_slide",
-       "largest_slide": (H, W)}.
+      {"val"/"test": {"n", "accuracy", "qwk", their "..._ci95", "probs", "labels"}, "losses": the last
+      epoch's mean L_1..L_K, "best_epoch", "seconds_per_slide", "largest_slide": (H, W)}; also
+      written to results.json.
     """
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    train = [s for s in slides if s.split == "train"]
+    split = {name: [s for s in slides if s.split == name] for name in ("train", "val", "test")}
+    train = split["train"]
     if not train:
         raise ValueError("no training slides (split 'train') in the layout")
-    net = build_network(config)
+    net = network or build_network(config)
     optimizers = make_optimizers(net, lr_backbone=config.lr_backbone, lr_heads=config.lr_heads,
-                                 weight_decay=config.weight_decay, accum=config.accum)
-    execution = Execution(config.max_partition_bytes)
-    rng = np.random.default_rng(config.seed)
+                                 weight_decay=config.weight_decay, accum=config.accum,
+                                 decay_at=decay_updates(config.decay_epochs, len(train), config.accum))
+    state = TrainingState(workdir, net, nnx.List(optimizers))
+    meta = state.start(config, resume)
+    execution = None if config.in_memory else Execution(config.max_partition_bytes)
     images = {s.slide_id: read_slide(s.path, config.mpp, config.pad) for s in slides}
-    metrics, seconds, losses = open(workdir / "metrics.jsonl", "w"), [], []
-    for epoch in range(config.epochs):
-        losses = []
-        for n, k in enumerate(rng.permutation(len(train))):
-            slide = train[k]
+    for epoch in range(meta["epoch"], config.epochs):
+        order = np.random.default_rng([config.seed, epoch]).permutation(len(train))
+        for n in range(meta["slide"], len(train)):
+            slide = train[order[n]]
+            rng = np.random.default_rng([config.seed, epoch, n])  # flips, RFR patches
             start = time.perf_counter()
-            step_losses = [float(v) for v in train_step(net, optimizers, _image(images[slide.slide_id], rng),
-                                                        slide.label, rng, execution=execution)]
-            seconds.append(time.perf_counter() - start)
-            losses.append(step_losses)
-            metrics.write(json.dumps(dict(kind="step", epoch=epoch, slide=slide.slide_id,
-                                          shape=images[slide.slide_id].shape[:2], losses=step_losses,
-                                          seconds=seconds[-1])) + "\n")
-            metrics.flush()
+            losses = [float(v) for v in train_step(net, optimizers, _image(images[slide.slide_id], rng),
+                                                   slide.label, rng, execution=execution)]
+            meta.update(step=meta["step"] + 1, slide=n + 1, losses=meta["losses"] + [losses])
+            state.log(kind="step", step=meta["step"], epoch=epoch, slide=slide.slide_id,
+                      shape=images[slide.slide_id].shape[:2], losses=losses,
+                      seconds=time.perf_counter() - start)
             if progress:
                 log.info("epoch %d slide %d/%d: losses %s (%.1f s)", epoch + 1, n + 1, len(train),
-                         " ".join(f"{v:.3f}" for v in step_losses), seconds[-1])
-        log.info("epoch %d: mean losses %s", epoch + 1,
-                 " ".join(f"{v:.3f}" for v in np.mean(losses, axis=0)))
-    metrics.close()
-    results = {split: _classify(net, [s for s in slides if s.split == split], images, execution,
-                                config.n_classes) for split in ("val", "test")}
-    results.update(losses=np.mean(losses, axis=0).tolist(),
-                   seconds_per_slide=float(np.median(seconds)),
+                         " ".join(f"{v:.3f}" for v in losses), time.perf_counter() - start)
+            if config.checkpoint_every and meta["step"] % config.checkpoint_every == 0:
+                state.save(meta)
+            if on_step is not None:
+                on_step(meta["step"])
+            if should_stop is not None and should_stop():
+                state.save(meta)
+                raise Interrupted(f"stopped after slide {meta['step']}; the checkpoint is in "
+                                  f"{state.checkpoints.directory}: continue with --resume")
+        _end_epoch(state, meta, epoch, _classify(net, split["val"], images, execution, config.n_classes))
+    return _final(state, config, split, images, execution)
+
+
+def _end_epoch(state: "TrainingState", meta: dict, epoch: int, val: dict) -> None:
+    """The epoch's mean losses and validation; its checkpoint, the best by validation QWK."""
+    losses = np.mean(meta["losses"], axis=0).tolist()
+    score = val["qwk"] if val["n"] else -losses[-1]  # no val slides: the lowest L_K
+    best = meta["best"] is None or score > meta["best"]
+    if best:
+        meta.update(best=score, best_epoch=epoch + 1)
+    meta.update(epoch=epoch + 1, slide=0, losses=[], last_losses=losses)
+    state.log(kind="epoch", step=meta["step"], epoch=epoch + 1, losses=losses,
+              **{f"val_{k}": v for k, v in val.items() if k in ("qwk", "accuracy")})
+    state.save(meta, best=best)  # after the row: a resume from before it drops the row
+    log.info("epoch %d: mean losses %s; val %s", epoch + 1, " ".join(f"{v:.3f}" for v in losses),
+             ", ".join(f"{k} {v:.3f}" for k, v in val.items() if k in ("qwk", "accuracy")) or "none")
+
+
+def _final(state: "TrainingState", config: WholeSlideConfig, split: dict, images: dict,
+           execution: Execution | None) -> dict:
+    """Restore the best checkpoint, classify val and test (with bootstrap intervals), write results.json."""
+    meta = state.checkpoints.restore_best(state.net)
+    results = {name: _classify(state.net, split[name], images, execution, config.n_classes,
+                               n_boot=config.n_boot) for name in ("val", "test")}
+    rows = state.rows()
+    seconds = [row["seconds"] for row in rows if row["kind"] == "step"]
+    results.update(losses=[row for row in rows if row["kind"] == "epoch"][-1]["losses"],
+                   best_epoch=meta["best_epoch"],
+                   seconds_per_slide=float(np.median(seconds)) if seconds else None,
                    largest_slide=max((im.shape[:2] for im in images.values()),
                                      key=lambda s: s[0] * s[1]),
                    config=dataclasses.asdict(config))
-    (workdir / "results.json").write_text(json.dumps(results, indent=1))
+    (Path(config.workdir) / "results.json").write_text(json.dumps(results, indent=1))
     return results
 
 
-def _classify(net, slides, images, execution, n_classes) -> dict:
-    """H's accuracy and QWK on ``slides`` (eval mode, one slide at a time, through Big-Layers)."""
+def _classify(net, slides, images, execution, n_classes, n_boot: int = 0) -> dict:
+    """H's accuracy and QWK on ``slides`` (eval mode, one slide at a time, through Big-Layers);
+    with ``n_boot`` also their 95 % bootstrap intervals over slides and each slide's probabilities."""
     if not slides:
         return {"n": 0}
-    paths = paths_for(execution, len(net.local_modules))
-    preds = [int(np.argmax(jax.device_get(net.predict(paths, _image(images[s.slide_id])))))
-             for s in slides]
-    labels = [s.label for s in slides]
-    return {"n": len(slides), "accuracy": accuracy(labels, preds, n_classes),
-            "qwk": quadratic_weighted_kappa(labels, preds, n_classes)}
+    probs = np.stack([np.asarray(jax.device_get(_probabilities(net, execution, _image(images[s.slide_id]))))
+                      for s in slides])
+    labels = np.array([s.label for s in slides])
+    out = {"n": len(slides)}
+    for metric in ("accuracy", "qwk"):
+        out[metric] = score(metric, labels, probs, n_classes)
+        if n_boot:
+            out[f"{metric}_ci95"] = bootstrap_ci(lambda y, p: score(metric, y, p, n_classes), labels, probs,
+                                                 n_boot=n_boot)
+    if n_boot:
+        out.update(labels=labels.tolist(), probs=probs.round(4).tolist())
+    return out
+
+
+def _probabilities(net: LocalNetwork, execution: Execution | None, x) -> jax.Array:
+    """H's class probabilities of slide ``x``: through Big-Layers, or in memory as one jitted call."""
+    if execution is None:
+        return _in_memory_probabilities(net, x)
+    return jax.nn.softmax(net.predict(paths_for(execution, len(net.local_modules)), x))
+
+
+@nnx.jit
+def _in_memory_probabilities(net, x):
+    return jax.nn.softmax(net.predict(paths_for(None, len(net.local_modules)), x))

@@ -47,6 +47,8 @@ class TrainConfig:
         a CPU has none, so there it must be given).
       modules, local_alpha: the local mode's K gradient-isolated modules (dividing 8) and the weight
         of its Random Feature Reconstruction loss (Zhang et al.; ``--encoder=local`` only).
+      local_norm: the local mode's ResNet norm: "batch" (BatchNorm) or "group" (GroupNorm(C, C),
+        Zhang et al.'s second variant; ``bigjax.local.group_norm``).
       init: torchvision/timm ResNet safetensors file; None = random init (a warning says so).
       optim: the optimiser, its schedule and gradient accumulation (``OptimizerConfig``).
       epochs: passes over the training slides (one bag per slide per epoch).
@@ -84,6 +86,7 @@ class TrainConfig:
     device_memory: int | None = None
     modules: int = 4
     local_alpha: float = 1.0
+    local_norm: str = "batch"
     init: str | None = None
     optim: OptimizerConfig = PAPER_OPTIMIZER
     epochs: int = 20
@@ -145,6 +148,8 @@ class TrainConfig:
             raise ValueError(f"--modules={self.modules}: must divide the 8 pieces (1, 2, 4 or 8)")
         if not self.local_alpha >= 0:
             raise ValueError(f"--local_alpha={self.local_alpha}: must be >= 0")
+        if self.local_norm not in ("batch", "group"):
+            raise ValueError(f"--local_norm={self.local_norm}: choose batch or group")
 
     @property
     def n_classes(self) -> int:

@@ -48,7 +48,7 @@ _ELSEWHERE = ("bigjax.parallel.mode", "bigjax.local.mode")  # modules that regis
 # config fields only the modes that stream through Big-Layers read
 STREAMING_SETTINGS = ("big_stages", "max_partition_bytes", "host_dtype", "device_memory")
 # config fields only the locally supervised mode reads (``bigjax.local.mode``)
-LOCAL_SETTINGS = ("modules", "local_alpha")
+LOCAL_SETTINGS = ("modules", "local_alpha", "local_norm")
 
 
 def register(name: str):

@@ -74,3 +74,19 @@ def test_bad_local_settings_name_the_value(tmp_path):
         tiny("s", tmp_path, modules=3)
     with pytest.raises(ValueError, match="--local_alpha=-1"):
         tiny("s", tmp_path, local_alpha=-1.0)
+    with pytest.raises(ValueError, match="--local_norm=layer: choose batch or group"):
+        tiny("s", tmp_path, local_norm="layer")
+
+
+@pytest.mark.slow  # ~35 s on the loaded machine: a ResNet-18's eager initialisation
+def test_local_norm_group_gives_group_norm_in_the_resnet_and_batch_norm_in_the_decoders():
+    from bigjax.layers.modules import BigBatchNorm
+    from bigjax.local.bags import LocalResNet
+    from bigjax.local.group_norm import BigGroupNorm
+    enc = LocalResNet(18, 2, 3, norm="group", rngs=nnx.Rngs(0))
+    assert isinstance(enc.bn1, BigGroupNorm) and isinstance(enc.layer4[1].bn2, BigGroupNorm)
+    assert isinstance(enc.aux[0].decoder.norm, BigBatchNorm)
+    _check = __import__("experiments.flags", fromlist=["_check_mode_settings"])._check_mode_settings
+    _check("local", {"local_norm": "group"})
+    with pytest.raises(ValueError, match="--local_norm has no effect with --encoder=big"):
+        _check("big", {"local_norm": "group"})
