@@ -38,7 +38,7 @@ from bigjax.train.interrupt import stop_on_interrupt
 # whole map; a 64 MiB budget still partitions the stem), and its data set
 QUICK = dict(epochs=2, accum=2, lr_backbone=1e-4, lr_heads=2e-4, pad=256, n_patches=2,
              max_partition_bytes=64 * 2**20)
-N_SLIDES, SIDE = 8, (1024, 1024)  # level-0 px: 256 px at 5x
+N_SLIDES, SIDE = 8, (2048, 2048)  # level-0 px: 512 px at 5x, 2x2 positions for H
 
 
 def parse_flags(argv=None) -> argparse.Namespace:

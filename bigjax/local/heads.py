@@ -60,6 +60,11 @@ class GatedAttentionHead(nnx.Module):
                              "give a smaller head kernel for small inputs")
         ex = getattr(path, "execution", None)
         h = self.reduce.plain(x) if ex is None else ex.to_compute(self.reduce(x, execution=ex))
+        if h.shape[1] * h.shape[2] == 1:
+            raise ValueError(f"a {x.shape[1]}x{x.shape[2]} map leaves this head's {self.kernel}x"
+                             f"{self.kernel}/{self.kernel} conv one position, whose per-channel "
+                             "GroupNorm is 0: the head could not learn; give larger slides (or a "
+                             "higher magnification)")
         h = jax.nn.relu(self.norm(h))
         return h.reshape(-1, h.shape[-1])
 

@@ -31,6 +31,13 @@ def test_head_pools_the_reduced_positions():
         head(InMemory, X[:, :2], train=False)
 
 
+def test_a_map_that_leaves_the_head_one_position_is_refused():
+    head = aux_head(8, 3, kernel=6, rngs=nnx.Rngs(0))  # 13x11 by a 6x6/6 conv: 2x1 positions
+    assert head.positions(InMemory, X).shape == (2, 8)
+    with pytest.raises(ValueError, match="one position, whose per-channel GroupNorm is 0"):
+        head(InMemory, X[:, :11], train=False)  # 11x11: 1x1
+
+
 def test_big_path_head_equals_in_memory():
     head = aux_head(8, 3, kernel=2, rngs=nnx.Rngs(1))
     bands = []
