@@ -34,6 +34,7 @@ from bigjax.layers.execution import Execution
 from bigjax.local.model import LocalModule, LocalNetwork
 from bigjax.local.rfr import check_patches
 from bigjax.models.resnet_paths import Fused, InMemory
+from bigjax.train.optim import accumulated
 
 __all__ = ["BACKBONE", "HEADS", "LocalOptimizer", "make_optimizers", "step_decay", "decay_updates",
            "module_grad", "paths_for", "train_step"]
@@ -70,8 +71,7 @@ def make_optimizers(net: LocalNetwork, *, lr_backbone: float = 1e-5, lr_heads: f
     each (``step_decay``; ``decay_updates`` turns the official epochs into update counts).
     """
     def adamw(lr):
-        opt = optax.adamw(step_decay(lr, decay_at), weight_decay=weight_decay)
-        return optax.MultiSteps(opt, every_k_schedule=accum).gradient_transformation() if accum > 1 else opt
+        return accumulated(optax.adamw(step_decay(lr, decay_at), weight_decay=weight_decay), accum)
     return [LocalOptimizer(nnx.Optimizer(m, adamw(lr_backbone), wrt=BACKBONE),
                            nnx.Optimizer(m, adamw(lr_heads), wrt=HEADS))
             for m in net.local_modules]

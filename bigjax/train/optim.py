@@ -224,8 +224,14 @@ def make_optimizer(cfg: Any = None, /, *, steps_per_epoch: int = 1, epochs: int 
                          b2=c.b2, eps=c.eps, weight_decay=c.weight_decay)
     if c.clip_norm is not None:
         opt = optax.chain(optax.clip_by_global_norm(c.clip_norm), opt)
-    if c.accum > 1:
-        opt = optax.MultiSteps(opt, every_k_schedule=c.accum).gradient_transformation()
+    return accumulated(opt, c.accum)
+
+
+def accumulated(opt: optax.GradientTransformation, accum: int) -> optax.GradientTransformation:
+    """``opt`` applied to the mean of every ``accum`` gradients (``optax.MultiSteps``; its schedule
+    counts updates, not micro-batches); ``opt`` itself for ``accum`` 1."""
+    if accum > 1:
+        return optax.MultiSteps(opt, every_k_schedule=accum).gradient_transformation()
     return opt
 
 
