@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from flax import nnx
 
-from bigjax.models.resnet import ResNet
+from bigjax.models.resnet import ResNet, remat_trunk
 from bigjax.models.resnet_paths import InMemory
 
 __all__ = ["ACTIVATION", "OFFLOAD_POLICY", "remat_forward", "offload_forward", "offload_support"]
@@ -35,11 +35,7 @@ OFFLOAD_POLICY = jax.checkpoint_policies.save_and_offload_only_these_names(
 
 def remat_forward(model: ResNet, x):
     """The in-memory forward with every residual block under ``nnx.remat`` (activations recomputed)."""
-    x = model.stem(InMemory, x, True)
-    for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
-        for block in layer:
-            x = nnx.remat(lambda b, h: b(InMemory, h, True))(block, x)
-    return jnp.mean(x, axis=(1, 2))
+    return jnp.mean(remat_trunk(model, InMemory, x, True, stem=False), axis=(1, 2))
 
 
 class Named:

@@ -26,7 +26,7 @@ from bigjax.layers.execution import Execution
 from bigjax.layers.modules import BigBatchNorm, BigConv
 from bigjax.models.resnet_paths import Fused, InMemory, Separate
 
-__all__ = ["ResNet", "BigResNet", "in_memory_twin", "load_torchvision"]
+__all__ = ["ResNet", "BigResNet", "in_memory_twin", "load_torchvision", "remat_trunk"]
 
 
 def _conv_bn(cin, cout, k, stride, padding, rngs):
@@ -118,6 +118,22 @@ class ResNet(nnx.Module):
     def __call__(self, x, *, train: bool):
         x = self.stages(InMemory, self.stem(InMemory, x, train), 0, 4, train)
         return jnp.mean(x, axis=(1, 2))
+
+
+def remat_trunk(model: ResNet, path, x, train: bool, *, stem: bool = True):
+    """The stem and the four stages with each residual block (and, with ``stem``, the stem) under
+    ``nnx.remat`` (Chen et al., "Training deep nets with sublinear memory cost"): the backward keeps
+    each block's input and recomputes its inner activations, one block at a time; the BatchNorm
+    running-statistics updates are kept. Returns the last stage's map (jittable; any path)."""
+    def run_stem(m, h):
+        return m.stem(path, h, train)
+
+    x = (nnx.remat(run_stem) if stem else run_stem)(model, x)
+    block_step = nnx.remat(lambda block, h: block(path, h, train))
+    for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+        for block in layer:
+            x = block_step(block, x)
+    return x
 
 
 @functools.partial(nnx.jit, static_argnames=("start", "train"))

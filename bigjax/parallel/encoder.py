@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bigjax.models.resnet import ResNet
+from bigjax.models.resnet import ResNet, remat_trunk
 from bigjax.parallel.batchnorm import ShardedInMemory
 
 __all__ = ["encode", "fresh", "check_remat", "REMAT"]
@@ -50,16 +50,10 @@ def check_remat(remat: str) -> str:
 
 def _trunk(model: ResNet, path, x, remat: str):
     """Stem and residual stages; with "block" the stem and each block are checkpointed
-    (``nnx.remat``: the backward recomputes one from its input, and its running-statistics updates
-    are kept), so what stays for the backward is the tiles and each block's input."""
+    (``resnet.remat_trunk``), so what stays for the backward is the tiles and each block's input."""
     if remat != "block":
         return model.stages(path, model.stem(path, x, True), 0, 4, True)
-    x = nnx.remat(lambda m, x: m.stem(path, x, True))(model, x)
-    block_step = nnx.remat(lambda block, x: block(path, x, True))
-    for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
-        for block in layer:
-            x = block_step(block, x)
-    return x
+    return remat_trunk(model, path, x, True)
 
 
 def encode(graphdef, params, stats, tiles, mask, *, sync_bn: bool, dtype=jnp.float32,
