@@ -46,6 +46,7 @@ from bigjax.models.arch import IMAGENET
 from bigjax.models.resnet import ResNet, load_torchvision
 from bigjax.train.evaluate import score
 from bigjax.train.features import normalize_host
+from bigjax.train.loop import improves
 
 log = logging.getLogger(__name__)
 
@@ -230,10 +231,10 @@ def train_wholeslide(config: WholeSlideConfig, slides: Sequence[SlideEntry], *, 
 def _end_epoch(state: "TrainingState", meta: dict, epoch: int, val: dict) -> None:
     """The epoch's mean losses and validation; its checkpoint, the best by validation QWK."""
     losses = np.mean(meta["losses"], axis=0).tolist()
-    score = val["qwk"] if val["n"] else -losses[-1]  # no val slides: the lowest L_K
-    best = meta["best"] is None or score > meta["best"]
+    value = val["qwk"] if val["n"] else -losses[-1]  # no val slides: the lowest L_K
+    best = meta["best"] is None or improves(value, meta["best"])
     if best:
-        meta.update(best=score, best_epoch=epoch + 1)
+        meta.update(best=value, best_epoch=epoch + 1)
     meta.update(epoch=epoch + 1, slide=0, losses=[], last_losses=losses)
     state.log(kind="epoch", step=meta["step"], epoch=epoch + 1, losses=losses,
               **{f"val_{k}": v for k, v in val.items() if k in ("qwk", "accuracy")})

@@ -32,7 +32,7 @@ from bigjax.data.manifest import read_manifest, require_splits, select
 from bigjax.errors import Diverged, Interrupted
 from bigjax.data.store import TileStore
 from bigjax.models import mil
-from bigjax.parallel.distributed import share_from_main
+from bigjax.parallel.distributed import is_main_process, share_from_main
 from bigjax.train import modes
 from bigjax.train.checkpoint import RunCheckpoints
 from bigjax.train.config import TrainConfig
@@ -89,7 +89,7 @@ class Run:
         self.optimizer = nnx.Optimizer(self.model, tx, wrt=self.mode.trainable())
         # a multi-process run (--processes): process 0 writes checkpoints, metrics and results; the
         # others take the steps with it (the encoder mesh spans their devices) and write nothing
-        self.writes = jax.process_index() == 0
+        self.writes = is_main_process()
         self.checkpoints = RunCheckpoints(self.workdir) if self.writes else None
         self.log = MetricsLog(self.workdir / "metrics.jsonl")
 
