@@ -179,9 +179,9 @@ class Execution:
         return self.call("to_compute", self._to_compute, x)
 
     def _to_compute(self, x):
-        if (isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+        if (isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.committed
                 and x.devices() == {self.compute} and not _pinned(x)):
-            return x
+            return x  # an uncommitted one is committed (no copy): kernels see one placement
         return jax.device_put(x, self.compute)
 
     def to_device_of(self, x, like) -> jax.Array:
