@@ -25,6 +25,8 @@ CATEGORIES = {
     "to_host": "device->host copies",
     "host_read": "blocking host reads",
     "wait": "waits on in-flight partitions",
+    "staging": "staging copies (host memory)",
+    "band_copies": "in-program copies (counted, not timed)",
     "take_band": "band slicing (host)",
     "join_bands": "band joining (host)",
     "conv_forward": "conv kernels (fwd)",

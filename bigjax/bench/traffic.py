@@ -30,6 +30,9 @@ class Traffic:
         self.calls[event] += 1
         if event in self.bytes:
             self.bytes[event] += self.execution.crossing_bytes(event, args[0])
+        elif event == "band_copies":  # a compiled pass: its copies ran inside the program
+            self.bytes["to_compute"] += args[0]
+            self.bytes["to_host"] += args[1]
         return fn(*args, **kwargs)
 
     def observe(self, execution: Execution) -> Execution:

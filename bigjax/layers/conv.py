@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from bigjax.layers import moments
+from bigjax.layers import compiled, moments
 from bigjax.layers.bands import join_on_host, take_band
 from bigjax.layers.execution import Execution, ensure_eager, zeros_like
 from bigjax.layers.plan import ConvGeometry, Footprint, Partition, plan_partitions
@@ -129,6 +129,8 @@ def _forward(spec, x, kernel, bias, a, b):
     """Algorithm 3: stream input bands to the device, output bands back to the host (placed args)."""
     ex = spec.ex
     _plan(spec, x, kernel, a, backward=True)  # fail now, not after the forward, if bwd cannot fit
+    if ex.engine == "compiled":
+        return _compiled_forward(spec, x, kernel, bias, a, b)
     bands, acc = [], None
     for p in _plan(spec, x, kernel, a, backward=False):
         ex.window.admit(ex)
@@ -156,9 +158,12 @@ def _backward(spec, res, cts):
     x, kernel, bias, a, b, y, mean = res
     ex = spec.ex
     g = ex.to_host(cts[0] if spec.stats else cts)
+    count = g_mean = g_var = None
     if spec.stats:
         count = ex.to_compute(np.float32(y.size // y.shape[-1]))
         g_mean, g_var = ex.to_compute(cts[1]), ex.to_compute(cts[2])
+    if ex.engine == "compiled":
+        return _compiled_backward(spec, res, g, (mean, g_mean, g_var, count))
     acc = zeros_like((kernel, bias, a, b))
     plan = _plan(spec, x, kernel, a, backward=True)
     bands, carry, start = [], None, 0
@@ -182,6 +187,66 @@ def _backward(spec, res, cts):
         start = end
         del xb, gb, out
     return (join_on_host(ex, bands), *acc)
+
+
+def _band_bytes(v, n, rows):
+    """Bytes of ``n`` images x ``rows`` rows of NHWC ``v``."""
+    return n * rows * int(np.prod(v.shape[2:])) * v.dtype.itemsize
+
+
+def _per_image(plan: list[Partition]) -> bool:
+    """Whether the plan cuts images into row bands (then every image has image 0's bands)."""
+    return len(plan) > 1 and plan[0].n1 - plan[0].n0 == 1 and plan[1].n0 == 0
+
+
+def _image_0(plan: list[Partition], per_image: bool) -> list[Partition]:
+    return [p for p in plan if p.n0 == 0] if per_image else plan
+
+
+def _compiled_forward(spec, x, kernel, bias, a, b):
+    """Algorithm 3 as one program looping over the partitions (``compiled``)."""
+    ex = spec.ex
+    plan = _plan(spec, x, kernel, a, backward=False)
+    per_image = _per_image(plan)
+    items = [((p.n1 - p.n0, p.i1 - p.i0, p.pad_top, p.pad_bottom), (p.n0, p.i0, p.r0))
+             for p in _image_0(plan, per_image)]
+    oh, ow = spec.geom.out_size(*x.shape[1:3])
+    out_shape = (x.shape[0], oh, ow, kernel.shape[-1])
+    buf, acc = ex.call(
+        "conv_forward", compiled.forward_program, ex.to_staging(x), kernel, bias, a, b,
+        place=ex.placement(), plan=tuple(compiled.runs(items)), per_image=per_image,
+        out_shape=out_shape, geom=spec.geom, stats=spec.stats, kernel_fn=_forward_kernel)
+    y = jax.ShapeDtypeStruct(out_shape, x.dtype)
+    ex.band_copies(sum(_band_bytes(x, p.n1 - p.n0, p.i1 - p.i0) for p in plan),
+                   sum(_band_bytes(y, p.n1 - p.n0, p.r1 - p.r0) for p in plan))
+    y = ex.from_staging(buf)
+    return (y, *moments.finish_moments(acc)) if spec.stats else y
+
+
+def _compiled_backward(spec, res, g, statistics):
+    """Algorithm 4 as one program looping over the partitions (``compiled``)."""
+    x, kernel, bias, a, b, y, mean = res
+    ex = spec.ex
+    plan = _plan(spec, x, kernel, a, backward=True)
+    per_image = _per_image(plan)
+    items, start = [], 0
+    for p, end in zip(plan, _row_ends(plan, x.shape[1])):
+        start = 0 if p.r0 == 0 else start
+        shape = (p.n1 - p.n0, p.r1 - p.r0, p.i1 - p.i0, p.pad_top, p.pad_bottom, end - start,
+                 min(p.i1, end) - start, p.r0 == 0)
+        if not per_image or p.n0 == 0:
+            items.append((shape, (p.n0, p.r0, p.i0, start)))
+        start = end
+    staged = [None if v is None else ex.to_staging(v) for v in (x, g, y if spec.stats else None)]
+    dx, grads = ex.call(
+        "conv_backward", compiled.backward_program, staged[0], kernel, bias, a, b, staged[1],
+        staged[2], *statistics, place=ex.placement(), plan=tuple(compiled.runs(items)),
+        per_image=per_image, geom=spec.geom, stats=spec.stats, kernel_fn=_backward_kernel,
+        cotangent_fn=_stats_cotangent)
+    h2d = sum(_band_bytes(g, p.n1 - p.n0, p.r1 - p.r0) * (1 + spec.stats)
+              + _band_bytes(x, p.n1 - p.n0, p.i1 - p.i0) for p in plan)
+    ex.band_copies(h2d, _band_bytes(x, x.shape[0], x.shape[1]))
+    return (ex.from_staging(dx), *grads)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

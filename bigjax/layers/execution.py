@@ -40,11 +40,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 
+from bigjax.layers.compiled import Placement
 from bigjax.layers.stream import Window
 
-__all__ = ["Execution", "DEFAULT_PARTITION_BYTES", "EVENTS", "ensure_eager", "zeros_like"]
+__all__ = ["Execution", "DEFAULT_PARTITION_BYTES", "ENGINES", "EVENTS", "ensure_eager", "zeros_like"]
 
 DEFAULT_PARTITION_BYTES = 256 * 2**20
+ENGINES = ("eager", "compiled")
 
 # what an observer is told about: (event, what it is)
 EVENTS = {
@@ -52,6 +54,10 @@ EVENTS = {
     "to_host": "a result sent back to host memory",
     "host_read": "a blocking read of device memory by the host (an accelerator's pinned_host buffer)",
     "wait": "waiting for the copies of an older partition (prefetch depth reached)",
+    "staging": "an activation copied between host memory and the compute device's host memory "
+               "(its pinned_host memory on an accelerator) for a compiled pass; nothing crosses the bus",
+    "band_copies": "the bytes a compiled pass moves across the bus inside its program (host->device, "
+                   "device->host; counted from its plan, announced after the pass is dispatched)",
     "take_band": "a band cut out of a host activation",
     "join_bands": "output bands joined into a host activation",
     "conv_forward": "a forward conv kernel on one partition",
@@ -83,6 +89,9 @@ class Execution:
         accelerator's code path (the tests do).
       prefetch: partitions whose copies may still be in flight when the next one is dispatched
         (``stream.Window``; default 1, double buffering); None = unbounded.
+      engine: "eager" streams each partition from Python (copies, band kernels, joins); "compiled"
+        runs each pass of a conv as one XLA program that loops over the same partitions in the
+        compute device's host memory (``compiled``). The same results, to float round-off.
       host_dtype: the dtype big activations (and their cotangents) are kept in between ops, e.g.
         ``bfloat16``: half the bytes in host RAM and across the bus each way. The kernels still compute
         in the parameters' dtype: each band is widened on the device and its result rounded there
@@ -96,6 +105,7 @@ class Execution:
     prefetch: int | None = 1
     pinned_staging: bool | None = None
     host_dtype: object = None
+    engine: str = "eager"
     window: Window = field(init=False, compare=False, repr=False)
 
     def __post_init__(self):
@@ -110,6 +120,8 @@ class Execution:
             raise ValueError(f"prefetch must be None or a number of partitions >= 0, "
                              f"got {self.prefetch!r}")
         object.__setattr__(self, "window", Window(self.prefetch))
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.host_dtype is not None:
             dtype = jnp.dtype(self.host_dtype)
             if not jnp.issubdtype(dtype, jnp.floating):
@@ -173,6 +185,28 @@ class Execution:
         """Whether copies from ``device`` to host memory go through its ``pinned_host`` memory."""
         staging = self.pinned_staging
         return device != self.host and (device.platform != "cpu" if staging is None else staging)
+
+    def placement(self) -> Placement:
+        """Memory kinds of a compiled pass: host buffers in the compute device's ``pinned_host``
+        memory where copies are staged (an accelerator), else in its own memory."""
+        return Placement(self.compute, "pinned_host" if self.stages_from(self.compute) else "device")
+
+    def to_staging(self, x) -> jax.Array:
+        """Host array ``x`` where a compiled pass reads it (``placement``); a no-op where it is."""
+        sharding = self.placement().host
+        if isinstance(x, jax.Array) and x.sharding == sharding and x.committed:
+            return x
+        return self.call("staging", jax.device_put, x, sharding)
+
+    def from_staging(self, x) -> jax.Array:
+        """A compiled pass's output back on the host device (``to_host`` without crossing the bus:
+        where it is staged in ``pinned_host`` memory, the blocking adoption is the ``host_read``)."""
+        return self.call("staging", self._to_host, x)
+
+    def band_copies(self, h2d: int, d2h: int) -> None:
+        """Announce the bytes a compiled pass moved across the bus (none where host is compute)."""
+        if self.compute != self.host:
+            self.call("band_copies", lambda *_: None, h2d, d2h)
 
     def to_compute(self, x) -> jax.Array:
         """Send ``x`` (a partition, a parameter) to the compute device (a no-op where it is)."""
