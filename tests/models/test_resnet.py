@@ -45,10 +45,10 @@ def _grads(model, jit, x=X, execution=None, argnums=0):
     return (nnx.jit(step) if jit else step)(model, x)
 
 
-def _compare(depth, big_stages, fused, budget, dtype=np.float32, tol=1e-4):
+def _compare(depth, big_stages, fused, budget, dtype=np.float32, tol=1e-4, engine="eager"):
     model = BigResNet(depth, big_stages=big_stages, fused=fused, rngs=nnx.Rngs(depth))
     nnx.update(model, jax.tree.map(lambda v: v.astype(dtype), nnx.state(model)))
-    x, ex = X.astype(dtype), Execution(budget)
+    x, ex = X.astype(dtype), Execution(budget, engine=engine)
     twin = in_memory_twin(model)
     loss, grads = _grads(model, jit=False, x=x, execution=ex)
     twin_loss, twin_grads = _grads(twin, jit=True, x=x)
@@ -73,6 +73,12 @@ def _assert_same_grads(grads, expected, dtype=np.float32, tol=1e-4):
 @pytest.mark.parametrize("depth,big_stages,fused,budget", CONFIGS)
 def test_big_resnet_equals_in_memory_twin(depth, big_stages, fused, budget):
     _compare(depth, big_stages, fused, budget)
+
+
+@pytest.mark.parametrize("depth,big_stages,fused,budget", [(18, 4, True, 20_000_000),
+                                                         (18, 2, True, 1_400_000)])
+def test_big_resnet_on_the_compiled_engine_equals_in_memory_twin(depth, big_stages, fused, budget):
+    _compare(depth, big_stages, fused, budget, engine="compiled")
 
 
 @pytest.mark.slow
@@ -230,7 +236,8 @@ def test_load_torchvision_names_the_bad_key():
         load_torchvision(model, {**good, "conv1.weight": np.zeros((64, 3, 3, 3), np.float32)})
 
 
-def test_a_big_resnet_step_reads_nothing_back_before_the_loss(monkeypatch):
+@pytest.mark.parametrize("engine", ["eager", "compiled"])
+def test_a_big_resnet_step_reads_nothing_back_before_the_loss(monkeypatch, engine):
     """No blocking device->host read in a whole training step: every np.asarray of a device array,
     jax.device_get and block_until_ready is counted; only the window's waits (a wait for the device,
     not a read) may block, and they go through the ``wait`` event."""
@@ -254,7 +261,7 @@ def test_a_big_resnet_step_reads_nothing_back_before_the_loss(monkeypatch):
 
     model = BigResNet(18, big_stages=2, rngs=nnx.Rngs(0))
     x = np.random.default_rng(0).normal(size=(1, 131, 97, 3)).astype(np.float32)
-    ex = Execution(1_500_000, prefetch=1, observer=observer)  # the stem in row bands
+    ex = Execution(1_500_000, prefetch=1, observer=observer, engine=engine)  # stem in row bands
     def loss(m, x):
         e = m(x, train=True, execution=ex)
         return jnp.sum(e * e)
