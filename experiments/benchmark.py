@@ -4,6 +4,7 @@
     python -m experiments.benchmark                # the targets: 1x1024x1024 and 32x256x256
     python -m experiments.benchmark --shapes=1x4096x4096x3,1x8192x8192x3 --profile   # a GPU's floor
     python -m experiments.benchmark --quick --host_dtype=bfloat16   # half the bytes, its error
+    python -m experiments.benchmark --engine=eager,compiled --profile   # both engines, one run
 
 Per input: the Big step and its jitted twin (median seconds, ratio), the bytes each way, the achieved
 GB/s, the floor (bytes / measured copy bandwidth), the orchestration share of a profiled step
@@ -25,6 +26,7 @@ from bigjax.bench.report import write_sweep
 from bigjax.bench.step import benchmark_step
 from bigjax.bench.sweep import CONFIGS, SweepConfig, run_sweep
 from bigjax.errors import run_cli
+from bigjax.layers.execution import ENGINES
 from experiments.flags import byte_size
 
 FULL = [(1, 1024, 1024, 3), (32, 256, 256, 3)]
@@ -42,6 +44,7 @@ class Config:
     profile: bool = False
     prefetch: int | None = 1
     host_dtype: str | None = None
+    engines: tuple = ("eager",)
 
 
 def parse(argv=None) -> Config:
@@ -73,12 +76,15 @@ def parse(argv=None) -> Config:
     p.add_argument("--host_dtype", choices=["bfloat16"],
                    help="keep the Big step's host activations in this dtype (half the bytes); "
                         "also prints its gradient error against float32")
+    p.add_argument("--engine", type=_engines, default=("eager",),
+                   help="eager, compiled, or both comma-separated (timed one after the other, each "
+                        "against the jitted twin, per input)")
     a = p.parse_args(argv)
     if a.sweep:
         return _sweep_config(a)
     shapes = a.shapes or (QUICK if a.quick else FULL)
     return Config(a.depth, tuple(shapes), a.max_partition_bytes,
-                  not a.separate, a.reps, a.out, a.profile, a.prefetch, a.host_dtype)
+                  not a.separate, a.reps, a.out, a.profile, a.prefetch, a.host_dtype, a.engine)
 
 
 def _sweep_config(a) -> tuple[SweepConfig, str]:
@@ -102,27 +108,41 @@ def main(argv=None) -> None:
         result = run_sweep(sweep, after_side=lambda part: write_sweep(part, out, title))
         print(write_sweep(result, out, title), end="")
         return
-    print(f"{'input':>14} {'budget':>11} {'parts':>5} {'big s':>7} {'jit s':>7} {'ratio':>6} "
-          f"{'h2d MiB':>8} {'d2h MiB':>8} {'GB/s':>6} {'floor s':>7} {'orch.':>6} {'peak MB':>8}")
+    print(f"{'input':>14} {'engine':>8} {'budget':>11} {'parts':>5} {'big s':>7} {'jit s':>7} "
+          f"{'ratio':>6} {'h2d MiB':>8} {'d2h MiB':>8} {'GB/s':>6} {'floor s':>7} {'orch.':>6} "
+          f"{'peak MB':>8}")
     for shape in cfg.shapes:
-        t = benchmark_step(cfg.depth, shape, cfg.budget, fused=cfg.fused, reps=cfg.reps,
-                           prefetch=cfg.prefetch, host_dtype=cfg.host_dtype)
-        m = {k: v / 2**20 for k, v in t.traffic.items() if k.endswith(("h2d", "d2h"))}
-        print(f"{'x'.join(map(str, shape)):>14} {t.budget:>11,} {t.conv_partitions:>5} "
-              f"{t.big_s:>7.3f} {t.plain_s:>7.3f} {t.ratio:>6.2f} {m['fwd_h2d'] + m['bwd_h2d']:>8.0f} "
-              f"{m['fwd_d2h'] + m['bwd_d2h']:>8.0f} {t.moved_bytes / t.big_s / 1e9:>6.2f} "
-              f"{t.floor_s:>7.3f} {t.orchestration_share:>6.0%} {_mb(t.big_peak_bytes):>8}",
-              flush=True)
-        if t.precision:
-            print(f"    {t.host_dtype} host activations: gradient error "
-                  f"{t.precision['grad_error']:.2%} (relative L2 vs float32 storage); rounding "
-                  f"only the input: {t.precision['input_rounding_error']:.2%}", flush=True)
-        if cfg.profile:
-            for category, seconds in sorted(t.profile.items(), key=lambda kv: -kv[1]):
-                print(f"    {category:<36} {seconds:8.3f} s")
-        if cfg.out:
-            with open(cfg.out, "a") as f:
-                f.write(json.dumps(t.as_dict()) + "\n")
+        for engine in cfg.engines:
+            t = benchmark_step(cfg.depth, shape, cfg.budget, fused=cfg.fused, reps=cfg.reps,
+                               prefetch=cfg.prefetch, host_dtype=cfg.host_dtype, engine=engine)
+            _report(t, cfg)
+
+
+def _report(t, cfg: Config) -> None:
+    """One input's line (and, as asked, its precision, profile and JSON record)."""
+    m = {k: v / 2**20 for k, v in t.traffic.items() if k.endswith(("h2d", "d2h"))}
+    print(f"{'x'.join(map(str, t.shape)):>14} {t.engine:>8} {t.budget:>11,} {t.conv_partitions:>5} "
+          f"{t.big_s:>7.3f} {t.plain_s:>7.3f} {t.ratio:>6.2f} {m['fwd_h2d'] + m['bwd_h2d']:>8.0f} "
+          f"{m['fwd_d2h'] + m['bwd_d2h']:>8.0f} {t.moved_bytes / t.big_s / 1e9:>6.2f} "
+          f"{t.floor_s:>7.3f} {t.orchestration_share:>6.0%} {_mb(t.big_peak_bytes):>8}",
+          flush=True)
+    if t.precision:
+        print(f"    {t.host_dtype} host activations: gradient error "
+              f"{t.precision['grad_error']:.2%} (relative L2 vs float32 storage); rounding "
+              f"only the input: {t.precision['input_rounding_error']:.2%}", flush=True)
+    if cfg.profile:
+        for category, seconds in sorted(t.profile.items(), key=lambda kv: -kv[1]):
+            print(f"    {category:<36} {seconds:8.3f} s")
+    if cfg.out:
+        with open(cfg.out, "a") as f:
+            f.write(json.dumps(t.as_dict()) + "\n")
+
+
+def _engines(text: str) -> tuple[str, ...]:
+    engines = tuple(text.split(","))
+    if not engines or any(e not in ENGINES for e in engines):
+        raise argparse.ArgumentTypeError(f"{text!r}: give {' or '.join(ENGINES)}, or both with a comma")
+    return engines
 
 
 def _shapes(text: str) -> list[tuple[int, ...]]:

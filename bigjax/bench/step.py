@@ -42,6 +42,7 @@ class StepTiming:
     bandwidth: dict | None = None  # measured copy bytes/s, {"h2d", "d2h"} (``bandwidth``)
     host_dtype: str | None = None  # narrow host activations (``Execution.host_dtype``), or None
     precision: dict | None = None  # their gradient error (``precision.narrow_host_error``)
+    engine: str = "eager"  # ``Execution.engine``
 
     @property
     def ratio(self) -> float:
@@ -88,7 +89,7 @@ class PartitionCounter:
 
 def benchmark_step(depth: int, shape: tuple, budget: int, *, fused: bool = True, reps: int = 3,
                    seed: int = 0, profile: bool = True, prefetch: int | None = 1,
-                   host_dtype: str | None = None) -> StepTiming:
+                   host_dtype: str | None = None, engine: str = "eager") -> StepTiming:
     """Median step time of ``BigResNet(depth, big_stages=4)`` and its jitted twin on one input.
 
     Args:
@@ -102,12 +103,13 @@ def benchmark_step(depth: int, shape: tuple, budget: int, *, fused: bool = True,
       prefetch: the engine's in-flight partitions (``Execution.prefetch``).
       host_dtype: e.g. "bfloat16": the Big step keeps its activations in it; the result then also
         carries the gradient error against float32 storage (``.precision``).
+      engine: "eager" or "compiled" (``Execution.engine``).
     """
     x = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
     big = BigResNet(depth, big_stages=4, fused=fused, rngs=nnx.Rngs(seed))
     twin = in_memory_twin(big)
     weights = jnp.ones((shape[0], big.embed_dim)) / big.embed_dim
-    bus, ex = _executions(budget, prefetch, host_dtype)
+    bus, ex = _executions(budget, prefetch, host_dtype, engine)
 
     def loss(model, x, execution=None):
         kwargs = {} if execution is None else {"execution": execution}
@@ -130,10 +132,10 @@ def benchmark_step(depth: int, shape: tuple, budget: int, *, fused: bool = True,
         lambda x, e: big_grad(big, x, e)[1], lambda x: plain_step(twin, x)[1], x, ex, host_dtype)
     return StepTiming(depth, tuple(shape), budget, fused, counter.conv_partitions, big_s, plain_s,
                       big_peak, _peak_bytes(ex), breakdown, traffic, {"h2d": bw.h2d, "d2h": bw.d2h},
-                      host_dtype, precision)
+                      host_dtype, precision, engine)
 
 
-def _executions(budget, prefetch, host_dtype=None) -> tuple[Execution, Execution]:
+def _executions(budget, prefetch, host_dtype=None, engine="eager") -> tuple[Execution, Execution]:
     """The engine whose copies are counted (host memory on a distinct device) and the one timed.
 
     On an accelerator they are the same. On a CPU-only machine the timed engine keeps activations on
@@ -141,7 +143,7 @@ def _executions(budget, prefetch, host_dtype=None) -> tuple[Execution, Execution
     between two virtual CPU devices are memcpys no real deployment makes. Bytes are counted (and
     bandwidth measured) across two CPU devices, so that they are not all zero.
     """
-    bus = Execution(budget, prefetch=prefetch, host_dtype=host_dtype)
+    bus = Execution(budget, prefetch=prefetch, host_dtype=host_dtype, engine=engine)
     if bus.compute.platform != "cpu":
         return bus, bus
     return bus, bus.replace(host=bus.compute)

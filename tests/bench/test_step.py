@@ -17,15 +17,25 @@ def test_copy_bandwidth_is_measured_both_ways():
     assert bw.h2d > 0 and bw.d2h > 0
 
 
-@pytest.mark.slow  # a whole ResNet-18 step, its twin, a profile and a traffic count: ~1 CPU-minute
-def test_the_benchmark_prints_every_figure_of_a_configuration(capsys):
-    benchmark.main(["--shapes=1x48x40x3", "--reps=1", "--max_partition_bytes=24MiB"])
-    header, row = capsys.readouterr().out.strip().splitlines()[-2:]
-    assert header.split() == ["input", "budget", "parts", "big", "s", "jit", "s", "ratio", "h2d",
-                              "MiB", "d2h", "MiB", "GB/s", "floor", "s", "orch.", "peak", "MB"]
-    cells = row.split()
-    assert cells[0] == "1x48x40x3" and int(cells[2]) >= 20  # every conv of ResNet-18
-    assert 0 < float(cells[9]) and 0 <= float(cells[10].rstrip("%")) <= 100
+@pytest.mark.slow  # whole ResNet-18 steps, twins, profiles and traffic counts: ~2 CPU-minutes
+def test_the_benchmark_prints_every_figure_of_each_engine(capsys):
+    benchmark.main(["--shapes=1x48x40x3", "--reps=1", "--max_partition_bytes=24MiB",
+                    "--engine=eager,compiled"])
+    header, *rows = capsys.readouterr().out.strip().splitlines()[-3:]
+    assert header.split() == ["input", "engine", "budget", "parts", "big", "s", "jit", "s", "ratio",
+                              "h2d", "MiB", "d2h", "MiB", "GB/s", "floor", "s", "orch.", "peak", "MB"]
+    moved = []
+    for row, engine in zip(rows, ("eager", "compiled")):
+        cells = row.split()
+        assert cells[:2] == ["1x48x40x3", engine] and int(cells[3]) >= 20  # every conv of ResNet-18
+        assert 0 < float(cells[10]) and 0 <= float(cells[11].rstrip("%")) <= 100
+        moved.append(cells[7:9])
+    assert moved[0] == moved[1]  # the engines move the same bytes
+
+
+def test_an_unknown_engine_is_refused_by_the_parser():
+    with pytest.raises(SystemExit):
+        benchmark.parse(["--engine=eager,fast"])
 
 
 def test_the_profiler_knows_every_event():
