@@ -18,7 +18,7 @@ __all__ = ["training_flags", "apply_flags"]
 
 # flag -> TrainConfig field, OptimizerConfig field, Preset field
 TRAIN_FIELDS = ("encoder", "aggregator", "arch", "compute_dtype", "big_stages", "max_partition_bytes",
-                "host_dtype", "device_memory", "init",
+                "host_dtype", "big_engine", "device_memory", "init",
                 "epochs", "batch_size", "tiles_per_bag", "augment", "seed", "eval_draws", "eval_tiles",
                 "checkpoint_every", "modules", "local_alpha", "local_norm", "log_every", "devices",
                 "sync_bn", "remat")
@@ -46,6 +46,9 @@ def training_flags(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--host_dtype", choices=["float32", "bfloat16"],
                    help="big mode: dtype of the activations kept in host memory (bfloat16 halves "
                         "the bytes; kernels compute in float32)")
+    p.add_argument("--big_engine", choices=["eager", "compiled"],
+                   help="big mode: stream each partition from Python (eager, default) or run each "
+                        "conv pass as one XLA program over the partitions (compiled)")
     p.add_argument("--device_memory", type=byte_size,
                    help="device memory auto may plan for (default: the device's limit; needed on a CPU)")
     p.add_argument("--modules", type=int, help="local mode: K gradient-isolated modules (1, 2, 4, 8)")

@@ -90,7 +90,7 @@ class BigMesh(modes.Big):
                              "process, or use --encoder=inmemory with --processes")
         narrow = None if config.host_dtype == "float32" else config.host_dtype
         self.executions = tuple(Execution(config.max_partition_bytes, compute=device,
-                                          host_dtype=narrow)
+                                          host_dtype=narrow, engine=config.big_engine)
                                 for device in encoder_mesh(config.devices).devices.flat)
 
     def step(self, model, optimizer, inputs, labels):

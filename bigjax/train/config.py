@@ -10,7 +10,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from bigjax.layers.execution import DEFAULT_PARTITION_BYTES
+from bigjax.layers.execution import DEFAULT_PARTITION_BYTES, ENGINES
 from bigjax.train.optim import OptimizerConfig
 
 TASKS = {"panda": 6, "camelyon": 2}  # task -> number of classes
@@ -43,6 +43,9 @@ class TrainConfig:
       host_dtype: the dtype Big-Layers keep big activations and their gradients in between ops
         (big mode, ResNets): "bfloat16" halves their host RAM and the bytes across the bus; kernels,
         parameters and optimiser state stay float32 (``Execution.host_dtype``).
+      big_engine: how Big-Layers convolutions run (big mode, ResNets): "eager" streams each partition
+        from Python, "compiled" runs each conv pass as one XLA program looping over the same
+        partitions (``Execution.engine``); the same results to float round-off.
       device_memory: bytes of device memory ``auto`` may plan for (default: the device's own limit;
         a CPU has none, so there it must be given).
       modules, local_alpha: the local mode's K gradient-isolated modules (dividing 8) and the weight
@@ -83,6 +86,7 @@ class TrainConfig:
     big_stages: int | str = 4
     max_partition_bytes: int | str = DEFAULT_PARTITION_BYTES
     host_dtype: str = "float32"
+    big_engine: str = "eager"
     device_memory: int | None = None
     modules: int = 4
     local_alpha: float = 1.0
@@ -129,6 +133,10 @@ class TrainConfig:
         if self.host_dtype != "float32" and not arch.is_resnet(self.arch):
             raise ValueError(f"--host_dtype={self.host_dtype}: narrow host activations are for the "
                              f"Big ResNets, not --arch={self.arch}")
+        _choose("big_engine", self.big_engine, ENGINES)
+        if self.big_engine != "eager" and not arch.is_resnet(self.arch):
+            raise ValueError(f"--big_engine={self.big_engine}: the compiled engine runs the Big "
+                             f"ResNets' convolutions, not --arch={self.arch}")
         for name in ("epochs", "batch_size", "tiles_per_bag", "val_draws", "embed_chunk",
                      "log_every", "devices"):
             _at_least(name, getattr(self, name), 1)

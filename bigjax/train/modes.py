@@ -46,7 +46,8 @@ _MODES: dict[str, type["EncoderMode"]] = {}
 _MESH_MODES: dict[str, type["EncoderMode"]] = {}  # name -> the mode run over an encoder mesh
 _ELSEWHERE = ("bigjax.parallel.mode", "bigjax.local.mode")  # modules that register more modes
 # config fields only the modes that stream through Big-Layers read
-STREAMING_SETTINGS = ("big_stages", "max_partition_bytes", "host_dtype", "device_memory")
+STREAMING_SETTINGS = ("big_stages", "max_partition_bytes", "host_dtype", "big_engine",
+                      "device_memory")
 # config fields only the locally supervised mode reads (``bigjax.local.mode``)
 LOCAL_SETTINGS = ("modules", "local_alpha", "local_norm")
 
@@ -193,7 +194,8 @@ class Big(EncoderMode):
             fit = _fit_device(config)
             self.big_stages, budget, self.streams = fit.big_stages, fit.budget, fit.big_stages is not None
         narrow = None if config.host_dtype == "float32" else config.host_dtype
-        self.execution = Execution(budget, host_dtype=narrow) if self.streams else None
+        self.execution = (Execution(budget, host_dtype=narrow, engine=config.big_engine)
+                          if self.streams else None)
 
     def inputs(self, model, batch: list[Bag]):
         """Normalised tiles in host memory (numpy): the Big-Layers stream them to the device."""

@@ -63,7 +63,8 @@ def test_auto_and_byte_sizes_are_read_from_the_flags():
 
 
 @pytest.mark.parametrize("flag", ["--max_partition_bytes=1000000", "--big_stages=1",
-                                  "--device_memory=8GiB", "--host_dtype=bfloat16"])
+                                  "--device_memory=8GiB", "--host_dtype=bfloat16",
+                                  "--big_engine=compiled"])
 def test_a_streaming_flag_with_a_mode_that_does_not_stream_is_refused(flag):
     with pytest.raises(ValueError, match=rf"{flag.split('=')[0]} has no effect with --encoder=frozen"):
         panda.config_from_flags(panda.parse_flags(["--encoder=frozen", flag]))

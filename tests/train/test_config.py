@@ -23,6 +23,8 @@ def _config(**fields):
     (dict(arch="resnet20"), r"--arch=resnet20: choose one of resnet18, resnet34, resnet50, vit_"),
     (dict(host_dtype="float16"), r"--host_dtype=float16: choose one of float32, bfloat16"),
     (dict(host_dtype="bfloat16", arch="vit_small_patch16_224"), r"for the Big ResNets, not --arch=vit"),
+    (dict(big_engine="fast"), r"--big_engine=fast: choose one of eager, compiled"),
+    (dict(big_engine="compiled", arch="vit_small_patch16_224"), r"ResNets' convolutions, not --arch=vit"),
 ])
 def test_bad_run_settings_are_refused(fields, message):
     with pytest.raises(ValueError, match=message):

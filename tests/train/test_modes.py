@@ -96,3 +96,17 @@ def test_compute_dtype_gives_a_mixed_precision_vit_and_is_refused_for_a_resnet(t
     assert encoder.blocks[0].attn.qkv.kernel.dtype == jnp.float32  # parameters stay float32
     with pytest.raises(ValueError, match="--compute_dtype=bfloat16: only ViT encoders .* --arch=resnet18"):
         TrainConfig(workdir=str(tmp_path), store=str(tmp_path), compute_dtype="bfloat16")
+
+
+@pytest.mark.slow  # two short Big-Layers runs: ~2.5 CPU-minutes
+def test_big_mode_on_the_compiled_engine_takes_the_eager_engines_steps(store, tmp_path):
+    """``--big_engine=compiled`` reaches the execution, and a short run's losses are the eager's."""
+    losses = {}
+    for engine in ("eager", "compiled"):
+        config = tiny(store, tmp_path / engine, encoder="big", big_engine=engine, epochs=1)
+        assert Run(config).mode.execution.engine == engine
+        train(config)
+        rows = [json.loads(line) for line in open(tmp_path / engine / "metrics.jsonl")]
+        losses[engine] = [r["loss"] for r in rows if r["kind"] == "step"]
+    assert len(losses["eager"]) == 4
+    np.testing.assert_allclose(losses["compiled"], losses["eager"], rtol=1e-5)
