@@ -16,14 +16,17 @@ positions advance by a fixed step form a *run*, one ``fori_loop`` (the first ban
 middle bands and its last band are three runs); where an image is split into row bands, a loop over
 images runs those runs once per image. The band kernels, their order and hence the BatchNorm moments'
 merge order are the eager engine's, so the results agree with it to float round-off (XLA fuses the
-loop body differently). Which engine is faster on an accelerator is a GPU measurement
-(docs/benchmarks.md).
+loop body differently). With ``Execution.prefetch`` not 0 each loop is double-buffered: the iteration
+that computes partition k loads partition k + 1 and stores partition k - 1, copies that do not depend
+on its kernel, so the device holds two partitions' bands (deeper prefetch is not built). Which engine
+is faster on an accelerator is a GPU measurement (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -95,60 +98,102 @@ def _write(buf, band, n0, r0):
     return lax.dynamic_update_slice(buf, band.astype(buf.dtype), (n0, r0, 0, 0))
 
 
-def _loop(run: Run, body, state, image=0):
-    """Apply ``body(state, shape, offsets)`` to every partition of ``run`` (images offset by
-    ``image``). A state whose accumulator is still None (a pass's first moments) peels the run's
-    first partition, so that the loop carry has one structure."""
-    def step(k, st):
+@dataclass(frozen=True)
+class _Pass:
+    """A pass's work on one partition in three phases, so that a loop can overlap them.
+
+    ``load(shape, offsets)``: its bands, moved to device memory; ``compute(acc, shape, bands)``:
+    (acc, its result on the device); ``store(buf, shape, offsets, result)``: the result written into
+    the host buffer. ``acc`` is what passes from partition to partition (moments, gradients, carry).
+    """
+
+    load: Callable
+    compute: Callable
+    store: Callable
+
+
+def _loop(run: Run, work: _Pass, state, image, prefetch: bool):
+    """Every partition of ``run`` (images offset by ``image``), state = (host buffer, acc).
+
+    With ``prefetch`` (double buffering) partition k + 1's bands are loaded and partition k - 1's
+    result is stored in the iteration that computes partition k: neither depends on that kernel, so
+    XLA may run the copies beside it; the loop then holds two partitions' bands. The first partition
+    is computed before the loop in both cases, so that an accumulator that starts as None (a pass's
+    first moments) has one structure in the loop carry.
+    """
+    def at(k):
         n0, *rest = run.at(k)
-        return body(st, run.shape, (n0 + image, *rest))
+        return (n0 + image, *rest)
 
-    first = 0
-    if state[1] is None and run.count > 1:
-        state, first = step(0, state), 1
-    if run.count - first == 1:
-        return step(first, state)
-    return lax.fori_loop(first, run.count, step, state)
+    shape, last = run.shape, run.count - 1
+    buf, acc = state
+    acc, out = work.compute(acc, shape, work.load(shape, at(0)))
+    if not prefetch or last == 0:
+        buf = work.store(buf, shape, at(0), out)
+
+        def step(k, st):
+            buf, acc = st
+            acc, out = work.compute(acc, shape, work.load(shape, at(k)))
+            return work.store(buf, shape, at(k), out), acc
+        return lax.fori_loop(1, run.count, step, (buf, acc)) if last else (buf, acc)
+
+    def step(k, st):  # k = 1 .. last - 1: load k + 1, compute k, store k - 1
+        buf, acc, previous, bands = st
+        ahead = work.load(shape, at(k + 1))
+        acc, out = work.compute(acc, shape, bands)
+        return work.store(buf, shape, at(k - 1), previous), acc, out, ahead
+
+    state = lax.fori_loop(1, last, step, (buf, acc, out, work.load(shape, at(1))))
+    buf, acc, previous, bands = state
+    acc, out = work.compute(acc, shape, bands)
+    buf = work.store(buf, shape, at(last - 1), previous)
+    return work.store(buf, shape, at(last), out), acc
 
 
-def _passes(plan: tuple, per_image: bool, n_images: int, body, state):
+def _passes(plan: tuple, per_image: bool, n_images: int, work: _Pass, state, prefetch: bool):
     """Every run in order; with ``per_image`` the runs are image 0's, repeated over the images."""
     for run in plan:
-        state = _loop(run, body, state)
+        state = _loop(run, work, state, 0, prefetch)
     if not per_image or n_images == 1:
         return state
 
     def image(i, st):
         for run in plan:
-            st = _loop(run, body, st, image=i)
+            st = _loop(run, work, st, i, prefetch)
         return st
     return lax.fori_loop(1, n_images, image, state)
 
 
 @functools.partial(jax.jit, static_argnames=("place", "plan", "per_image", "out_shape", "geom",
-                                             "stats", "kernel_fn"))
+                                             "stats", "kernel_fn", "prefetch"))
 def forward_program(x, kernel, bias, a, b, *, place: Placement, plan: tuple, per_image: bool,
-                    out_shape: tuple, geom, stats: bool, kernel_fn):
+                    out_shape: tuple, geom, stats: bool, kernel_fn, prefetch: bool):
     """One pass of Algorithm 3: the output in host memory and, with ``stats``, its moments.
 
     ``plan``: runs of (images, input rows, pad top, pad bottom) partitions at (n0, i0, r0).
     ``kernel_fn``: the eager engine's band kernel (``conv._forward_kernel``).
     """
-    def apply(state, shape, offsets):
-        buf, acc = state
-        n, in_rows, top, bottom = shape
-        n0, i0, r0 = offsets
-        xb = place.to_device(_band(x, n0, i0, n, in_rows))
-        yb, acc = kernel_fn(xb, kernel, bias, a, b, acc, geom=geom, pad=(top, bottom), stats=stats)
-        return _write(buf, place.to_host(yb), n0, r0), acc
+    def load(shape, offsets):
+        n, in_rows, *_ = shape
+        return place.to_device(_band(x, offsets[0], offsets[1], n, in_rows))
 
-    return _passes(plan, per_image, x.shape[0], apply, (place.zeros(out_shape, x.dtype), None))
+    def compute(acc, shape, xb):
+        *_, top, bottom = shape
+        yb, acc = kernel_fn(xb, kernel, bias, a, b, acc, geom=geom, pad=(top, bottom), stats=stats)
+        return acc, yb
+
+    def store(buf, shape, offsets, yb):
+        return _write(buf, place.to_host(yb), offsets[0], offsets[2])
+
+    return _passes(plan, per_image, x.shape[0], _Pass(load, compute, store),
+                   (place.zeros(out_shape, x.dtype), None), prefetch)
 
 
 @functools.partial(jax.jit, static_argnames=("place", "plan", "per_image", "geom", "stats",
-                                             "kernel_fn", "cotangent_fn"))
+                                             "kernel_fn", "cotangent_fn", "prefetch"))
 def backward_program(x, kernel, bias, a, b, g, y, mean, g_mean, g_var, count, *, place: Placement,
-                     plan: tuple, per_image: bool, geom, stats: bool, kernel_fn, cotangent_fn):
+                     plan: tuple, per_image: bool, geom, stats: bool, kernel_fn, cotangent_fn,
+                     prefetch: bool):
     """One pass of Algorithm 4: the input gradient in host memory and the parameters' gradients.
 
     ``plan``: runs of (images, output rows, input rows, pad top, pad bottom, emit, take, reset)
@@ -159,23 +204,29 @@ def backward_program(x, kernel, bias, a, b, g, y, mean, g_mean, g_var, count, *,
     """
     _, _, w, cin = x.shape
 
-    def apply(state, shape, offsets):
-        buf, acc, carry = state
-        n, out_rows, in_rows, top, bottom, emit, take, reset = shape
-        n0, r0, i0, start = offsets
+    def load(shape, offsets):
+        n, out_rows, in_rows = shape[:3]
+        n0, r0, i0, _ = offsets
+        return tuple(place.to_device(_band(v, n0, r, n, rows)) for v, r, rows in
+                     ((g, r0, out_rows), (y, r0, out_rows), (x, i0, in_rows)) if v is not None)
+
+    def compute(acc, shape, bands):
+        grads, carry = acc
+        n, _, _, top, bottom, emit, take, reset = shape
         if reset:
             carry = jnp.zeros((n, 0, w, cin), kernel.dtype)
-        gb = place.to_device(_band(g, n0, r0, n, out_rows))
+        gb, *yb, xb = bands
         if stats:
-            yb = place.to_device(_band(y, n0, r0, n, out_rows))
-            gb = cotangent_fn(gb, yb, mean, g_mean, g_var, count)
-        xb = place.to_device(_band(x, n0, i0, n, in_rows))
-        acc, out, carry = kernel_fn(acc, carry, xb, kernel, bias, a, b, gb, geom=geom,
-                                    pad=(top, bottom), emit=emit, take=take)
-        return _write(buf, place.to_host(out), n0, start), acc, carry
+            gb = cotangent_fn(gb, yb[0], mean, g_mean, g_var, count)
+        grads, out, carry = kernel_fn(grads, carry, xb, kernel, bias, a, b, gb, geom=geom,
+                                      pad=(top, bottom), emit=emit, take=take)
+        return (grads, carry), out
 
-    acc = jax.tree.map(jnp.zeros_like, (kernel, bias, a, b))
+    def store(buf, shape, offsets, out):
+        return _write(buf, place.to_host(out), offsets[0], offsets[3])
+
+    grads = jax.tree.map(jnp.zeros_like, (kernel, bias, a, b))
     carry = jnp.zeros((plan[0].shape[0], 0, w, cin), kernel.dtype)
-    buf, acc, _ = _passes(plan, per_image, x.shape[0], apply,
-                          (place.zeros(x.shape, x.dtype), acc, carry))
-    return buf, acc
+    buf, (grads, _) = _passes(plan, per_image, x.shape[0], _Pass(load, compute, store),
+                              (place.zeros(x.shape, x.dtype), (grads, carry)), prefetch)
+    return buf, grads

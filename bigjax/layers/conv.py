@@ -215,7 +215,8 @@ def _compiled_forward(spec, x, kernel, bias, a, b):
     buf, acc = ex.call(
         "conv_forward", compiled.forward_program, ex.to_staging(x), kernel, bias, a, b,
         place=ex.placement(), plan=tuple(compiled.runs(items)), per_image=per_image,
-        out_shape=out_shape, geom=spec.geom, stats=spec.stats, kernel_fn=_forward_kernel)
+        out_shape=out_shape, geom=spec.geom, stats=spec.stats, kernel_fn=_forward_kernel,
+        prefetch=ex.prefetch != 0)
     y = jax.ShapeDtypeStruct(out_shape, x.dtype)
     ex.band_copies(sum(_band_bytes(x, p.n1 - p.n0, p.i1 - p.i0) for p in plan),
                    sum(_band_bytes(y, p.n1 - p.n0, p.r1 - p.r0) for p in plan))
@@ -242,7 +243,7 @@ def _compiled_backward(spec, res, g, statistics):
         "conv_backward", compiled.backward_program, staged[0], kernel, bias, a, b, staged[1],
         staged[2], *statistics, place=ex.placement(), plan=tuple(compiled.runs(items)),
         per_image=per_image, geom=spec.geom, stats=spec.stats, kernel_fn=_backward_kernel,
-        cotangent_fn=_stats_cotangent)
+        cotangent_fn=_stats_cotangent, prefetch=ex.prefetch != 0)
     h2d = sum(_band_bytes(g, p.n1 - p.n0, p.r1 - p.r0) * (1 + spec.stats)
               + _band_bytes(x, p.n1 - p.n0, p.i1 - p.i0) for p in plan)
     ex.band_copies(h2d, _band_bytes(x, x.shape[0], x.shape[1]))

@@ -88,7 +88,8 @@ class Execution:
         (``to_host``); None = where the compute device is not a CPU. True on a CPU runs the
         accelerator's code path (the tests do).
       prefetch: partitions whose copies may still be in flight when the next one is dispatched
-        (``stream.Window``; default 1, double buffering); None = unbounded.
+        (``stream.Window``; default 1, double buffering); None = unbounded. The compiled engine
+        double-buffers its loops unless it is 0.
       engine: "eager" streams each partition from Python (copies, band kernels, joins); "compiled"
         runs each pass of a conv as one XLA program that loops over the same partitions in the
         compute device's host memory (``compiled``). The same results, to float round-off.

@@ -112,9 +112,22 @@ def test_compiled_conv_moves_the_bytes_the_eager_engine_moves():
     assert moved["eager"]["to_compute"] > 3 * x.nbytes  # x, y and g bands, halos included
 
 
-def _temp_bytes(h, budget):
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_double_buffering_on_or_off_gives_the_eager_result(prefetch):
+    """Prefetch 1: each loop loads the next partition and stores the previous one beside the
+    current kernel; 0: one partition at a time. Rows bands and image chunks, first bands peeled."""
+    for n, h, w, budget in ((2, 37, 23, 20_000), (5, 9, 7, 8_000)):
+        x, kernel, a, b = _inputs(n, h, w, 5, 7, 3)
+        eager = Execution(budget)
+        expected = _value_and_grads(eager, x, kernel, a, b, True, dict(padding=1))
+        got = _value_and_grads(eager.replace(engine="compiled", prefetch=prefetch), x, kernel, a, b,
+                               True, dict(padding=1))
+        assert rel_err(got, expected) < 1e-6
+
+
+def _temp_bytes(h, budget, prefetch=1):
     """XLA's temporaries of the compiled forward and backward passes of one stats conv."""
-    ex = Execution(budget, engine="compiled")
+    ex = Execution(budget, engine="compiled", prefetch=prefetch)
     x, kernel, a, b = _inputs(1, h, 64, 8, 8, 3)
     sizes = []
     for event in ("conv_forward", "conv_backward"):
@@ -136,6 +149,8 @@ def test_compiled_passes_hold_a_few_bands_whatever_the_input_size():
     for s, l in zip(small, large):
         assert l <= 1.1 * s + 4096
         assert l < 3 * budget < activation
+    single = _temp_bytes(384, budget, prefetch=0)
+    assert all(s <= d <= 2 * s + 4096 for s, d in zip(single, large))  # two partitions' bands
 
 
 def test_runs_group_partitions_of_one_shape_and_step():
