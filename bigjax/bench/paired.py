@@ -1,0 +1,94 @@
+"""Paired timing: steps of several configurations interleaved, ratios taken pair by pair.
+
+On a shared machine the load changes from one minute to the next, so two configurations timed one after
+the other (``benchmark_step`` per engine) can differ by 2x for no reason of their own. Here each round
+times one step of every configuration back to back, and a ratio is the median over rounds of the
+per-round ratio: slow minutes slow both sides of a pair.
+
+    python -m bigjax.bench.paired --shape 1x1024x1024x3 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bigjax.layers.execution import ENGINES, Execution
+from bigjax.models.resnet import BigResNet, in_memory_twin
+
+__all__ = ["paired_seconds", "engine_steps"]
+
+
+def paired_seconds(steps: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Seconds of each step per round, after two untimed calls of each: a jitted step whose model
+    state was uncommitted arrays compiles again once its updated state is committed."""
+    for step in steps.values():
+        jax.block_until_ready(step())
+        jax.block_until_ready(step())
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            jax.block_until_ready(step())
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median_ratio(times: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over rounds of ``a``'s time over ``b``'s."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+
+def engine_steps(depth: int, shape: tuple, budget: int, seed: int = 0) -> dict[str, Callable]:
+    """A training step (value and gradient) of an all-big ResNet per engine, and of its jitted twin.
+
+    The Big steps keep activations on the compute device's own memory (a CPU user's setting,
+    ``bench.step``); on an accelerator host memory is the CPU device, as in training."""
+    x = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+    big = BigResNet(depth, big_stages=4, rngs=nnx.Rngs(seed))
+    twin = in_memory_twin(big)
+    weights = jnp.ones((shape[0], big.embed_dim)) / big.embed_dim
+
+    def loss(model, x, execution=None):
+        kwargs = {} if execution is None else {"execution": execution}
+        return jnp.sum(model(x, train=True, **kwargs) * weights)
+
+    grad = nnx.value_and_grad(loss)
+    plain = nnx.jit(nnx.value_and_grad(loss))
+    steps = {}
+    for engine in ENGINES:
+        ex = Execution(budget, engine=engine)
+        if ex.compute.platform == "cpu":
+            ex = ex.replace(host=ex.compute)
+        xh = ex.to_host(x)
+        steps[engine] = lambda ex=ex, xh=xh: grad(big, xh, ex)
+    xd = jax.device_put(x, Execution().compute)
+    steps["jit"] = lambda: plain(twin, xd)
+    return steps
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--shape", default="1x1024x1024x3", help="NxHxWxC input")
+    p.add_argument("--depth", type=int, default=18, choices=(18, 34, 50))
+    p.add_argument("--budget", type=int, default=32 * 2**20, help="partition budget in bytes")
+    p.add_argument("--rounds", type=int, default=5)
+    a = p.parse_args(argv)
+    shape = tuple(int(n) for n in a.shape.split("x"))
+    times = paired_seconds(engine_steps(a.depth, shape, a.budget), a.rounds)
+    for name, seconds in times.items():
+        print(f"{name:>9}: median {statistics.median(seconds):7.3f} s  "
+              f"({', '.join(f'{s:.2f}' for s in seconds)})")
+    for a_, b_ in (("compiled", "eager"), ("eager", "jit"), ("compiled", "jit")):
+        print(f"{a_} / {b_}: {median_ratio(times, a_, b_):.3f} (median of per-round ratios)")
+
+
+if __name__ == "__main__":
+    main()
