@@ -27,6 +27,10 @@ Asynchrony. No op reads a device value back to the host inside a step: band stat
 the device (``moments``), copies are ``device_put``s that return at once, and the one blocking read
 left (adopting an accelerator's ``pinned_host`` buffer as a CPU-device array) is the ``host_read``
 event, so an observer can count it. ``prefetch`` bounds how far dispatch runs ahead (``stream``).
+
+Engines. ``engine="eager"`` runs the loops above from Python; ``engine="compiled"`` runs each pass of a
+conv as one XLA program over the same partitions (``compiled``), with the activations it reads and
+writes in the compute device's host memory (``placement``: ``pinned_host`` where copies are staged).
 """
 
 from __future__ import annotations
@@ -60,8 +64,9 @@ EVENTS = {
                    "device->host; counted from its plan, announced after the pass is dispatched)",
     "take_band": "a band cut out of a host activation",
     "join_bands": "output bands joined into a host activation",
-    "conv_forward": "a forward conv kernel on one partition",
-    "conv_backward": "a backward conv kernel on one partition (with its statistics cotangent)",
+    "conv_forward": "a forward conv kernel on one partition (the compiled engine: a pass's program)",
+    "conv_backward": "a backward conv kernel on one partition (with its statistics cotangent; the "
+                     "compiled engine: a pass's program)",
     "batch_norm": "a BatchNorm kernel (moments, affine or their pullbacks) on one partition",
     "host_forward": "a host op's forward (ReLU, add, pooling, folded BatchNorm)",
     "host_backward": "a host op's backward",
