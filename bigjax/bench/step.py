@@ -32,7 +32,7 @@ class StepTiming:
     shape: tuple
     budget: int
     fused: bool
-    conv_partitions: int  # conv kernel calls in one forward pass, summed over layers
+    conv_partitions: int  # conv kernel calls in one forward pass, summed over layers (``PartitionCounter``)
     big_s: float
     plain_s: float
     big_peak_bytes: int | None  # compute-device peak after the Big-Layers steps (None on CPU)
@@ -77,7 +77,8 @@ class StepTiming:
 
 
 class PartitionCounter:
-    """An ``Execution`` observer counting forward conv kernel calls (one per partition)."""
+    """An ``Execution`` observer counting forward conv kernel calls: one per partition on the eager
+    engine, one per conv pass (its program) on the compiled one."""
 
     def __init__(self):
         self.conv_partitions = 0
