@@ -55,7 +55,8 @@ CASES = [
     (2, 41, 19, 3, 6, 7, dict(stride=2, padding=3), 30_000, True),
     (2, 16, 15, 4, 6, 1, dict(stride=2, padding=0), 4_000, False),
     (5, 9, 7, 3, 4, 3, dict(stride=1, padding=1), 8_000, True),
-    (2, 37, 23, 5, 7, 3, dict(stride=1, padding=1, dilation=2), 40_000, True),
+    pytest.param(2, 37, 23, 5, 7, 3, dict(stride=1, padding=1, dilation=2), 40_000, True,
+                 marks=pytest.mark.slow),
 ]
 
 
@@ -112,10 +113,11 @@ def test_compiled_conv_moves_the_bytes_the_eager_engine_moves():
     assert moved["eager"]["to_compute"] > 3 * x.nbytes  # x, y and g bands, halos included
 
 
-@pytest.mark.parametrize("prefetch", [0, 1])
-def test_double_buffering_on_or_off_gives_the_eager_result(prefetch):
-    """Prefetch 1: each loop loads the next partition and stores the previous one beside the
-    current kernel; 0: one partition at a time. Rows bands and image chunks, first bands peeled."""
+@pytest.mark.parametrize("prefetch", [0, pytest.param(None, marks=pytest.mark.slow)])
+def test_double_buffering_off_or_unbounded_gives_the_eager_result(prefetch):
+    """Prefetch 0: one partition at a time; None (unbounded) double-buffers as the default 1, which
+    the tests above run: each loop loads the next partition and stores the previous one beside the
+    current kernel. Row bands and image chunks."""
     for n, h, w, budget in ((2, 37, 23, 20_000), (5, 9, 7, 8_000)):
         x, kernel, a, b = _inputs(n, h, w, 5, 7, 3)
         eager = Execution(budget)

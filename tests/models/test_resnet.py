@@ -75,8 +75,8 @@ def test_big_resnet_equals_in_memory_twin(depth, big_stages, fused, budget):
     _compare(depth, big_stages, fused, budget)
 
 
-@pytest.mark.parametrize("depth,big_stages,fused,budget", [(18, 4, True, 20_000_000),
-                                                         (18, 2, True, 1_400_000)])
+@pytest.mark.parametrize("depth,big_stages,fused,budget", [
+    pytest.param(18, 4, True, 20_000_000, marks=pytest.mark.slow), (18, 2, True, 1_400_000)])
 def test_big_resnet_on_the_compiled_engine_equals_in_memory_twin(depth, big_stages, fused, budget):
     _compare(depth, big_stages, fused, budget, engine="compiled")
 
