@@ -94,8 +94,9 @@ def config_from_flags(a: argparse.Namespace) -> WholeSlideConfig:
 def slides_of(a: argparse.Namespace) -> list:
     """The layout's slides: --data_dir's, or generated PANDA-like slides (made once).
 
-    A few generated slides are too few for the stratified 80:10:10 split (it rounds val and test
-    to none per grade): there, of every 6 slides in the table's order the 5th is val, the 6th test.
+    Generated sets of 6 slides a grade or more (36: 24 train, 6 val, 6 test, one of each grade)
+    take the stratified 80:10:10 split; fewer are too few for it (it rounds val and test to none
+    per grade): there, of every 6 slides in the table's order the 5th is val, the 6th test.
     """
     data_dir = a.data_dir
     if data_dir is not None:
@@ -105,7 +106,7 @@ def slides_of(a: argparse.Namespace) -> list:
         logging.info("generating %d PANDA-like slides into %s", a.n_slides, data_dir)
         make_panda_like(data_dir, n_slides=a.n_slides, seed=a.data_seed, side=SIDE, workers=a.workers)
     slides = layouts.panda_layout(data_dir, splits_csv=a.splits_csv, seed=a.data_seed)
-    if a.splits_csv:
+    if a.splits_csv or {"val", "test"} <= {s.split for s in slides}:
         return slides
     split = {4: "val", 5: "test"}
     return [dataclasses.replace(s, split=split.get(i % 6, "train")) for i, s in enumerate(slides)]

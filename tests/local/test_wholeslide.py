@@ -58,6 +58,15 @@ def test_a_few_generated_slides_still_have_val_and_test(slides, tmp_path):
     assert [s.split for s in wholeslide.slides_of(a)] == ["train"] * 4 + ["val", "test"]
 
 
+def test_six_generated_slides_a_grade_take_the_stratified_split_one_val_and_test_each(tmp_path):
+    make_panda_like(tmp_path / "data", n_slides=36, seed=0, side=(24, 24), workers=1)
+    split = {}
+    for s in wholeslide.slides_of(wholeslide.parse_flags([f"--workdir={tmp_path}"])):
+        split.setdefault(s.split, []).append(s.label)
+    assert sorted(split["val"]) == sorted(split["test"]) == list(range(6))
+    assert sorted(split["train"]) == sorted(list(range(6)) * 4)
+
+
 @pytest.mark.parametrize("flag, message", [("--modules=3", "--modules=3: must divide the 8 pieces"),
                                            ("--magnification=0", "--magnification=0.0: must be positive"),
                                            ("--accum=0", "--accum=0: must be at least 1")])
