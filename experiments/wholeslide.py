@@ -39,6 +39,7 @@ from bigjax.train.interrupt import stop_on_interrupt
 QUICK = dict(epochs=2, accum=2, lr_backbone=1e-4, lr_heads=2e-4, pad=256, n_patches=2,
              max_partition_bytes=64 * 2**20)
 N_SLIDES, SIDE = 8, (2048, 2048)  # level-0 px: 512 px at 5x, 2x2 positions for H
+REGION_SCALE = 8.0
 
 
 def parse_flags(argv=None) -> argparse.Namespace:
@@ -52,6 +53,7 @@ def parse_flags(argv=None) -> argparse.Namespace:
     p.add_argument("--norm", choices=("batch", "group"),
                    help="backbone norm: frozen BatchNorm (default) or GroupNorm(C, C), Zhang's two variants")
     p.add_argument("--n_patches", type=int, help="RFR patches per module and step (default 10)")
+    p.add_argument("--head_kernel", type=int, help="side and stride of H's reducing conv (official 5)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--accum", type=int, help="slides per optimiser update (default 8)")
     p.add_argument("--lr_backbone", type=float)
@@ -69,6 +71,9 @@ def parse_flags(argv=None) -> argparse.Namespace:
     p.add_argument("--n_boot", type=int, help="bootstrap resamples of the final 95%% intervals (default 1000)")
     p.add_argument("--data_seed", type=int, default=0, help="seed of the generated slides and split")
     p.add_argument("--n_slides", type=int, default=N_SLIDES, help="generated slides (no --data_dir)")
+    p.add_argument("--region_scale", type=float, default=REGION_SCALE,
+                   help=f"generated slides' tissue/tumour regions this many times the tile set's "
+                        f"(default {REGION_SCALE:g})")
     p.add_argument("--workers", type=int, default=2, help="processes generating slides")
     p.add_argument("--no_progress", action="store_true", help="no line per slide")
     return p.parse_args(argv)
@@ -104,7 +109,8 @@ def slides_of(a: argparse.Namespace) -> list:
     data_dir = Path(a.workdir) / "data"
     if not (data_dir / "train.csv").is_file():
         logging.info("generating %d PANDA-like slides into %s", a.n_slides, data_dir)
-        make_panda_like(data_dir, n_slides=a.n_slides, seed=a.data_seed, side=SIDE, workers=a.workers)
+        make_panda_like(data_dir, n_slides=a.n_slides, seed=a.data_seed, side=SIDE, workers=a.workers,
+                        region_scale=a.region_scale)
     slides = layouts.panda_layout(data_dir, splits_csv=a.splits_csv, seed=a.data_seed)
     if a.splits_csv or {"val", "test"} <= {s.split for s in slides}:
         return slides

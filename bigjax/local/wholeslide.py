@@ -68,6 +68,8 @@ class WholeSlideConfig:
       norm: "batch" (the backbone's BatchNorm frozen, ``Resnet34LocalBatchNorm``) or "group" (every
         backbone BatchNorm made GroupNorm(C, C), ``Resnet34Local``; ``bigjax.local.group_norm``).
       n_patches: RFR patches per module and step (10).
+      head_kernel: side and stride of H's reducing conv (the official 5; a smaller one leaves H
+        more positions on a small slide).
       epochs: passes over the training slides.
       accum: slides per optimiser update.
       lr_backbone, lr_heads, weight_decay: the AdamW settings.
@@ -91,6 +93,7 @@ class WholeSlideConfig:
     alpha: float = 1.0
     norm: str = "batch"
     n_patches: int = 10
+    head_kernel: int = 5
     epochs: int = 55
     accum: int = 8
     lr_backbone: float = 1e-5
@@ -108,7 +111,8 @@ class WholeSlideConfig:
     def __post_init__(self):
         if self.modules not in (1, 2, 4, 8):
             raise ValueError(f"--modules={self.modules}: must divide the 8 pieces (1, 2, 4 or 8)")
-        for name in ("epochs", "accum", "pad", "max_partition_bytes", "n_classes", "n_patches", "n_boot"):
+        for name in ("epochs", "accum", "pad", "max_partition_bytes", "n_classes", "n_patches", "n_boot",
+                     "head_kernel"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name}={getattr(self, name)}: must be at least 1")
         if self.norm not in NORMS:
@@ -164,7 +168,8 @@ def build_network(config: WholeSlideConfig):
     if config.norm == "group":
         to_group_norm(resnet)  # the backbone only: the RFR decoders keep BatchNorm, as the official
     return local_resnet34(config.modules, config.n_classes, resnet=resnet, alpha=config.alpha,
-                          n_patches=config.n_patches, rngs=nnx.Rngs(config.seed + 1))
+                          n_patches=config.n_patches, final_kernel=config.head_kernel,
+                          rngs=nnx.Rngs(config.seed + 1))
 
 
 def train_wholeslide(config: WholeSlideConfig, slides: Sequence[SlideEntry], *, resume: bool = False,

@@ -52,6 +52,15 @@ def test_flags_give_the_quick_run_on_generated_slides_and_official_settings_on_r
     assert (real.modules, real.mpp, real.pad) == (8, 1.0, 128)
 
 
+@pytest.mark.slow  # ~40 s: a ResNet-34's initialisation on the loaded 2-core machine
+def test_head_kernel_flag_sets_h_reducing_conv():
+    from bigjax.local.wholeslide import build_network
+
+    config = wholeslide.config_from_flags(wholeslide.parse_flags(["--head_kernel=2", "--modules=2"]))
+    head = build_network(config).local_modules[-1].head
+    assert head.kernel == 2 and head.reduce.geom.kernel == (2, 2)
+
+
 def test_a_few_generated_slides_still_have_val_and_test(slides, tmp_path):
     a = wholeslide.parse_flags([f"--workdir={tmp_path}"])
     (tmp_path / "data").symlink_to(slides[0].path.parent.parent)  # the fixture's 6 generated slides
@@ -69,7 +78,8 @@ def test_six_generated_slides_a_grade_take_the_stratified_split_one_val_and_test
 
 @pytest.mark.parametrize("flag, message", [("--modules=3", "--modules=3: must divide the 8 pieces"),
                                            ("--magnification=0", "--magnification=0.0: must be positive"),
-                                           ("--accum=0", "--accum=0: must be at least 1")])
+                                           ("--accum=0", "--accum=0: must be at least 1"),
+                                           ("--head_kernel=0", "--head_kernel=0: must be at least 1")])
 def test_bad_flags_are_one_line_errors(flag, message, capsys, tmp_path):
     assert run_cli(wholeslide.main, [flag, f"--workdir={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip()
