@@ -44,12 +44,15 @@ def test_a_slide_is_read_at_the_magnification_cropped_and_padded(slides):
 
 def test_flags_give_the_quick_run_on_generated_slides_and_official_settings_on_real_data():
     quick = wholeslide.config_from_flags(wholeslide.parse_flags([]))
-    assert (quick.epochs, quick.accum, quick.mpp, quick.modules, quick.pad) == (2, 2, 2.0, 4, 256)
+    assert (quick.epochs, quick.accum, quick.mpp, quick.modules, quick.pad) == (4, 1, 2.0, 4, 256)
+    assert (quick.norm, quick.decay_epochs, quick.head_kernel) == ("group", (), 5)
+    assert wholeslide.parse_flags([]).n_slides == 72  # stratified: 6 val, 6 test
     real = wholeslide.config_from_flags(wholeslide.parse_flags(
         ["--data_dir=/P", "--modules=8", "--magnification=10"]))
     assert (real.epochs, real.accum, real.lr_backbone, real.lr_heads, real.weight_decay) == (
         55, 8, 1e-5, 2e-5, 1e-2)
-    assert (real.modules, real.mpp, real.pad) == (8, 1.0, 128)
+    assert (real.modules, real.mpp, real.pad, real.norm, real.decay_epochs) == (8, 1.0, 128, "batch",
+                                                                           (25, 35, 45))
 
 
 @pytest.mark.slow  # ~40 s: a ResNet-34's initialisation on the loaded 2-core machine
