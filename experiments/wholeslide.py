@@ -141,6 +141,9 @@ def main(argv=None) -> int:
         if r["n"]:
             print(", ".join(format_metric(f"{split} {name}", r[key], f"{r['n']} slides", ci=r[f"{key}_ci95"])
                             for key, name in (("qwk", "QWK"), ("accuracy", "accuracy"))))
+            heads = r["heads_qwk"]
+            print(f"{split} QWK of every head: " + ", ".join(
+                f"A_{k + 1} {q:.2f}" for k, q in enumerate(heads[:-1])) + f"{', ' if heads[:-1] else ''}H {heads[-1]:.2f}")
     return 0
 
 
