@@ -5,7 +5,9 @@ in a share that grows with the grade, tumour: gland-like rings of nuclei (grades
 way to disordered, densely scattered nuclei (grades 3-5). All three textures mix the same two
 stain colours around the *same* mean, and every slide gets its own random stain shift, so mean
 colour says nothing about the grade; a model has to see texture. Textures repeat every 10-16 px,
-so they are visible in 32 px tiles.
+so they are visible in 32 px tiles. Tissue and tumour regions are blobs of 32-48 px, a mix finer
+than one position of a whole-slide network's head; `region_scale` enlarges them (not the textures),
+for whole slides read at 5× (bigjax.local.wholeslide).
 
 The files follow the PANDA layout (`train.csv` + `train_images/<image_id>.tiff`, levels at
 downsample 1, 4, 16 with JPEG-compressed 256 px TIFF tiles and resolution tags), so the very same
@@ -36,7 +38,8 @@ DOWNSAMPLES = (1, 4, 16)
 
 
 def make_panda_like(out_dir: str | os.PathLike, *, n_slides: int = 96, seed: int = 0,
-                    side: tuple[int, int] = (512, 1024), mpp: float = 0.5, workers: int = 2) -> Path:
+                    side: tuple[int, int] = (512, 1024), mpp: float = 0.5, workers: int = 2,
+                    region_scale: float = 1.0) -> Path:
     """Write a PANDA-layout data set of generated slides, balanced over ISUP grades 0-5.
 
     Args:
@@ -46,14 +49,17 @@ def make_panda_like(out_dir: str | os.PathLike, *, n_slides: int = 96, seed: int
       side: inclusive range of slide height and width in level-0 pixels.
       mpp: µm per level-0 pixel written in the resolution tags.
       workers: processes that render and write slides.
+      region_scale: tissue, tumour and disordered regions this many times larger (textures unchanged).
 
     Returns:
       `out_dir` as a Path.
     """
+    if not region_scale > 0:
+        raise ValueError(f"region_scale={region_scale}: must be positive")
     out = Path(out_dir)
     (out / "train_images").mkdir(parents=True, exist_ok=True)
     grades = np.random.default_rng([seed, 0]).permutation(np.arange(n_slides) % GRADES)
-    jobs = [(out, seed, i, int(g), side, mpp) for i, g in enumerate(grades)]
+    jobs = [(out, seed, i, int(g), side, mpp, region_scale) for i, g in enumerate(grades)]
     if workers > 1:
         # spawn, not fork: the caller may hold JAX or tensorstore threads
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -69,15 +75,18 @@ def make_panda_like(out_dir: str | os.PathLike, *, n_slides: int = 96, seed: int
     return out
 
 
-def render_slide(rng: np.random.Generator, grade: int, height: int, width: int) -> tuple[np.ndarray, dict]:
-    """Render one slide of `grade` as uint8 (height, width, 3) plus its masks.
+def render_slide(rng: np.random.Generator, grade: int, height: int, width: int,
+                 region_scale: float = 1.0) -> tuple[np.ndarray, dict]:
+    """Render one slide of `grade` as uint8 (height, width, 3) plus its masks (regions `region_scale`
+    times the default 48/40/32 px blobs).
 
     Returns:
       (rgb, masks) with masks["tissue"], masks["tumour"], masks["disordered"] bool (height, width).
     """
-    tissue = _blobs(rng, (height, width), scale=48, share=rng.uniform(0.4, 0.6))
-    tumour = tissue & _blobs(rng, (height, width), scale=40, share=_jitter(rng, TUMOUR_SHARE[grade]), within=tissue)
-    disordered = tumour & _blobs(rng, (height, width), scale=32, share=_jitter(rng, DISORDERED_SHARE[grade]),
+    shape, k = (height, width), region_scale
+    tissue = _blobs(rng, shape, scale=48 * k, share=rng.uniform(0.4, 0.6))
+    tumour = tissue & _blobs(rng, shape, scale=40 * k, share=_jitter(rng, TUMOUR_SHARE[grade]), within=tissue)
+    disordered = tumour & _blobs(rng, shape, scale=32 * k, share=_jitter(rng, DISORDERED_SHARE[grade]),
                                  within=tumour)
     mix = _stroma(rng, (height, width))
     mix = np.where(tumour, _glands(rng, (height, width)), mix)
@@ -110,10 +119,10 @@ def image_id(seed: int, index: int) -> str:
 
 
 def _write_one(job) -> dict:
-    out, seed, index, grade, side, mpp = job
+    out, seed, index, grade, side, mpp, region_scale = job
     rng = np.random.default_rng([seed, 1, index])
     height, width = (int(rng.integers(side[0], side[1] + 1)) for _ in range(2))
-    rgb, _ = render_slide(rng, grade, height, width)
+    rgb, _ = render_slide(rng, grade, height, width, region_scale)
     slide_id = image_id(seed, index)
     write_pyramid_tiff(out / "train_images" / f"{slide_id}.tiff", rgb, mpp)
     return {"image_id": slide_id, "data_provider": PROVIDERS[int(rng.integers(2))], "isup_grade": grade,

@@ -147,6 +147,16 @@ class LocalNetwork(nnx.Module):
             x = m.features(path, x, bn_train=False)
         return self.local_modules[-1].head(paths[-1], x, train=False)
 
+    def head_logits(self, paths, x) -> list:
+        """Every head's class logits of slide ``x`` in eval mode: [A_1, …, A_{K−1}, H] (the last
+        is ``predict``'s): which module's features already tell the classes."""
+        x = self.stem(paths[0], x)
+        logits = []
+        for m, path in zip(self.local_modules, paths):
+            x = m.features(path, x, bn_train=False)
+            logits.append(m.head(path, x, train=False))
+        return logits
+
 
 def local_resnet34(n_modules: int = 4, n_classes: int = 2, *, stem_stride: int = 3,
                    resnet: ResNet | None = None, rngs: nnx.Rngs | None = None,

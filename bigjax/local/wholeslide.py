@@ -13,7 +13,8 @@ not in the code), and the learning rates drop 10 times at epochs 25, 35 and 45 (
 crops edges, rotates and jitters colour). After every epoch H classifies the validation slides and
 the checkpoint is kept (``run_state``: the latest, and the best by validation QWK, in one atomic
 commit; ``resume=True`` continues a run and takes the steps it would have taken). At the end the
-best checkpoint classifies the validation and test slides, with 95 % bootstrap intervals over slides.
+best checkpoint classifies the validation and test slides, with 95 % bootstrap intervals over slides,
+and every head's QWK is reported beside H's (which modules' features already tell the grade).
 
 References:
     Zhang et al., MICCAI 2022; official code cvlab-stonybrook/local_learning_wsi (main.py, trainer.py,
@@ -68,6 +69,8 @@ class WholeSlideConfig:
       norm: "batch" (the backbone's BatchNorm frozen, ``Resnet34LocalBatchNorm``) or "group" (every
         backbone BatchNorm made GroupNorm(C, C), ``Resnet34Local``; ``bigjax.local.group_norm``).
       n_patches: RFR patches per module and step (10).
+      head_kernel: side and stride of H's reducing conv (the official 5; a smaller one leaves H
+        more positions on a small slide).
       epochs: passes over the training slides.
       accum: slides per optimiser update.
       lr_backbone, lr_heads, weight_decay: the AdamW settings.
@@ -91,6 +94,7 @@ class WholeSlideConfig:
     alpha: float = 1.0
     norm: str = "batch"
     n_patches: int = 10
+    head_kernel: int = 5
     epochs: int = 55
     accum: int = 8
     lr_backbone: float = 1e-5
@@ -108,7 +112,8 @@ class WholeSlideConfig:
     def __post_init__(self):
         if self.modules not in (1, 2, 4, 8):
             raise ValueError(f"--modules={self.modules}: must divide the 8 pieces (1, 2, 4 or 8)")
-        for name in ("epochs", "accum", "pad", "max_partition_bytes", "n_classes", "n_patches", "n_boot"):
+        for name in ("epochs", "accum", "pad", "max_partition_bytes", "n_classes", "n_patches", "n_boot",
+                     "head_kernel"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name}={getattr(self, name)}: must be at least 1")
         if self.norm not in NORMS:
@@ -164,7 +169,8 @@ def build_network(config: WholeSlideConfig):
     if config.norm == "group":
         to_group_norm(resnet)  # the backbone only: the RFR decoders keep BatchNorm, as the official
     return local_resnet34(config.modules, config.n_classes, resnet=resnet, alpha=config.alpha,
-                          n_patches=config.n_patches, rngs=nnx.Rngs(config.seed + 1))
+                          n_patches=config.n_patches, final_kernel=config.head_kernel,
+                          rngs=nnx.Rngs(config.seed + 1))
 
 
 def train_wholeslide(config: WholeSlideConfig, slides: Sequence[SlideEntry], *, resume: bool = False,
@@ -183,7 +189,8 @@ def train_wholeslide(config: WholeSlideConfig, slides: Sequence[SlideEntry], *, 
         ``Interrupted`` (the CLI passes Ctrl-C's request).
       on_step: called with the run's slide count after every slide (tests simulate a kill).
     Returns:
-      {"val"/"test": {"n", "accuracy", "qwk", their "..._ci95", "probs", "labels"}, "losses": the last
+      {"val"/"test": {"n", "accuracy", "qwk", their "..._ci95", "probs", "labels", "heads_qwk":
+      A_1 … A_{K−1} and H's QWK}, "losses": the last
       epoch's mean L_1..L_K, "best_epoch", "seconds_per_slide", "largest_slide": (H, W)}; also
       written to results.json.
     """
@@ -249,6 +256,9 @@ def _final(state: "TrainingState", config: WholeSlideConfig, split: dict, images
     meta = state.checkpoints.restore_best(state.net)
     results = {name: _classify(state.net, split[name], images, execution, config.n_classes,
                                n_boot=config.n_boot) for name in ("val", "test")}
+    for name in ("val", "test"):
+        results[name]["heads_qwk"] = _head_qwks(state.net, split[name], images, execution,
+                                                config.n_classes)
     rows = state.rows()
     seconds = [row["seconds"] for row in rows if row["kind"] == "step"]
     results.update(losses=[row for row in rows if row["kind"] == "epoch"][-1]["losses"],
@@ -278,6 +288,18 @@ def _classify(net, slides, images, execution, n_classes, n_boot: int = 0) -> dic
     if n_boot:
         out.update(labels=labels.tolist(), probs=probs.round(4).tolist())
     return out
+
+
+def _head_qwks(net: LocalNetwork, slides, images, execution, n_classes: int) -> list:
+    """QWK of every head on ``slides``: A_1 … A_{K−1}, then H (``LocalNetwork.head_logits``)."""
+    if not slides:
+        return []
+    paths = paths_for(execution, len(net.local_modules))
+    probs = [[np.asarray(jax.device_get(jax.nn.softmax(logits)))
+              for logits in net.head_logits(paths, _image(images[s.slide_id]))] for s in slides]
+    labels = np.array([s.label for s in slides])
+    return [score("qwk", labels, np.stack([p[k] for p in probs]), n_classes)
+            for k in range(len(net.local_modules))]
 
 
 def _probabilities(net: LocalNetwork, execution: Execution | None, x) -> jax.Array:

@@ -70,6 +70,22 @@ def test_texture_visible_in_32px_tiles():
     assert detail[pure_tumour].min() > 1.5 * detail[pure_stroma].max()
 
 
+def test_region_scale_enlarges_regions_and_keeps_their_shares():
+    def slide(scale):
+        return render_slide(np.random.default_rng(5), 4, 768, 768, region_scale=scale)[1]
+
+    def boundary(mask):  # pixels whose right-hand neighbour is on the other side: ~ 1 / region size
+        return (mask[:, 1:] != mask[:, :-1]).sum()
+    fine, coarse = slide(1), slide(8)
+    for region in ("tissue", "tumour"):
+        assert boundary(coarse[region]) < boundary(fine[region]) / 2, region
+    for masks in (fine, coarse):
+        share = masks["tumour"].sum() / masks["tissue"].sum()
+        assert abs(share - 0.65) < 0.06, share  # TUMOUR_SHARE[4] jittered by at most 0.05
+    with pytest.raises(ValueError, match="region_scale=0: must be positive"):
+        make_panda_like("unused", n_slides=1, region_scale=0)
+
+
 @pytest.mark.slow
 def test_default_set_builds_fast_and_colour_does_not_predict_grade(tmp_path):
     from sklearn.linear_model import LogisticRegression

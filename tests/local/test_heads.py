@@ -56,3 +56,19 @@ def test_big_path_head_equals_in_memory():
     assert sum(bands) >= 3
     for a, b in zip(jax.tree.leaves(g_big), jax.tree.leaves(g_mem), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow  # ~100 s on the loaded machine: the tiny network's eager compiles
+def test_head_logits_are_every_head_in_order_and_end_with_predict():
+    from bigjax.local import paths_for
+    from tests.local.helpers import X, tiny_network
+
+    net = tiny_network(4)
+    paths = paths_for(None, 4)
+    logits = net.head_logits(paths, X)
+    assert len(logits) == 4 and all(l.shape == (3,) for l in logits)
+    np.testing.assert_allclose(np.asarray(logits[-1]), np.asarray(net.predict(paths, X)), rtol=1e-6)
+    x = net.stem(paths[0], X)
+    x = net.local_modules[0].features(paths[0], x, bn_train=False)
+    np.testing.assert_allclose(np.asarray(logits[0]), np.asarray(
+        net.local_modules[0].head(paths[0], x, train=False)), rtol=1e-6)

@@ -44,12 +44,24 @@ def test_a_slide_is_read_at_the_magnification_cropped_and_padded(slides):
 
 def test_flags_give_the_quick_run_on_generated_slides_and_official_settings_on_real_data():
     quick = wholeslide.config_from_flags(wholeslide.parse_flags([]))
-    assert (quick.epochs, quick.accum, quick.mpp, quick.modules, quick.pad) == (2, 2, 2.0, 4, 256)
+    assert (quick.epochs, quick.accum, quick.mpp, quick.modules, quick.pad) == (4, 1, 2.0, 4, 256)
+    assert (quick.norm, quick.decay_epochs, quick.head_kernel) == ("group", (), 5)
+    assert wholeslide.parse_flags([]).n_slides == 72  # stratified: 6 val, 6 test
     real = wholeslide.config_from_flags(wholeslide.parse_flags(
         ["--data_dir=/P", "--modules=8", "--magnification=10"]))
     assert (real.epochs, real.accum, real.lr_backbone, real.lr_heads, real.weight_decay) == (
         55, 8, 1e-5, 2e-5, 1e-2)
-    assert (real.modules, real.mpp, real.pad) == (8, 1.0, 128)
+    assert (real.modules, real.mpp, real.pad, real.norm, real.decay_epochs) == (8, 1.0, 128, "batch",
+                                                                           (25, 35, 45))
+
+
+@pytest.mark.slow  # ~40 s: a ResNet-34's initialisation on the loaded 2-core machine
+def test_head_kernel_flag_sets_h_reducing_conv():
+    from bigjax.local.wholeslide import build_network
+
+    config = wholeslide.config_from_flags(wholeslide.parse_flags(["--head_kernel=2", "--modules=2"]))
+    head = build_network(config).local_modules[-1].head
+    assert head.kernel == 2 and head.reduce.geom.kernel == (2, 2)
 
 
 def test_a_few_generated_slides_still_have_val_and_test(slides, tmp_path):
@@ -58,9 +70,19 @@ def test_a_few_generated_slides_still_have_val_and_test(slides, tmp_path):
     assert [s.split for s in wholeslide.slides_of(a)] == ["train"] * 4 + ["val", "test"]
 
 
+def test_six_generated_slides_a_grade_take_the_stratified_split_one_val_and_test_each(tmp_path):
+    make_panda_like(tmp_path / "data", n_slides=36, seed=0, side=(24, 24), workers=1)
+    split = {}
+    for s in wholeslide.slides_of(wholeslide.parse_flags([f"--workdir={tmp_path}"])):
+        split.setdefault(s.split, []).append(s.label)
+    assert sorted(split["val"]) == sorted(split["test"]) == list(range(6))
+    assert sorted(split["train"]) == sorted(list(range(6)) * 4)
+
+
 @pytest.mark.parametrize("flag, message", [("--modules=3", "--modules=3: must divide the 8 pieces"),
                                            ("--magnification=0", "--magnification=0.0: must be positive"),
-                                           ("--accum=0", "--accum=0: must be at least 1")])
+                                           ("--accum=0", "--accum=0: must be at least 1"),
+                                           ("--head_kernel=0", "--head_kernel=0: must be at least 1")])
 def test_bad_flags_are_one_line_errors(flag, message, capsys, tmp_path):
     assert run_cli(wholeslide.main, [flag, f"--workdir={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip()
