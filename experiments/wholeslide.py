@@ -141,9 +141,10 @@ def main(argv=None) -> int:
         if r["n"]:
             print(", ".join(format_metric(f"{split} {name}", r[key], f"{r['n']} slides", ci=r[f"{key}_ci95"])
                             for key, name in (("qwk", "QWK"), ("accuracy", "accuracy"))))
-            heads = r["heads_qwk"]
+            names = [f"A_{k + 1}" for k in range(len(r["heads_qwk"]) - 1)] + ["H"]
             print(f"{split} QWK of every head: " + ", ".join(
-                f"A_{k + 1} {q:.2f}" for k, q in enumerate(heads[:-1])) + f"{', ' if heads[:-1] else ''}H {heads[-1]:.2f}")
+                format_metric(name, h["qwk"], ci=h["qwk_ci95"])
+                for name, h in zip(names, r["heads_qwk"])))
     return 0
 
 

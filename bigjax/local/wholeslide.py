@@ -190,7 +190,7 @@ def train_wholeslide(config: WholeSlideConfig, slides: Sequence[SlideEntry], *, 
       on_step: called with the run's slide count after every slide (tests simulate a kill).
     Returns:
       {"val"/"test": {"n", "accuracy", "qwk", their "..._ci95", "probs", "labels", "heads_qwk":
-      A_1 … A_{K−1} and H's QWK}, "losses": the last
+      A_1 … A_{K−1} and H's {"qwk", "qwk_ci95"}}, "losses": the last
       epoch's mean L_1..L_K, "best_epoch", "seconds_per_slide", "largest_slide": (H, W)}; also
       written to results.json.
     """
@@ -258,7 +258,7 @@ def _final(state: "TrainingState", config: WholeSlideConfig, split: dict, images
                                n_boot=config.n_boot) for name in ("val", "test")}
     for name in ("val", "test"):
         results[name]["heads_qwk"] = _head_qwks(state.net, split[name], images, execution,
-                                                config.n_classes)
+                                                config.n_classes, config.n_boot)
     rows = state.rows()
     seconds = [row["seconds"] for row in rows if row["kind"] == "step"]
     results.update(losses=[row for row in rows if row["kind"] == "epoch"][-1]["losses"],
@@ -290,16 +290,22 @@ def _classify(net, slides, images, execution, n_classes, n_boot: int = 0) -> dic
     return out
 
 
-def _head_qwks(net: LocalNetwork, slides, images, execution, n_classes: int) -> list:
-    """QWK of every head on ``slides``: A_1 … A_{K−1}, then H (``LocalNetwork.head_logits``)."""
+def _head_qwks(net: LocalNetwork, slides, images, execution, n_classes: int, n_boot: int) -> list:
+    """QWK of every head on ``slides``, A_1 … A_{K−1} then H (``LocalNetwork.head_logits``), each as
+    {"qwk", "qwk_ci95"} (95 % bootstrap interval over slides; None without ``n_boot``)."""
     if not slides:
         return []
     paths = paths_for(execution, len(net.local_modules))
     probs = [[np.asarray(jax.device_get(jax.nn.softmax(logits)))
               for logits in net.head_logits(paths, _image(images[s.slide_id]))] for s in slides]
     labels = np.array([s.label for s in slides])
-    return [score("qwk", labels, np.stack([p[k] for p in probs]), n_classes)
-            for k in range(len(net.local_modules))]
+    qwk = lambda y, p: score("qwk", y, p, n_classes)  # noqa: E731
+    heads = []
+    for k in range(len(net.local_modules)):
+        p = np.stack([row[k] for row in probs])
+        heads.append({"qwk": qwk(labels, p),
+                      "qwk_ci95": bootstrap_ci(qwk, labels, p, n_boot=n_boot) if n_boot else None})
+    return heads
 
 
 def _probabilities(net: LocalNetwork, execution: Execution | None, x) -> jax.Array:

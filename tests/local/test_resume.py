@@ -75,6 +75,9 @@ def test_a_stopped_and_killed_run_resumes_to_the_uninterrupted_one(slides, tmp_p
     assert results["test"] == expected["test"] and results["val"] == expected["val"]
     assert results["best_epoch"] == expected["best_epoch"] and results["test"]["n"] == 1
     assert set(results["test"]) >= {"qwk", "qwk_ci95", "accuracy", "accuracy_ci95", "probs"}
+    heads = results["test"]["heads_qwk"]  # A_1, then H: each with its interval over slides
+    assert len(heads) == 2 and all(set(h) == {"qwk", "qwk_ci95"} for h in heads)
+    assert heads[-1]["qwk"] == results["test"]["qwk"]
 
     other = dataclasses.replace(_config(parts), accum=4)
     with pytest.raises(ValueError, match="other settings \\(accum: 2 -> 4\\)"):
