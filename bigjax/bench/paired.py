@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from typing import Callable
 
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bigjax.errors import run_cli
 from bigjax.layers.execution import ENGINES, Execution
 from bigjax.models.resnet import BigResNet, in_memory_twin
 
@@ -76,13 +78,12 @@ def engine_steps(depth: int, shape: tuple, budget: int, seed: int = 0) -> dict[s
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--shape", default="1x1024x1024x3", help="NxHxWxC input")
+    p.add_argument("--shape", default="1x1024x1024x3", type=_shape, help="NxHxWxC input")
     p.add_argument("--depth", type=int, default=18, choices=(18, 34, 50))
     p.add_argument("--budget", type=int, default=32 * 2**20, help="partition budget in bytes")
     p.add_argument("--rounds", type=int, default=5)
     a = p.parse_args(argv)
-    shape = tuple(int(n) for n in a.shape.split("x"))
-    times = paired_seconds(engine_steps(a.depth, shape, a.budget), a.rounds)
+    times = paired_seconds(engine_steps(a.depth, a.shape, a.budget), a.rounds)
     for name, seconds in times.items():
         print(f"{name:>9}: median {statistics.median(seconds):7.3f} s  "
               f"({', '.join(f'{s:.2f}' for s in seconds)})")
@@ -90,5 +91,15 @@ def main(argv=None) -> None:
         print(f"{a_} / {b_}: {median_ratio(times, a_, b_):.3f} (median of per-round ratios)")
 
 
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(n) for n in text.split("x"))
+    except ValueError:
+        shape = ()
+    if len(shape) != 4 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give an NxHxWxC shape such as 1x1024x1024x3")
+    return shape
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

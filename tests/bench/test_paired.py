@@ -30,3 +30,10 @@ def test_engine_steps_give_the_same_loss_on_both_engines_and_the_twin():
     losses = {name: float(step()[0]) for name, step in steps.items()}
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5)
     assert losses["jit"] == pytest.approx(losses["eager"], rel=1e-4)
+
+
+def test_a_bad_shape_is_refused_by_the_parser():
+    from bigjax.bench.paired import main
+
+    with pytest.raises(SystemExit):
+        main(["--shape=1x1024"])
