@@ -166,13 +166,18 @@ def _forward(spec, x, kernel, bias, a, b):
     return (y, *moments.finish_moments(acc)) if spec.stats else y
 
 
-def _row_ends(plan: list[Partition], h: int) -> list[int]:
-    """End row of each band's share of the input gradient: the next band's first input row."""
-    ends = []
+def _emitted_rows(plan: list[Partition], h: int) -> list[tuple[int, int]]:
+    """Rows [start, end) of the input gradient each band emits (overlap-added, disjoint): from where
+    the band before it in its image stopped (0 for an image's first) to the next band's first input
+    row (the image's last row for its last)."""
+    rows, start = [], 0
     for k, p in enumerate(plan):
         nxt = plan[k + 1] if k + 1 < len(plan) else None
-        ends.append(nxt.i0 if nxt is not None and nxt.n0 == p.n0 else h)
-    return ends
+        end = nxt.i0 if nxt is not None and nxt.n0 == p.n0 else h
+        start = 0 if p.r0 == 0 else start
+        rows.append((start, end))
+        start = end
+    return rows
 
 
 def _backward(spec, res, cts):
@@ -188,12 +193,11 @@ def _backward(spec, res, cts):
         return _compiled_backward(spec, res, g, (mean, g_mean, g_var, count))
     acc = zeros_like((kernel, bias, a, b))
     plan = _plan(spec, x, kernel, a, backward=True)
-    bands, carry, start = [], None, 0
-    for p, end in zip(plan, _row_ends(plan, x.shape[1])):
+    bands, carry = [], None
+    for p, (start, end) in zip(plan, _emitted_rows(plan, x.shape[1])):
         ex.window.admit(ex)
         if p.r0 == 0:  # a new image chunk: nothing to overlap-add yet
             carry = ex.to_compute(np.zeros((p.n1 - p.n0, 0, *x.shape[2:]), kernel.dtype))
-            start = 0
         gb = _band(ex, g, p.n0, p.n1, p.r0, p.r1)
         if spec.stats:
             yb = _band(ex, y, p.n0, p.n1, p.r0, p.r1)
@@ -206,7 +210,6 @@ def _backward(spec, res, cts):
             take=min(p.i1, end) - start)
         bands.append((p, ex.to_host_async(out)))
         ex.window.track(bands[-1][1])
-        start = end
         del xb, gb, out
     return (join_on_host(ex, bands), *acc)
 
@@ -222,6 +225,8 @@ def _per_image(plan: list[Partition]) -> bool:
 
 
 def _image_0(plan: list[Partition], per_image: bool) -> list[Partition]:
+    """The partitions a compiled pass's runs are built from: image 0's where its loop repeats them
+    over the images, else all."""
     return [p for p in plan if p.n0 == 0] if per_image else plan
 
 
@@ -239,9 +244,9 @@ def _compiled_forward(spec, x, kernel, bias, a, b):
         place=ex.placement(), plan=tuple(compiled.runs(items)), per_image=per_image,
         out_shape=out_shape, geom=spec.geom, stats=spec.stats, kernel_fn=_forward_kernel,
         prefetch=ex.prefetch != 0)
-    y = jax.ShapeDtypeStruct(out_shape, x.dtype)
+    out = jax.ShapeDtypeStruct(out_shape, x.dtype)
     ex.band_copies(sum(_band_bytes(x, p.n1 - p.n0, p.i1 - p.i0) for p in plan),
-                   sum(_band_bytes(y, p.n1 - p.n0, p.r1 - p.r0) for p in plan))
+                   sum(_band_bytes(out, p.n1 - p.n0, p.r1 - p.r0) for p in plan))
     y = ex.from_staging(buf)
     return (y, *moments.finish_moments(acc)) if spec.stats else y
 
@@ -252,18 +257,14 @@ def _compiled_backward(spec, res, g, statistics):
     ex = spec.ex
     plan = _plan(spec, x, kernel, a, backward=True)
     per_image = _per_image(plan)
-    items, start = [], 0
-    for p, end in zip(plan, _row_ends(plan, x.shape[1])):
-        start = 0 if p.r0 == 0 else start
-        shape = (p.n1 - p.n0, p.r1 - p.r0, p.i1 - p.i0, p.pad_top, p.pad_bottom, end - start,
-                 min(p.i1, end) - start, p.r0 == 0)
-        if not per_image or p.n0 == 0:
-            items.append((shape, (p.n0, p.r0, p.i0, start)))
-        start = end
-    staged = [None if v is None else ex.to_staging(v) for v in (x, g, y if spec.stats else None)]
+    looped = _image_0(plan, per_image)
+    items = [((p.n1 - p.n0, p.r1 - p.r0, p.i1 - p.i0, p.pad_top, p.pad_bottom, end - start,
+               min(p.i1, end) - start, p.r0 == 0), (p.n0, p.r0, p.i0, start))
+             for p, (start, end) in zip(looped, _emitted_rows(looped, x.shape[1]))]
+    ys = ex.to_staging(y) if spec.stats else None  # read only for the statistics' cotangent
     dx, grads = ex.call(
-        "conv_backward", compiled.backward_program, staged[0], kernel, bias, a, b, staged[1],
-        staged[2], *statistics, place=ex.placement(), plan=tuple(compiled.runs(items)),
+        "conv_backward", compiled.backward_program, ex.to_staging(x), kernel, bias, a, b,
+        ex.to_staging(g), ys, *statistics, place=ex.placement(), plan=tuple(compiled.runs(items)),
         per_image=per_image, geom=spec.geom, stats=spec.stats, kernel_fn=_backward_kernel,
         cotangent_fn=_stats_cotangent, prefetch=ex.prefetch != 0)
     h2d = sum(_band_bytes(g, p.n1 - p.n0, p.r1 - p.r0) * (1 + spec.stats)
