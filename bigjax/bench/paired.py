@@ -17,13 +17,11 @@ import time
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from bigjax.bench.step import executions, step_setup
 from bigjax.errors import run_cli
-from bigjax.layers.execution import ENGINES, Execution
-from bigjax.models.resnet import BigResNet, in_memory_twin
+from bigjax.layers.execution import ENGINES
 
 __all__ = ["paired_seconds", "engine_steps"]
 
@@ -49,29 +47,17 @@ def median_ratio(times: dict[str, list[float]], a: str, b: str) -> float:
 
 
 def engine_steps(depth: int, shape: tuple, budget: int, seed: int = 0) -> dict[str, Callable]:
-    """A training step (value and gradient) of an all-big ResNet per engine, and of its jitted twin.
-
-    The Big steps keep activations on the compute device's own memory (a CPU user's setting,
-    ``bench.step``); on an accelerator host memory is the CPU device, as in training."""
-    x = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
-    big = BigResNet(depth, big_stages=4, rngs=nnx.Rngs(seed))
-    twin = in_memory_twin(big)
-    weights = jnp.ones((shape[0], big.embed_dim)) / big.embed_dim
-
-    def loss(model, x, execution=None):
-        kwargs = {} if execution is None else {"execution": execution}
-        return jnp.sum(model(x, train=True, **kwargs) * weights)
-
+    """A training step (value and gradient) of an all-big ResNet per engine, and of its jitted twin:
+    the step ``bench.step`` times, each engine placed as it places the timed one."""
+    x, big, twin, loss = step_setup(depth, shape, seed)
     grad = nnx.value_and_grad(loss)
     plain = nnx.jit(nnx.value_and_grad(loss))
     steps = {}
     for engine in ENGINES:
-        ex = Execution(budget, engine=engine)
-        if ex.compute.platform == "cpu":
-            ex = ex.replace(host=ex.compute)
+        ex = executions(budget, engine=engine)[1]
         xh = ex.to_host(x)
         steps[engine] = lambda ex=ex, xh=xh: grad(big, xh, ex)
-    xd = jax.device_put(x, Execution().compute)
+    xd = ex.to_compute(x)
     steps["jit"] = lambda: plain(twin, xd)
     return steps
 

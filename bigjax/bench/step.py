@@ -2,7 +2,7 @@
 
 Both run in one process on the same input, so the ratio is meaningful on a shared, noisy machine;
 absolute seconds are not. On a CPU-only machine the timed Big step keeps its activations on the
-compute device (a CPU user's setting); its bytes are counted across two CPU devices (``_executions``). The Big ResNet's step runs eagerly (partition loops in Python, per-partition
+compute device (a CPU user's setting); its bytes are counted across two CPU devices (``executions``). The Big ResNet's step runs eagerly (partition loops in Python, per-partition
 kernels jitted); the twin's whole step is one ``nnx.jit`` function.
 """
 
@@ -21,7 +21,7 @@ from bigjax.bench.traffic import step_traffic
 from bigjax.layers.execution import Execution
 from bigjax.models.resnet import BigResNet, in_memory_twin
 
-__all__ = ["StepTiming", "PartitionCounter", "benchmark_step"]
+__all__ = ["StepTiming", "PartitionCounter", "benchmark_step", "step_setup", "executions"]
 
 
 @dataclass
@@ -106,16 +106,8 @@ def benchmark_step(depth: int, shape: tuple, budget: int, *, fused: bool = True,
         carries the gradient error against float32 storage (``.precision``).
       engine: "eager" or "compiled" (``Execution.engine``).
     """
-    x = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
-    big = BigResNet(depth, big_stages=4, fused=fused, rngs=nnx.Rngs(seed))
-    twin = in_memory_twin(big)
-    weights = jnp.ones((shape[0], big.embed_dim)) / big.embed_dim
-    bus, ex = _executions(budget, prefetch, host_dtype, engine)
-
-    def loss(model, x, execution=None):
-        kwargs = {} if execution is None else {"execution": execution}
-        return jnp.sum(model(x, train=True, **kwargs) * weights)
-
+    x, big, twin, loss = step_setup(depth, shape, seed, fused)
+    bus, ex = executions(budget, prefetch, host_dtype, engine)
     big_grad = nnx.value_and_grad(loss)
     plain_step = nnx.jit(nnx.value_and_grad(loss))
     x_on = {e.host: e.to_host(x) for e in (bus, ex)}
@@ -136,7 +128,22 @@ def benchmark_step(depth: int, shape: tuple, budget: int, *, fused: bool = True,
                       host_dtype, precision, engine)
 
 
-def _executions(budget, prefetch, host_dtype=None, engine="eager") -> tuple[Execution, Execution]:
+def step_setup(depth: int, shape: tuple, seed: int = 0, fused: bool = True):
+    """(input, all-big ResNet, its in-memory twin, loss) of the step the benchmarks time.
+
+    ``loss(model, x, execution=None)`` is the mean embedding's sum: a Big model is called with
+    ``execution``, the twin plainly."""
+    x = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+    big = BigResNet(depth, big_stages=4, fused=fused, rngs=nnx.Rngs(seed))
+    weights = jnp.ones((shape[0], big.embed_dim)) / big.embed_dim
+
+    def loss(model, x, execution=None):
+        kwargs = {} if execution is None else {"execution": execution}
+        return jnp.sum(model(x, train=True, **kwargs) * weights)
+    return x, big, in_memory_twin(big), loss
+
+
+def executions(budget, prefetch=1, host_dtype=None, engine="eager") -> tuple[Execution, Execution]:
     """The engine whose copies are counted (host memory on a distinct device) and the one timed.
 
     On an accelerator they are the same. On a CPU-only machine the timed engine keeps activations on
