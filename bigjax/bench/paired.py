@@ -46,17 +46,25 @@ def median_ratio(times: dict[str, list[float]], a: str, b: str) -> float:
     return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
 
+# the configurations timed: name -> Execution settings
+CONFIGURATIONS = {**{engine: dict(engine=engine) for engine in ENGINES},
+                  "eager, op by op": dict(engine="eager", whole_blocks=False)}
+RATIOS = (("compiled", "eager"), ("eager", "eager, op by op"), ("eager", "jit"), ("compiled", "jit"),
+          ("eager, op by op", "jit"))
+
+
 def engine_steps(depth: int, shape: tuple, budget: int, seed: int = 0) -> dict[str, Callable]:
-    """A training step (value and gradient) of an all-big ResNet per engine, and of its jitted twin:
-    the step ``bench.step`` times, each engine placed as it places the timed one."""
+    """A training step (value and gradient) of an all-big ResNet per configuration (each engine;
+    the eager one with every block op by op, ``Execution.whole_blocks=False``), and of its jitted
+    twin: the step ``bench.step`` times, each placed as it places the timed one."""
     x, big, twin, loss = step_setup(depth, shape, seed)
     grad = nnx.value_and_grad(loss)
     plain = nnx.jit(nnx.value_and_grad(loss))
     steps = {}
-    for engine in ENGINES:
-        ex = executions(budget, engine=engine)[1]
+    for name, settings in CONFIGURATIONS.items():
+        ex = executions(budget, **settings)[1]
         xh = ex.to_host(x)
-        steps[engine] = lambda ex=ex, xh=xh: grad(big, xh, ex)
+        steps[name] = lambda ex=ex, xh=xh: grad(big, xh, ex)
     xd = ex.to_compute(x)
     steps["jit"] = lambda: plain(twin, xd)
     return steps
@@ -71,9 +79,9 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     times = paired_seconds(engine_steps(a.depth, a.shape, a.budget), a.rounds)
     for name, seconds in times.items():
-        print(f"{name:>9}: median {statistics.median(seconds):7.3f} s  "
+        print(f"{name:>15}: median {statistics.median(seconds):7.3f} s  "
               f"({', '.join(f'{s:.2f}' for s in seconds)})")
-    for a_, b_ in (("compiled", "eager"), ("eager", "jit"), ("compiled", "jit")):
+    for a_, b_ in RATIOS:
         print(f"{a_} / {b_}: {median_ratio(times, a_, b_):.3f} (median of per-round ratios)")
 
 

@@ -32,6 +32,8 @@ CATEGORIES = {
     "conv_forward": "conv kernels (fwd)",
     "conv_backward": "conv kernels (bwd)",
     "batch_norm": "batch-norm kernels",
+    "whole_forward": "whole-block programs (fwd)",
+    "whole_backward": "whole-block programs (bwd)",
     "host_forward": "host ops (fwd)",
     "host_backward": "host ops (bwd)",
     "attention_forward": "attention kernels (fwd)",
@@ -41,7 +43,8 @@ CATEGORIES = {
 }
 REMAINDER = "autodiff, Python"
 # categories that are compute (the rest of a step is orchestration: copies, slicing, Python)
-KERNELS = ("conv kernels (fwd)", "conv kernels (bwd)", "batch-norm kernels", "host ops (fwd)",
+KERNELS = ("conv kernels (fwd)", "conv kernels (bwd)", "batch-norm kernels",
+           "whole-block programs (fwd)", "whole-block programs (bwd)", "host ops (fwd)",
            "host ops (bwd)", "attention kernels (fwd)", "attention kernels (bwd)", "ViT kernels (fwd)",
            "ViT kernels (bwd)")
 

@@ -143,7 +143,8 @@ def step_setup(depth: int, shape: tuple, seed: int = 0, fused: bool = True):
     return x, big, in_memory_twin(big), loss
 
 
-def executions(budget, prefetch=1, host_dtype=None, engine="eager") -> tuple[Execution, Execution]:
+def executions(budget, prefetch=1, host_dtype=None, engine="eager",
+               whole_blocks=True) -> tuple[Execution, Execution]:
     """The engine whose copies are counted (host memory on a distinct device) and the one timed.
 
     On an accelerator they are the same. On a CPU-only machine the timed engine keeps activations on
@@ -151,7 +152,8 @@ def executions(budget, prefetch=1, host_dtype=None, engine="eager") -> tuple[Exe
     between two virtual CPU devices are memcpys no real deployment makes. Bytes are counted (and
     bandwidth measured) across two CPU devices, so that they are not all zero.
     """
-    bus = Execution(budget, prefetch=prefetch, host_dtype=host_dtype, engine=engine)
+    bus = Execution(budget, prefetch=prefetch, host_dtype=host_dtype, engine=engine,
+                    whole_blocks=whole_blocks)
     if bus.compute.platform != "cpu":
         return bus, bus
     return bus, bus.replace(host=bus.compute)

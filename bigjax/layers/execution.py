@@ -68,6 +68,9 @@ EVENTS = {
     "conv_backward": "a backward conv kernel on one partition (with its statistics cotangent; the "
                      "compiled engine: a pass's program)",
     "batch_norm": "a BatchNorm kernel (moments, affine or their pullbacks) on one partition",
+    "whole_forward": "a module (a residual block) run whole as one device program, its working set "
+                     "within the budget (``whole``): forward, keeping its VJP's residuals",
+    "whole_backward": "a whole module's backward program",
     "host_forward": "a host op's forward (ReLU, add, pooling, folded BatchNorm)",
     "host_backward": "a host op's backward",
     "attention_forward": "a streamed-attention online-softmax step (one query block, one key block)",
@@ -98,6 +101,8 @@ class Execution:
       engine: "eager" streams each partition from Python (copies, band kernels, joins); "compiled"
         runs each pass of a conv as one XLA program that loops over the same partitions in the
         compute device's host memory (``compiled``). The same results, to float round-off.
+      whole_blocks: run a residual block as one device program (``whole``) where XLA's account of
+        its forward and backward fits ``max_partition_bytes``; False streams every block op by op.
       host_dtype: the dtype big activations (and their cotangents) are kept in between ops, e.g.
         ``bfloat16``: half the bytes in host RAM and across the bus each way. The kernels still compute
         in the parameters' dtype: each band is widened on the device and its result rounded there
@@ -112,6 +117,7 @@ class Execution:
     pinned_staging: bool | None = None
     host_dtype: object = None
     engine: str = "eager"
+    whole_blocks: bool = True
     window: Window = field(init=False, compare=False, repr=False)
 
     def __post_init__(self):

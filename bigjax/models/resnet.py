@@ -81,6 +81,23 @@ def _shortcut(block, path, x, train):
     return path.conv_bn(x, conv, bn, train)
 
 
+def _stem_ops(stem, path, x, train):
+    conv, bn = stem
+    return path.stem_pool(path.conv_bn(x, conv, bn, train))
+
+
+def _block_ops(block, path, x, train):
+    return block(path, x, train)
+
+
+def _run(path, module, ops, x, train):
+    """``ops(module, path, x, train)``; or, where the path runs a module whole (``Fused.whole``:
+    one device program, where it fits the partition budget), that."""
+    whole = getattr(path, "whole", None)
+    y = None if whole is None else whole(module, ops, x, train)
+    return ops(module, path, x, train) if y is None else y
+
+
 _ARCH = {18: (BasicBlock, (2, 2, 2, 2)), 34: (BasicBlock, (3, 4, 6, 3)),
          50: (Bottleneck, (3, 4, 6, 3))}
 
@@ -106,13 +123,13 @@ class ResNet(nnx.Module):
 
     def stem(self, path, x, train):
         """conv 7x7/2, BatchNorm, ReLU, max-pool 3x3/2."""
-        return path.stem_pool(path.conv_bn(x, self.conv1, self.bn1, train))
+        return _run(path, nnx.List([self.conv1, self.bn1]), _stem_ops, x, train)
 
     def stages(self, path, x, start, stop, train):
         """Residual stages ``start`` to ``stop`` (0-based, stop exclusive)."""
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4)[start:stop]:
             for block in layer:
-                x = block(path, x, train)
+                x = _run(path, block, _block_ops, x, train)
         return x
 
     def __call__(self, x, *, train: bool):

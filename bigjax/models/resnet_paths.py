@@ -2,7 +2,8 @@
 
 A residual block is written once (``resnet.BasicBlock``/``Bottleneck``) against the small interface
 below: ``conv_bn`` (a conv and its BatchNorm), ``relu``, ``add_relu`` (the block's end) and ``stem_pool``
-(ReLU + max-pool after the stem). Each path implements it:
+(ReLU + max-pool after the stem). A path may add ``whole`` to run a block, or the stem, as one
+program where it can (``Fused`` does). Each path implements it:
 
 * ``InMemory`` — plain Flax on the compute device, jittable: the tail after the big stages and the
   in-memory twin.
@@ -14,7 +15,9 @@ op; the parameter modules hold none of it.
 * ``Fused`` — the same mathematics with fewer trips across the bus: the conv accumulates its output's
   BatchNorm statistics in its own pass, and its BatchNorm is kept *folded* (``y, a, b`` with
   ``BN(y) = y*a + b``) until the next op applies it — the next conv on the device, in its prologue
-  (with the ReLU), or the block's end on the host (with the residual add and ReLU) in one pass.
+  (with the ReLU), or the block's end on the host (with the residual add and ReLU) in one pass. A
+  block (or the stem) whose whole working set fits the partition budget runs as one device program
+  instead (``layers.whole``, ``Execution.whole_blocks``): the in-memory ops, one custom_vjp.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import jax
+from flax import nnx
 
 from bigjax.layers import host
 from bigjax.layers.execution import Execution
 from bigjax.layers.host import max_pool_plain
+from bigjax.layers.whole import run_whole
 
 __all__ = ["InMemory", "Separate", "Fused", "Folded"]
 
@@ -82,11 +87,25 @@ class Folded:
     relu: bool = False
 
 
+def _in_memory(module, x, *, ops, train, dtype):
+    """``ops`` in memory, in the parameters' dtype, the output in ``x``'s (``host_dtype``)."""
+    return ops(module, InMemory, x.astype(dtype), train).astype(x.dtype)
+
+
 @dataclass(frozen=True)
 class Fused:
     """Big-Layers with BatchNorm statistics from the conv's pass and BatchNorm applied where used."""
 
     execution: Execution
+
+    def whole(self, module, ops, x, train):
+        """``ops(module, InMemory, x, train)`` as one device program, or None where it does not fit
+        the budget or ``whole_blocks`` is off (the caller then runs ``ops`` on this path)."""
+        if not self.execution.whole_blocks:
+            return None
+        dtype = jax.tree.leaves(nnx.state(module, nnx.Param))[0].dtype.name
+        static = (("ops", ops), ("train", train), ("dtype", dtype))
+        return run_whole(module, x, _in_memory, static, self.execution)
 
     def conv_bn(self, x, conv, bn, train):
         ex = self.execution

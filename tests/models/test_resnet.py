@@ -45,10 +45,14 @@ def _grads(model, jit, x=X, execution=None, argnums=0):
     return (nnx.jit(step) if jit else step)(model, x)
 
 
-def _compare(depth, big_stages, fused, budget, dtype=np.float32, tol=1e-4, engine="eager"):
+def _compare(depth, big_stages, fused, budget, dtype=np.float32, tol=1e-4, engine="eager",
+             whole_blocks=False, observer=None):
+    """The Big model's loss, gradients, running statistics and embedding against the twin's; by
+    default every block streams op by op (the ops under test), ``whole_blocks`` as a user runs."""
     model = BigResNet(depth, big_stages=big_stages, fused=fused, rngs=nnx.Rngs(depth))
     nnx.update(model, jax.tree.map(lambda v: v.astype(dtype), nnx.state(model)))
-    x, ex = X.astype(dtype), Execution(budget, engine=engine)
+    x = X.astype(dtype)
+    ex = Execution(budget, engine=engine, whole_blocks=whole_blocks, observer=observer)
     twin = in_memory_twin(model)
     loss, grads = _grads(model, jit=False, x=x, execution=ex)
     twin_loss, twin_grads = _grads(twin, jit=True, x=x)
@@ -79,6 +83,22 @@ def test_big_resnet_equals_in_memory_twin(depth, big_stages, fused, budget):
     pytest.param(18, 4, True, 20_000_000, marks=pytest.mark.slow), (18, 2, True, 1_400_000)])
 def test_big_resnet_on_the_compiled_engine_equals_in_memory_twin(depth, big_stages, fused, budget):
     _compare(depth, big_stages, fused, budget, engine="compiled")
+
+
+@pytest.mark.parametrize("big_stages,budget,whole", [(4, 20_000_000, 7), (2, 2_000_000, 2)])
+def test_blocks_that_fit_run_whole_the_others_op_by_op_and_equal_the_twin(big_stages, budget,
+                                                                          whole):
+    """``whole_blocks`` (the default): the blocks whose programs fit the budget run whole (7 of the
+    stem and 8 blocks at 20 MB, the 2 of stage 2 at 2 MB), the rest stream op by op."""
+    events = []
+
+    def observer(event, fn, *args, **kwargs):
+        events.append(event)
+        return fn(*args, **kwargs)
+
+    _compare(18, big_stages, True, budget, whole_blocks=True, observer=observer)
+    assert events.count("whole_backward") == whole and events.count("conv_backward") > 0
+    assert events.count("whole_forward") == 2 * whole  # the step, then one call in inference
 
 
 @pytest.mark.slow
