@@ -48,7 +48,7 @@ class WholePrograms:
     primal: Callable
     forward: Callable
     backward: Callable
-    rest_tree: jax.tree_util.PyTreeDef
+    changed: tuple  # per leaf of the module's other state: whether the module updates it
     footprint: int
 
 
@@ -72,8 +72,9 @@ def _device_bytes(compiled, params_bytes: int) -> int | None:
 def _functions(graphdef, trees, call, static):
     """The module's primal and forward of (parameter leaves, state leaves, x), and the backward.
 
-    The forward's trace notes the VJP's tree and which of its leaves are inputs (``trace``); the
-    backward, built from that note, rebuilds the VJP from the kept residuals and the inputs.
+    The forward's trace notes (``trace``) the VJP's tree, which of its leaves are inputs and which
+    state leaves the module changes; the backward rebuilds the VJP from the kept residuals and the
+    inputs.
     """
     params_tree, rest_tree = trees
 
@@ -89,6 +90,7 @@ def _functions(graphdef, trees, call, static):
         body = jax.checkpoint(lambda p, x: apply(p, rest, x),
                               policy=jax.checkpoint_policies.checkpoint_dots)
         y, vjp, new_rest = jax.vjp(body, params, x, has_aux=True)
+        trace["changed"] = tuple(new is not old for new, old in zip(new_rest, rest))
         inputs = [*params, x]
         leaves, trace["tree"] = jax.tree.flatten(vjp)
         trace["forwarded"] = tuple(next((i for i, a in enumerate(inputs) if a is leaf), None)
@@ -100,7 +102,7 @@ def _functions(graphdef, trees, call, static):
         leaves = [next(kept) if f is None else inputs[f] for f in trace["forwarded"]]
         return jax.tree.unflatten(trace["tree"], leaves)(g)
 
-    return apply, forward, backward
+    return trace, apply, forward, backward
 
 
 def whole_programs(module: nnx.Module, x, call: Callable, static: tuple,
@@ -124,13 +126,14 @@ def _compile(graphdef, trees, call, static, avals, ex) -> WholePrograms:
         return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=placed), tree)
 
     params, rest, x = on_device(avals)
-    apply, forward, backward = (jax.jit(f) for f in _functions(graphdef, trees, call, static))
+    trace, *functions = _functions(graphdef, trees, call, static)
+    apply, forward, backward = map(jax.jit, functions)
     fwd = forward.lower(params, rest, x).compile()
     y, _, kept = on_device(fwd.out_info)
     bwd = backward.lower(kept, [*params, x], y).compile()
     sizes = (_device_bytes(fwd, _bytes(params)), _device_bytes(bwd, _bytes(params)))
     footprint = np.iinfo(np.int64).max if None in sizes else max(sizes)
-    return WholePrograms(apply, forward, backward, trees[1], footprint)
+    return WholePrograms(apply, forward, backward, trace["changed"], footprint)
 
 
 def run_whole(module: nnx.Module, x: jax.Array, call: Callable, static: tuple,
@@ -150,7 +153,10 @@ def run_whole(module: nnx.Module, x: jax.Array, call: Callable, static: tuple,
     new_rest = _Box()
     y = _whole(programs, ex, new_rest, jax.tree.leaves(params), jax.tree.leaves(rest),
                ex.to_host(x))
-    nnx.update(module, jax.tree.unflatten(programs.rest_tree, new_rest.value))
+    updates = [(path, var.replace(new)) for (path, var), new, changed in
+               zip(nnx.to_flat_state(rest), new_rest.value, programs.changed) if changed]
+    if updates:  # none in inference: a module merged inside a transformation stays untouched
+        nnx.update(module, nnx.from_flat_state(updates))
     return y
 
 
@@ -177,11 +183,11 @@ def _whole(programs, ex, new_rest, params, rest, x):
 def _whole_fwd(programs, ex, new_rest, params, rest, x):
     ensure_eager("run_whole", x)
     ex.window.admit(ex)
-    y, new_rest.value, kept = ex.call("whole_forward", programs.forward,
-                                      *_on_compute(ex, (params, rest, x)))
+    on_compute = _on_compute(ex, (params, rest, x))  # committed: one compilation serves every step
+    y, new_rest.value, kept = ex.call("whole_forward", programs.forward, *on_compute)
     kept = [ex.to_host_async(r) for r in kept]
     ex.window.track(kept)
-    return ex.to_host(y), (params, rest, x, kept)
+    return ex.to_host(y), (params, on_compute[1], x, kept)
 
 
 def _whole_bwd(programs, ex, _, saved, g):
