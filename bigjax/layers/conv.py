@@ -47,6 +47,7 @@ class _Spec:
     geom: ConvGeometry
     ex: Execution
     stats: bool  # also return the output's per-channel mean and biased variance
+    input_grad: bool = True  # False: the input is not differentiated (a model's image), no dx
 
 
 def _band_forward(x, kernel, bias, a, b, *, geom, pad):
@@ -101,6 +102,15 @@ def _backward_kernel(acc, carry, x, kernel, bias, a, b, g, *, geom, pad, emit, t
     dx = dx.at[:, : carry.shape[1]].add(carry)  # overlap-add of the previous band's halo
     out = jnp.pad(dx[:, :take], ((0, 0), (0, emit - take), (0, 0), (0, 0)))
     return jax.tree.map(jnp.add, acc, tuple(dparams)), out.astype(narrow), dx[:, take:]
+
+
+@functools.partial(jax.jit, static_argnames=("geom", "pad"))
+def _parameter_grad_kernel(acc, x, kernel, bias, g, *, geom, pad):
+    """The band's kernel (and bias) gradient only, for an input nobody differentiates."""
+    g = g.astype(kernel.dtype)
+    dparams = (_kernel_grad(x.astype(kernel.dtype), g, geom, pad),
+               None if bias is None else jnp.sum(g, axis=(0, 1, 2)))
+    return jax.tree.map(jnp.add, acc, dparams)
 
 
 @jax.jit
@@ -191,8 +201,10 @@ def _backward(spec, res, cts):
         g_mean, g_var = ex.to_compute(cts[1]), ex.to_compute(cts[2])
     if ex.engine == "compiled":
         return _compiled_backward(spec, res, g, (mean, g_mean, g_var, count))
-    acc = zeros_like((kernel, bias, a, b))
     plan = _plan(spec, x, kernel, a, backward=True)
+    if not spec.input_grad:
+        return _parameter_backward(spec, plan, res, g, (mean, g_mean, g_var, count))
+    acc = zeros_like((kernel, bias, a, b))
     bands, carry = [], None
     for p, (start, end) in zip(plan, _emitted_rows(plan, x.shape[1])):
         ex.window.admit(ex)
@@ -228,6 +240,26 @@ def _image_0(plan: list[Partition], per_image: bool) -> list[Partition]:
     """The partitions a compiled pass's runs are built from: image 0's where its loop repeats them
     over the images, else all."""
     return [p for p in plan if p.n0 == 0] if per_image else plan
+
+
+def _parameter_backward(spec, plan, res, g, statistics):
+    """Algorithm 4 without the input gradient (the input is not differentiated, e.g. the image a
+    model starts from): per band, only the kernel's gradient; nothing goes back to the host."""
+    x, kernel, bias, a, b, y, mean = res
+    ex = spec.ex
+    acc = zeros_like((kernel, bias))
+    for p in plan:
+        ex.window.admit(ex)
+        gb = _band(ex, g, p.n0, p.n1, p.r0, p.r1)
+        if spec.stats:
+            gb = ex.call("conv_backward", _stats_cotangent, gb, _band(ex, y, p.n0, p.n1, p.r0, p.r1),
+                         *statistics)
+        acc = ex.call("conv_backward", _parameter_grad_kernel, acc,
+                      _band(ex, x, p.n0, p.n1, p.i0, p.i1), kernel, bias, gb, geom=spec.geom,
+                      pad=(p.pad_top, p.pad_bottom))
+        ex.window.track(acc)
+        del gb
+    return (None, *acc, None, None)
 
 
 def _compiled_forward(spec, x, kernel, bias, a, b):
@@ -288,11 +320,16 @@ def _conv_fwd(spec, x, kernel, bias, a, b):
 _conv.defvjp(_conv_fwd, _backward)
 
 
-def _spec(kernel, stride, padding, dilation, execution, stats) -> _Spec:
+def _spec(x, kernel, stride, padding, dilation, execution, stats, prologue=False) -> _Spec:
+    """The op's static settings. Outside ``jit`` an input is a tracer exactly when something
+    differentiates it (the image a model starts from is not), so the backward knows whether to
+    compute the input gradient (the compiled engine always does); with a prologue it does (its
+    parameters' gradients need it)."""
     if not isinstance(execution, Execution):
         raise TypeError(f"execution must be a bigjax.layers.Execution, got {execution!r}")
     geom = ConvGeometry.make(kernel.shape[:2], stride, padding, dilation)
-    return _Spec(geom, execution, stats)
+    input_grad = prologue or isinstance(x, jax.core.Tracer)
+    return _Spec(geom, execution, stats, input_grad)
 
 
 def big_conv2d(x, kernel, bias=None, *, stride=1, padding=0, dilation=1, execution: Execution):
@@ -306,7 +343,7 @@ def big_conv2d(x, kernel, bias=None, *, stride=1, padding=0, dilation=1, executi
     Returns:
       (N, OH, OW, Cout) output in host memory; differentiable with ``jax.grad`` outside ``jit``.
     """
-    spec = _spec(kernel, stride, padding, dilation, execution, stats=False)
+    spec = _spec(x, kernel, stride, padding, dilation, execution, stats=False)
     return _conv(spec, x, kernel, bias, None, None)
 
 
@@ -323,5 +360,6 @@ def big_conv2d_stats(x, kernel, *, pre_scale=None, pre_shift=None, stride=1, pad
     """
     if (pre_scale is None) != (pre_shift is None):
         raise ValueError("pre_scale and pre_shift go together (a folded BatchNorm), got only one")
-    spec = _spec(kernel, stride, padding, dilation, execution, stats=True)
+    spec = _spec(x, kernel, stride, padding, dilation, execution, stats=True,
+                 prologue=pre_scale is not None)
     return _conv(spec, x, kernel, None, pre_scale, pre_shift)

@@ -79,6 +79,44 @@ def test_fused_conv_prologue_and_statistics_equal_plain(budget):
     assert rel_err(grads, ref) < 1e-5
 
 
+@pytest.mark.parametrize("stats", [False, True])
+@pytest.mark.parametrize("budget", [10**8, 40_000])  # one partition; row bands
+def test_an_undifferentiated_input_gets_no_gradient_and_the_kernels_is_exact(stats, budget):
+    """The image a model starts from: its backward computes the kernel's (and bias's) gradient
+    only, and sends nothing back to the host but the output's cotangent on its way in (no
+    input-gradient bands)."""
+    rng, x, kernel, bias = _data(7, seed=2)
+    events = []
+
+    def observer(event, fn, *args, **kwargs):
+        events.append(event)
+        return fn(*args, **kwargs)
+
+    ex = Execution(budget, observer=observer)
+    weights = EX.to_compute(rng.normal(size=(2, 19, 15, 6)).astype(np.float32))
+    geom = ConvGeometry.make(7, 2, 3)
+
+    def big(w, b=None):
+        if stats:
+            y, mean, var = big_conv2d_stats(x, w, stride=2, padding=3, execution=ex)
+            return jnp.sum(jax.device_put(y, EX.compute) * weights) + jnp.sum(mean * var)
+        y = big_conv2d(x, w, b, stride=2, padding=3, execution=ex)
+        return jnp.sum(jax.device_put(y, EX.compute) * weights)
+
+    @jax.jit
+    def plain(w, b=None):
+        y = conv2d(x, w, geom) + (0 if stats else b)
+        extra = jnp.sum(jnp.mean(y, axis=(0, 1, 2)) * jnp.var(y, axis=(0, 1, 2))) if stats else 0
+        return jnp.sum(y * weights) + extra
+
+    params = (kernel,) if stats else (kernel, bias)  # the fused conv has no bias
+    value, pull = jax.vjp(big, *params)
+    forward = len(events)
+    grads = pull(jax.device_put(np.float32(1), value.sharding))
+    assert rel_err(grads, grad(plain, argnums=tuple(range(len(params))))(*params)) < 1e-5
+    assert events[forward:].count("to_host") == 1 and events.count("conv_backward") > (budget < 10**8)
+
+
 def _device_bytes():
     dev = EX.compute
     return sum(a.nbytes for a in jax.live_arrays() if in_device_memory(a, dev))
