@@ -190,17 +190,18 @@ def forward_program(x, kernel, bias, a, b, *, place: Placement, plan: tuple, per
 
 
 @functools.partial(jax.jit, static_argnames=("place", "plan", "per_image", "geom", "stats",
-                                             "kernel_fn", "cotangent_fn", "prefetch"))
+                                             "kernel_fn", "cotangent_fn", "prefetch", "input_grad"))
 def backward_program(x, kernel, bias, a, b, g, y, mean, g_mean, g_var, count, *, place: Placement,
                      plan: tuple, per_image: bool, geom, stats: bool, kernel_fn, cotangent_fn,
-                     prefetch: bool):
+                     prefetch: bool, input_grad: bool = True):
     """One pass of Algorithm 4: the input gradient in host memory and the parameters' gradients.
 
     ``plan``: runs of (images, output rows, input rows, pad top, pad bottom, emit, take, reset)
     partitions at (n0, r0, i0, first emitted row). The overlap-add carry travels in the loop state;
     it is empty at each image's first band (``reset``) and after its last. ``kernel_fn`` and
     ``cotangent_fn``: the eager engine's band kernels (``conv._backward_kernel``,
-    ``conv._stats_cotangent``).
+    ``conv._stats_cotangent``). Without ``input_grad`` (an input nobody differentiates) ``kernel_fn``
+    is ``conv._parameter_grad_kernel``, nothing is stored and the input gradient is None.
     """
     _, _, w, cin = x.shape
 
@@ -218,15 +219,18 @@ def backward_program(x, kernel, bias, a, b, g, y, mean, g_mean, g_var, count, *,
         gb, *yb, xb = bands
         if stats:
             gb = cotangent_fn(gb, yb[0], mean, g_mean, g_var, count)
+        if not input_grad:
+            return (kernel_fn(grads, xb, kernel, bias, gb, geom=geom, pad=(top, bottom)), carry), None
         grads, out, carry = kernel_fn(grads, carry, xb, kernel, bias, a, b, gb, geom=geom,
                                       pad=(top, bottom), emit=emit, take=take)
         return (grads, carry), out
 
     def store(buf, shape, offsets, out):
-        return _write(buf, place.to_host(out), offsets[0], offsets[3])
+        return buf if out is None else _write(buf, place.to_host(out), offsets[0], offsets[3])
 
-    grads = jax.tree.map(jnp.zeros_like, (kernel, bias, a, b))
+    grads = jax.tree.map(jnp.zeros_like, (kernel, bias, a, b)[:2 + 2 * input_grad])
     carry = jnp.zeros((plan[0].shape[0], 0, w, cin), kernel.dtype)
+    buf = place.zeros(x.shape, x.dtype) if input_grad else None
     buf, (grads, _) = _passes(plan, per_image, x.shape[0], _Pass(load, compute, store),
-                              (place.zeros(x.shape, x.dtype), (grads, carry)), prefetch)
+                              (buf, (grads, carry)), prefetch)
     return buf, grads

@@ -297,11 +297,14 @@ def _compiled_backward(spec, res, g, statistics):
     dx, grads = ex.call(
         "conv_backward", compiled.backward_program, ex.to_staging(x), kernel, bias, a, b,
         ex.to_staging(g), ys, *statistics, place=ex.placement(), plan=tuple(compiled.runs(items)),
-        per_image=per_image, geom=spec.geom, stats=spec.stats, kernel_fn=_backward_kernel,
-        cotangent_fn=_stats_cotangent, prefetch=ex.prefetch != 0)
+        per_image=per_image, geom=spec.geom, stats=spec.stats,
+        kernel_fn=_backward_kernel if spec.input_grad else _parameter_grad_kernel,
+        cotangent_fn=_stats_cotangent, prefetch=ex.prefetch != 0, input_grad=spec.input_grad)
     h2d = sum(_band_bytes(g, p.n1 - p.n0, p.r1 - p.r0) * (1 + spec.stats)
               + _band_bytes(x, p.n1 - p.n0, p.i1 - p.i0) for p in plan)
-    ex.band_copies(h2d, _band_bytes(x, x.shape[0], x.shape[1]))
+    ex.band_copies(h2d, _band_bytes(x, x.shape[0], x.shape[1]) if spec.input_grad else 0)
+    if not spec.input_grad:
+        return (None, *grads, None, None)
     return (ex.from_staging(dx), *grads)
 
 
@@ -323,8 +326,7 @@ _conv.defvjp(_conv_fwd, _backward)
 def _spec(x, kernel, stride, padding, dilation, execution, stats, prologue=False) -> _Spec:
     """The op's static settings. Outside ``jit`` an input is a tracer exactly when something
     differentiates it (the image a model starts from is not), so the backward knows whether to
-    compute the input gradient (the compiled engine always does); with a prologue it does (its
-    parameters' gradients need it)."""
+    compute the input gradient; with a prologue it does (its parameters' gradients need it)."""
     if not isinstance(execution, Execution):
         raise TypeError(f"execution must be a bigjax.layers.Execution, got {execution!r}")
     geom = ConvGeometry.make(kernel.shape[:2], stride, padding, dilation)
