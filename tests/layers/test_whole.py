@@ -87,3 +87,45 @@ def test_residuals_that_are_inputs_stay_out_of_the_forwards_outputs():
     _, _, kept = programs.forward(jax.tree.leaves(params), jax.tree.leaves(rest), x)
     big = [r.shape for r in kept if r.size > 8]
     assert big == [x.shape, x.shape]  # conv1's and conv2's outputs; not x, not the 3x3x8x8 kernels
+
+
+def test_a_whole_block_step_keeps_the_device_within_one_budget_beyond_its_parameters():
+    """At every event of a step of two whole blocks, the distinct compute-device buffers are at most
+    the parameters, their gradients, the loss weights and one budget (the whole programs' own
+    account); the residuals wait in host memory."""
+    with jax.transfer_guard("allow"):
+        blocks = nnx.List([BasicBlock(8, 16, 2, nnx.Rngs(0)), BasicBlock(16, 16, 1, nnx.Rngs(1))])
+        weights = _weights((2, 10, 9, 16))
+    x = RNG.normal(size=(2, 19, 17, 8)).astype(np.float32)
+    static = (("train", True),)
+    budget = max(whole_programs(b, jax.ShapeDtypeStruct(s, np.float32), _in_memory, static,
+                                Execution()).footprint
+                 for b, s in zip(blocks, [x.shape, (2, 10, 9, 16)]))
+    seen = []
+
+    def observer(event, fn, *args, **kwargs):
+        seen.append(_device_buffer_bytes(Execution().compute))
+        return fn(*args, **kwargs)
+
+    ex = Execution(budget, observer=observer)
+    graphdef, params, rest = nnx.split(blocks, nnx.Param, ...)
+
+    def loss(params):
+        m = nnx.merge(graphdef, params, jax.tree.map(lambda v: v, rest))
+        h = x
+        for block in m:
+            h = run_whole(block, h, _in_memory, static, ex)
+            assert h is not None  # each block fits its budget
+        return jnp.sum(ex.to_compute(h) * weights)
+
+    value, pull = jax.vjp(loss, params)
+    pull(jax.device_put(np.float32(1), value.sharding))
+    fixed = 2 * sum(a.nbytes for a in jax.tree.leaves(params)) + weights.nbytes
+    assert len(seen) > 10 and max(seen) <= fixed + budget
+
+
+def _device_buffer_bytes(device):
+    """Distinct buffers in ``device``'s memory (several array objects may alias one)."""
+    arrays = [a for a in jax.live_arrays()
+              if a.devices() == {device} and a.sharding.memory_kind == "device"]
+    return sum({a.unsafe_buffer_pointer(): a.nbytes for a in arrays}.values())
