@@ -10,8 +10,8 @@ from pathlib import Path
 
 import jax
 
-__all__ = ["compiled_bytes", "device_peak_bytes", "device_limit_bytes", "host_ram_bytes",
-           "host_available_bytes", "reset_host_peak", "host_peak_bytes", "host_rss_bytes",
+__all__ = ["compiled_bytes", "device_buffer_bytes", "device_peak_bytes", "device_limit_bytes",
+           "host_ram_bytes", "host_available_bytes", "reset_host_peak", "host_peak_bytes", "host_rss_bytes",
            "release_host", "predicted_host_bytes"]
 
 # float32 values a training step keeps per input pixel (conv, BatchNorm and ReLU outputs of every layer,
@@ -25,6 +25,14 @@ def compiled_bytes(fn, *args) -> int | None:
     if stats is None:
         return None
     return int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes)
+
+
+def device_buffer_bytes(device: jax.Device) -> int:
+    """Bytes of the distinct buffers now in ``device``'s own memory (``jax.live_arrays``; several
+    array objects may alias one buffer, so buffers are counted once). Works on a CPU too."""
+    arrays = [a for a in jax.live_arrays()
+              if a.devices() == {device} and a.sharding.memory_kind == "device"]
+    return sum({a.unsafe_buffer_pointer(): a.nbytes for a in arrays}.values())
 
 
 def device_peak_bytes() -> int | None:

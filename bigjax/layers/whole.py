@@ -40,9 +40,9 @@ class WholePrograms:
     footprint on the device (bytes, from the compiled programs).
 
     They take the module's parameters and its other state as flat lists of arrays (nnx ``State``
-    trees cost a ``Variable`` per leaf at every custom_vjp boundary). ``forwarded[k]`` is, for the
-    k-th leaf of the VJP, the index of the op input (parameters, then ``x``) it is, or None for a
-    residual the forward returns.
+    trees cost a ``Variable`` per leaf at every custom_vjp boundary): ``primal(params, rest, x)``
+    gives ``(y, new rest)``, ``forward`` also the VJP's residuals that are not inputs, and
+    ``backward(residuals, [*params, x], g)`` gives ``(parameter gradients, input gradient)``.
     """
 
     primal: Callable

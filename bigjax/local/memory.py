@@ -9,7 +9,13 @@ the functions are only compiled, for inputs of any size.
 
 Zhang et al. (Table 2) report 30 % (K = 4) and 20 % (K = 8) of end-to-end memory on whole slides.
 
+Beyond the paper, ``--big``: one Big-path training step is run (every module through Big-Layers with
+one partition budget), and the distinct compute-device buffers are counted at every event of the
+engine (``bench.memory.device_buffer_bytes``): the peak beyond what was on the device before the step
+(the model and its optimiser state) is bounded by the budget, whatever the slide's size.
+
     python -m bigjax.local.memory --side 1536 --modules 1,2,4,8
+    python -m bigjax.local.memory --big --side 768,1536 --modules 4 --budget 16777216
 """
 
 from __future__ import annotations
@@ -21,11 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bigjax.bench.memory import device_buffer_bytes
+from bigjax.layers.execution import Execution
 from bigjax.local.model import LocalNetwork, local_resnet34
-from bigjax.local.step import _in_memory_grad
+from bigjax.local.step import _in_memory_grad, make_optimizers, train_step
 from bigjax.models.resnet_paths import InMemory
 
-__all__ = ["module_peaks", "local_peak_bytes"]
+__all__ = ["module_peaks", "local_peak_bytes", "big_step_device_bytes"]
 
 
 def module_peaks(net: LocalNetwork, side: int) -> list[dict]:
@@ -53,11 +61,51 @@ def local_peak_bytes(n_modules: int, side: int, n_classes: int = 2) -> tuple[int
     return max(p["peak"] for p in peaks), peaks
 
 
+def big_step_device_bytes(n_modules: int, side: int, budget: int, seed: int = 0) -> dict:
+    """Compute-device bytes of one Big-path local training step on a ``1 x side x side x 3`` slide:
+    before the step (model, optimiser state) and the peak seen at any engine event during it."""
+    net = local_resnet34(n_modules, 2, rngs=nnx.Rngs(seed))
+    optimizers = make_optimizers(net)
+    ex = Execution(budget)
+    peak = [0]
+
+    def observer(event, fn, *args, **kwargs):
+        peak[0] = max(peak[0], device_buffer_bytes(ex.compute))
+        return fn(*args, **kwargs)
+
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(size=(1, side, side, 3)).astype(np.float32)
+    before = device_buffer_bytes(ex.compute)
+    jax.block_until_ready(train_step(net, optimizers, x, 1, rng,
+                                     execution=ex.replace(observer=observer)))
+    return dict(side=side, before=before, peak=peak[0], beyond=peak[0] - before)
+
+
+def _big_main(args) -> None:
+    print(f"Big path, budget {args.budget:,} B, ResNet-34 (stem stride 3); compute-device buffers "
+          "during one training step")
+    print("| K | slide | x_0 (MiB) | before the step (MiB) | peak beyond it (MiB) | in budgets |")
+    print("|---|---|---|---|---|---|")
+    for k in (int(k) for k in args.modules.split(",")):
+        for side in (int(s) for s in args.side.split(",")):
+            r = big_step_device_bytes(k, side, args.budget)
+            x0 = (side // 6) ** 2 * 64 * 4 / 2**20  # the stem's output (stride 3, then the pool)
+            print(f"| {k} | {side}² | {x0:,.0f} | {r['before'] / 2**20:,.1f} | "
+                  f"{r['beyond'] / 2**20:,.1f} | {r['beyond'] / args.budget:.2f} |")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--side", type=int, default=1536, help="input side in pixels (1 x side x side)")
+    parser.add_argument("--side", default="1536",
+                        help="input side in pixels (1 x side x side); with --big, a list")
     parser.add_argument("--modules", default="1,2,4,8", help="K values; 1 is end-to-end")
+    parser.add_argument("--big", action="store_true",
+                        help="run one Big-path step and count the compute device's buffers")
+    parser.add_argument("--budget", type=int, default=16 * 2**20, help="partition budget (--big)")
     args = parser.parse_args(argv)
+    if args.big:
+        return _big_main(args)
+    args.side = int(args.side)
     ks = [int(k) for k in args.modules.split(",")]
     results = {k: local_peak_bytes(k, args.side) for k in ks}
     base = results[1][0] if 1 in results else None

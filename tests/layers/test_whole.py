@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from bigjax.bench.memory import device_buffer_bytes
 from bigjax.layers import Execution
 from bigjax.layers.whole import run_whole, whole_programs
 from bigjax.models.resnet import BasicBlock, Bottleneck
@@ -104,7 +105,7 @@ def test_a_whole_block_step_keeps_the_device_within_one_budget_beyond_its_parame
     seen = []
 
     def observer(event, fn, *args, **kwargs):
-        seen.append(_device_buffer_bytes(Execution().compute))
+        seen.append(device_buffer_bytes(Execution().compute))
         return fn(*args, **kwargs)
 
     ex = Execution(budget, observer=observer)
@@ -123,9 +124,3 @@ def test_a_whole_block_step_keeps_the_device_within_one_budget_beyond_its_parame
     fixed = 2 * sum(a.nbytes for a in jax.tree.leaves(params)) + weights.nbytes
     assert len(seen) > 10 and max(seen) <= fixed + budget
 
-
-def _device_buffer_bytes(device):
-    """Distinct buffers in ``device``'s memory (several array objects may alias one)."""
-    arrays = [a for a in jax.live_arrays()
-              if a.devices() == {device} and a.sharding.memory_kind == "device"]
-    return sum({a.unsafe_buffer_pointer(): a.nbytes for a in arrays}.values())
