@@ -89,7 +89,8 @@ def test_big_resnet_on_the_compiled_engine_equals_in_memory_twin(depth, big_stag
 def test_blocks_that_fit_run_whole_the_others_op_by_op_and_equal_the_twin(big_stages, budget,
                                                                           whole):
     """``whole_blocks`` (the default): the blocks whose programs fit the budget run whole (7 of the
-    stem and 8 blocks at 20 MB, the 2 of stage 2 at 2 MB), the rest stream op by op."""
+    stem and 8 blocks at 20 MB, 2 of the stem and the 4 blocks of stages 1-2 at 2 MB), the rest
+    stream op by op."""
     events = []
 
     def observer(event, fn, *args, **kwargs):
