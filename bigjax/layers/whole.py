@@ -161,8 +161,8 @@ def run_whole(module: nnx.Module, x: jax.Array, call: Callable, static: tuple,
 
 
 class _Box:
-    """The module's updated state, set by the op's forward: it leaves the custom_vjp beside it, not
-    as an output, whose (zero) cotangent JAX would build from a host constant."""
+    """The module's updated state, set by the op's forward. It leaves the custom_vjp through this box
+    rather than as an output, whose (zero) cotangent JAX would build from a host constant."""
 
     value: list
 
@@ -195,7 +195,7 @@ def _whole_bwd(programs, ex, _, saved, g):
     ex.window.admit(ex)
     g_params, g_x = ex.call("whole_backward", programs.backward, _on_compute(ex, kept),
                             _on_compute(ex, [*params, x]), ex.to_compute(g))
-    g_params = [ex.to_device_of(g, p) for g, p in zip(g_params, params)]
+    g_params = [ex.to_device_of(gp, p) for gp, p in zip(g_params, params)]
     g_x = ex.to_host(g_x)
     ex.window.track(g_x)
     return g_params, zeros_like(rest), g_x
