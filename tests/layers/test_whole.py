@@ -28,7 +28,8 @@ def _weights(shape):
 @pytest.mark.parametrize("block,shape,train", [
     (lambda: BasicBlock(16, 24, 2, nnx.Rngs(1)), (2, 13, 11, 16), True),  # projection shortcut
     (lambda: BasicBlock(8, 8, 1, nnx.Rngs(2)), (3, 7, 9, 8), True),
-    (lambda: Bottleneck(8, 4, 2, nnx.Rngs(3)), (2, 9, 10, 8), True),
+    pytest.param(lambda: Bottleneck(8, 4, 2, nnx.Rngs(3)), (2, 9, 10, 8), True,
+                 marks=pytest.mark.slow),
     (lambda: BasicBlock(8, 8, 1, nnx.Rngs(4)), (1, 5, 6, 8), False),
 ])
 def test_a_block_run_whole_equals_the_block_in_memory(block, shape, train):

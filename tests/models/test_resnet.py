@@ -85,7 +85,8 @@ def test_big_resnet_on_the_compiled_engine_equals_in_memory_twin(depth, big_stag
     _compare(depth, big_stages, fused, budget, engine="compiled")
 
 
-@pytest.mark.parametrize("big_stages,budget,whole", [(4, 20_000_000, 7), (2, 2_000_000, 2)])
+@pytest.mark.parametrize("big_stages,budget,whole", [
+    (4, 20_000_000, 7), pytest.param(2, 2_000_000, 2, marks=pytest.mark.slow)])
 def test_blocks_that_fit_run_whole_the_others_op_by_op_and_equal_the_twin(big_stages, budget,
                                                                           whole):
     """``whole_blocks`` (the default): the blocks whose programs fit the budget run whole (7 of the
