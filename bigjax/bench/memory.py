@@ -11,8 +11,8 @@ from pathlib import Path
 import jax
 
 __all__ = ["compiled_bytes", "device_buffer_bytes", "device_peak_bytes", "device_limit_bytes",
-           "host_ram_bytes", "host_available_bytes", "reset_host_peak", "host_peak_bytes", "host_rss_bytes",
-           "release_host", "predicted_host_bytes"]
+           "host_ram_bytes", "host_available_bytes", "reset_host_peak", "host_peak_bytes",
+           "host_rss_bytes", "release_host", "predicted_host_bytes"]
 
 # float32 values a training step keeps per input pixel (conv, BatchNorm and ReLU outputs of every layer,
 # counted from the architectures: ResNet-18 ≈ 50 conv-output values per pixel, x3)

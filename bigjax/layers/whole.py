@@ -109,7 +109,10 @@ def whole_programs(module: nnx.Module, x, call: Callable, static: tuple,
                    ex: Execution) -> WholePrograms:
     """The programs running ``call(module, x, **dict(static))`` whole on ``ex.compute`` (cached per
     module structure, call, input shapes and device; compiled on first use). ``x`` may be abstract."""
-    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    return _programs(*nnx.split(module, nnx.Param, ...), x, call, static, ex)
+
+
+def _programs(graphdef, params, rest, x, call, static, ex) -> WholePrograms:
     trees = (jax.tree.structure(params), jax.tree.structure(rest))
     avals = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in jax.tree.leaves((params, rest, x))]
     key = (graphdef, call, static, trees, tuple(avals), ex.compute)
@@ -131,7 +134,8 @@ def _compile(graphdef, trees, call, static, avals, ex) -> WholePrograms:
     fwd = forward.lower(params, rest, x).compile()
     y, _, kept = on_device(fwd.out_info)
     bwd = backward.lower(kept, [*params, x], y).compile()
-    sizes = (_device_bytes(fwd, _bytes(params)), _device_bytes(bwd, _bytes(params)))
+    params_bytes = _bytes(params)
+    sizes = (_device_bytes(fwd, params_bytes), _device_bytes(bwd, params_bytes))
     footprint = np.iinfo(np.int64).max if None in sizes else max(sizes)
     return WholePrograms(apply, forward, backward, trace["changed"], footprint)
 
@@ -146,10 +150,10 @@ def run_whole(module: nnx.Module, x: jax.Array, call: Callable, static: tuple,
     """
     if 3 * _bytes(x) > ex.max_partition_bytes:  # input, output and one conv output: cannot fit
         return None
-    programs = whole_programs(module, x, call, static, ex)
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    programs = _programs(graphdef, params, rest, x, call, static, ex)
     if programs.footprint > ex.max_partition_bytes:
         return None
-    _, params, rest = nnx.split(module, nnx.Param, ...)
     new_rest = _Box()
     y = _whole(programs, ex, new_rest, jax.tree.leaves(params), jax.tree.leaves(rest),
                ex.to_host(x))

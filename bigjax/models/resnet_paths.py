@@ -87,9 +87,10 @@ class Folded:
     relu: bool = False
 
 
-def _in_memory(module, x, *, ops, train, dtype):
+def _in_memory(module, x, *, ops, train):
     """``ops`` in memory, in the parameters' dtype, the output in ``x``'s (``host_dtype``)."""
-    return ops(module, InMemory, x.astype(dtype), train).astype(x.dtype)
+    wide = jax.tree.leaves(nnx.state(module, nnx.Param))[0].dtype
+    return ops(module, InMemory, x.astype(wide), train).astype(x.dtype)
 
 
 @dataclass(frozen=True)
@@ -103,9 +104,7 @@ class Fused:
         the budget or ``whole_blocks`` is off (the caller then runs ``ops`` on this path)."""
         if not self.execution.whole_blocks:
             return None
-        dtype = jax.tree.leaves(nnx.state(module, nnx.Param))[0].dtype.name
-        static = (("ops", ops), ("train", train), ("dtype", dtype))
-        return run_whole(module, x, _in_memory, static, self.execution)
+        return run_whole(module, x, _in_memory, (("ops", ops), ("train", train)), self.execution)
 
     def conv_bn(self, x, conv, bn, train):
         ex = self.execution

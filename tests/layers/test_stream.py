@@ -14,15 +14,11 @@ import jax
 import numpy as np
 import pytest
 
+from bigjax.bench.memory import device_buffer_bytes
 from bigjax.layers import Execution, big_conv2d, big_conv2d_stats, host
-from tests.layers.helpers import EX, grad, in_device_memory, rel_err, weighted_sum_loss
+from tests.layers.helpers import EX, grad, rel_err, weighted_sum_loss
 
 BUDGET = 24_000
-
-
-def _device_buffer_bytes():
-    arrays = [a for a in jax.live_arrays() if in_device_memory(a, EX.compute)]
-    return sum({a.unsafe_buffer_pointer(): a.nbytes for a in arrays}.values())
 
 
 @jax.jit  # eager ops would send their Python constants: an implicit transfer
@@ -56,7 +52,7 @@ def test_device_buffers_stay_within_one_budget_beyond_weights(prefetch):
     ex = Execution(BUDGET, prefetch=prefetch)
 
     def observer(event, fn, *args, **kwargs):
-        seen.append(_device_buffer_bytes())
+        seen.append(device_buffer_bytes(EX.compute))
         if event in ("conv_forward", "conv_backward", "batch_norm", "host_forward"):
             in_flight.append(ex.window.in_flight())
         return fn(*args, **kwargs)
