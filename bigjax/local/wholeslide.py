@@ -254,11 +254,9 @@ def _final(state: "TrainingState", config: WholeSlideConfig, split: dict, images
            execution: Execution | None) -> dict:
     """Restore the best checkpoint, classify val and test (with bootstrap intervals), write results.json."""
     meta = state.checkpoints.restore_best(state.net)
-    results = {name: _classify(state.net, split[name], images, execution, config.n_classes,
-                               n_boot=config.n_boot) for name in ("val", "test")}
-    for name in ("val", "test"):
-        results[name]["heads_qwk"] = _head_qwks(state.net, split[name], images, execution,
-                                                config.n_classes, config.n_boot)
+    results = {name: _classify_every_head(state.net, split[name], images, execution,
+                                          config.n_classes, config.n_boot)
+               for name in ("val", "test")}
     rows = state.rows()
     seconds = [row["seconds"] for row in rows if row["kind"] == "step"]
     results.update(losses=[row for row in rows if row["kind"] == "epoch"][-1]["losses"],
@@ -278,8 +276,31 @@ def _classify(net, slides, images, execution, n_classes, n_boot: int = 0) -> dic
         return {"n": 0}
     probs = np.stack([np.asarray(jax.device_get(_probabilities(net, execution, _image(images[s.slide_id]))))
                       for s in slides])
+    return _scores(np.array([s.label for s in slides]), probs, n_classes, n_boot)
+
+
+def _classify_every_head(net: LocalNetwork, slides, images, execution, n_classes: int,
+                         n_boot: int) -> dict:
+    """``_classify``'s figures of H, and under "heads_qwk" the QWK of every head, A_1 … A_{K−1} then
+    H (``LocalNetwork.head_logits``), each {"qwk", "qwk_ci95"}: one pass over each slide gives all."""
+    if not slides:
+        return {"n": 0, "heads_qwk": []}
+    probs = np.stack([[np.asarray(jax.device_get(p)) for p in
+                       _head_probabilities(net, execution, _image(images[s.slide_id]))]
+                      for s in slides])  # (slides, heads, classes)
     labels = np.array([s.label for s in slides])
-    out = {"n": len(slides)}
+    qwk = lambda y, p: score("qwk", y, p, n_classes)  # noqa: E731
+    out = _scores(labels, probs[:, -1], n_classes, n_boot)
+    out["heads_qwk"] = [{"qwk": qwk(labels, p),
+                         "qwk_ci95": bootstrap_ci(qwk, labels, p, n_boot=n_boot) if n_boot else None}
+                        for p in probs.transpose(1, 0, 2)]
+    return out
+
+
+def _scores(labels: np.ndarray, probs: np.ndarray, n_classes: int, n_boot: int) -> dict:
+    """Accuracy and QWK of ``probs`` (slides, classes); with ``n_boot`` their 95 % bootstrap
+    intervals over slides, the labels and the probabilities."""
+    out = {"n": len(labels)}
     for metric in ("accuracy", "qwk"):
         out[metric] = score(metric, labels, probs, n_classes)
         if n_boot:
@@ -290,24 +311,6 @@ def _classify(net, slides, images, execution, n_classes, n_boot: int = 0) -> dic
     return out
 
 
-def _head_qwks(net: LocalNetwork, slides, images, execution, n_classes: int, n_boot: int) -> list:
-    """QWK of every head on ``slides``, A_1 … A_{K−1} then H (``LocalNetwork.head_logits``), each as
-    {"qwk", "qwk_ci95"} (95 % bootstrap interval over slides; None without ``n_boot``)."""
-    if not slides:
-        return []
-    paths = paths_for(execution, len(net.local_modules))
-    probs = [[np.asarray(jax.device_get(jax.nn.softmax(logits)))
-              for logits in net.head_logits(paths, _image(images[s.slide_id]))] for s in slides]
-    labels = np.array([s.label for s in slides])
-    qwk = lambda y, p: score("qwk", y, p, n_classes)  # noqa: E731
-    heads = []
-    for k in range(len(net.local_modules)):
-        p = np.stack([row[k] for row in probs])
-        heads.append({"qwk": qwk(labels, p),
-                      "qwk_ci95": bootstrap_ci(qwk, labels, p, n_boot=n_boot) if n_boot else None})
-    return heads
-
-
 def _probabilities(net: LocalNetwork, execution: Execution | None, x) -> jax.Array:
     """H's class probabilities of slide ``x``: through Big-Layers, or in memory as one jitted call."""
     if execution is None:
@@ -315,6 +318,19 @@ def _probabilities(net: LocalNetwork, execution: Execution | None, x) -> jax.Arr
     return jax.nn.softmax(net.predict(paths_for(execution, len(net.local_modules)), x))
 
 
+def _head_probabilities(net: LocalNetwork, execution: Execution | None, x) -> list:
+    """Every head's class probabilities of slide ``x``, [A_1 … H]: through Big-Layers, or in memory
+    as one jitted call."""
+    if execution is None:
+        return _in_memory_head_probabilities(net, x)
+    return [jax.nn.softmax(l) for l in net.head_logits(paths_for(execution, len(net.local_modules)), x)]
+
+
 @nnx.jit
 def _in_memory_probabilities(net, x):
     return jax.nn.softmax(net.predict(paths_for(None, len(net.local_modules)), x))
+
+
+@nnx.jit
+def _in_memory_head_probabilities(net, x):
+    return [jax.nn.softmax(l) for l in net.head_logits(paths_for(None, len(net.local_modules)), x)]
