@@ -23,6 +23,7 @@ scale); none of it grows with the slide once the patches are whole.
 from __future__ import annotations
 
 import argparse
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from bigjax.bench.memory import device_buffer_bytes
+from bigjax.errors import run_cli
 from bigjax.layers.execution import Execution
 from bigjax.local.model import LocalNetwork, local_resnet34
 from bigjax.local.step import _in_memory_grad, make_optimizers, train_step
@@ -88,8 +90,8 @@ def _big_main(args) -> None:
           "during one training step")
     print("| K | slide | x_0 (MiB) | before the step (MiB) | peak beyond it (MiB) |")
     print("|---|---|---|---|---|")
-    for k in (int(k) for k in args.modules.split(",")):
-        for side in (int(s) for s in args.side.split(",")):
+    for k in args.modules:
+        for side in args.side:
             r = big_step_device_bytes(k, side, args.budget)
             x0 = (side // 6) ** 2 * 64 * 4 / 2**20  # the stem's output (stride 3, then the pool)
             print(f"| {k} | {side}² | {x0:,.0f} | {r['before'] / 2**20:,.1f} | "
@@ -98,17 +100,18 @@ def _big_main(args) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--side", default="1536",
+    parser.add_argument("--side", default="1536", type=_ints,
                         help="input side in pixels (1 x side x side); with --big, a list")
-    parser.add_argument("--modules", default="1,2,4,8", help="K values; 1 is end-to-end")
+    parser.add_argument("--modules", default="1,2,4,8", type=_ints, help="K values; 1 is end-to-end")
     parser.add_argument("--big", action="store_true",
                         help="run one Big-path step and count the compute device's buffers")
     parser.add_argument("--budget", type=int, default=16 * 2**20, help="partition budget (--big)")
     args = parser.parse_args(argv)
     if args.big:
         return _big_main(args)
-    args.side = int(args.side)
-    ks = [int(k) for k in args.modules.split(",")]
+    if len(args.side) != 1:
+        parser.error(f"--side={','.join(map(str, args.side))}: one side without --big")
+    args.side, ks = args.side[0], args.modules
     results = {k: local_peak_bytes(k, args.side) for k in ks}
     base = results[1][0] if 1 in results else None
     print(f"input 1x{args.side}x{args.side}x3, ResNet-34 (stem stride 3), compiled peak per step")
@@ -120,5 +123,15 @@ def main(argv=None) -> None:
         print(f"| {k} | {peak / 2**20:,.0f} | {temp:,.0f} | {ratio} |")
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive integers separated by commas")
+    return values
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))
