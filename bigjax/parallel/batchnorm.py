@@ -7,8 +7,9 @@ mesh axis (``lax.psum``), so every shard normalises with the statistics of the w
 one device's BatchNorm over all tiles (synchronised BatchNorm). With ``axis=None`` each shard uses its
 own statistics, as Campanella et al. do with one DDP rank per shard.
 
-Moments are two-pass (mean, then the mean squared deviation from it) in float32 whatever the compute
-dtype, as mixed-precision training keeps BatchNorm in float32. The running statistics follow torch
+Moments are two-pass (mean, then the mean squared deviation from it) in at least float32 whatever the
+compute dtype, as mixed-precision training keeps BatchNorm in float32 (float64 parameters, as the
+exactness tests use, compute in float64). The running statistics follow torch
 (momentum, unbiased variance); with per-shard statistics they are updated with the count-weighted
 average of the shards' moments, so every shard keeps the same running statistics.
 """
@@ -26,7 +27,12 @@ from bigjax.layers.modules import BigBatchNorm
 from bigjax.models.resnet_paths import InMemory
 from bigjax.parallel.mesh import AXIS
 
-__all__ = ["ShardedInMemory", "masked_moments"]
+__all__ = ["ShardedInMemory", "masked_moments", "wide"]
+
+
+def wide(dtype):
+    """The dtype statistics and features are computed in: ``dtype``, at least float32."""
+    return jnp.promote_types(dtype, jnp.float32)
 
 
 def _sum(x, axis):
@@ -39,8 +45,8 @@ def masked_moments(y: jax.Array, mask: jax.Array, axis: str | None):
     With ``axis`` the sums run over every shard of that mesh axis. An empty shard (a slide with fewer
     tiles than devices) divides by one instead of zero: finite, unused statistics instead of NaN.
     """
-    y = y.astype(jnp.float32)
-    w = mask.astype(jnp.float32)[:, None, None, None]
+    y = y.astype(wide(y.dtype))
+    w = mask.astype(y.dtype)[:, None, None, None]
     count = _sum(jnp.sum(mask) * y.shape[1] * y.shape[2], axis)
     divisor = jnp.maximum(count, 1.0)
     mean = _sum(jnp.sum(w * y, axis=(0, 1, 2)), axis) / divisor
@@ -65,9 +71,9 @@ def _conv_bn_train(x, kernel, bias, scale, shift, mask, geom, eps, axis):
     y = conv2d(x, kernel, geom)
     y = y if bias is None else y + bias
     mean, var, count = masked_moments(y, mask, axis)
-    a = scale.astype(jnp.float32) * lax.rsqrt(var + eps)
-    b = shift.astype(jnp.float32) - mean * a
-    return (y.astype(jnp.float32) * a + b).astype(y.dtype), (mean, var, count)
+    a = scale.astype(mean.dtype) * lax.rsqrt(var + eps)
+    b = shift.astype(mean.dtype) - mean * a
+    return (y.astype(mean.dtype) * a + b).astype(y.dtype), (mean, var, count)
 
 
 _conv_bn_remat = jax.checkpoint(_conv_bn_train, static_argnums=(6, 7, 8))

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bigjax.models.resnet import ResNet, remat_trunk
-from bigjax.parallel.batchnorm import ShardedInMemory
+from bigjax.parallel.batchnorm import ShardedInMemory, wide
 
 __all__ = ["encode", "fresh", "check_remat", "REMAT"]
 
@@ -58,13 +58,13 @@ def _trunk(model: ResNet, path, x, remat: str):
 
 def encode(graphdef, params, stats, tiles, mask, *, sync_bn: bool, dtype=jnp.float32,
            remat: str = "none"):
-    """Features (rows, D) float32 of one shard's tiles, and the encoder's updated ``BatchStat``s.
+    """Features (rows, D), at least float32, of one shard's tiles, and the encoder's updated ``BatchStat``s.
 
     Args:
       graphdef, params, stats: the encoder split as ``nnx.split(encoder, nnx.Param, nnx.BatchStat)``.
       tiles: this shard's (rows, H, W, 3) tiles, padding included; mask: (rows,) 1 = real tile.
       sync_bn: BatchNorm statistics over every shard (True) or this shard's only.
-      dtype: compute dtype (float32 or bfloat16).
+      dtype: compute dtype (float32 or bfloat16; float64 where the parameters are, in x64 tests).
       remat: one of ``REMAT`` (ResNets only): keep every activation ("none"), or recompute each
         conv + BatchNorm ("conv") or the stem and each residual block ("block") in the backward.
     """
@@ -73,9 +73,10 @@ def encode(graphdef, params, stats, tiles, mask, *, sync_bn: bool, dtype=jnp.flo
     if isinstance(model, ResNet):
         path = ShardedInMemory(mask, sync_bn, remat == "conv")
         h = _trunk(model, path, x, remat)
-        features = jnp.mean(h.astype(jnp.float32), axis=(1, 2))
+        features = jnp.mean(h.astype(wide(h.dtype)), axis=(1, 2))
     elif not jax.tree.leaves(stats):
-        features = model(x, train=True).astype(jnp.float32)
+        features = model(x, train=True)
+        features = features.astype(wide(features.dtype))
     else:
         raise TypeError(f"{type(model).__name__} has BatchNorm statistics but is not a ResNet: the "
                         "encoder mesh masks padding and syncs statistics only through the ResNet "

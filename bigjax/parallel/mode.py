@@ -97,6 +97,5 @@ class BigMesh(modes.Big):
         loss, grads = big_mesh_value_and_grad(model.encoder, model.head, _tiles(inputs),
                                               np.asarray(labels, np.int32),
                                               executions=self.executions,
-                                              sync_bn=self.config.sync_bn, remat=self.config.remat,
-                                          loss_fn=batch_loss)
+                                              sync_bn=self.config.sync_bn, loss_fn=batch_loss)
         return _apply(model, optimizer, loss, *grads)

@@ -92,7 +92,9 @@ def mesh_value_and_grad(encoder: nnx.Module, head: nnx.Module, tiles, label, *,
     enc_def, enc_params, enc_stats = nnx.split(encoder, nnx.Param, nnx.BatchStat)
     head_def, head_params, head_rest = nnx.split(head, nnx.Param, ...)
     state = replicate((enc_params, enc_stats, head_params, head_rest), mesh)
-    sharded = (to_mesh(layout.pad(np.asarray(tiles, np.float32)), mesh, P(AXIS)),
+    tiles = np.asarray(tiles)
+    tiles = tiles.astype(np.promote_types(tiles.dtype, np.float32))  # float64 stays (x64 tests)
+    sharded = (to_mesh(layout.pad(tiles), mesh, P(AXIS)),
                to_mesh(layout.mask, mesh, P(AXIS)), to_mesh(np.int32(label), mesh))
     loss, g_enc, g_head, stats, rest = _step(
         *state, *sharded, mesh=mesh, enc_def=enc_def, head_def=head_def, layout=layout,

@@ -2,7 +2,16 @@
 
 ``tiny_resnet`` is a ResNet-18 cut to its stem and one block of stages 1 and 2 (a stride-2 projection
 shortcut included): every kind of layer of the real encoder, a few seconds to compile.
+
+Exactness in float64. The mesh and one device sum in different orders; in float32 that round-off
+(~1e-7) is amplified where a ReLU or a max-pool choice flips on a value within round-off of its
+threshold, and how often that happens depends on the CPU (a 1e-5 bound held on Intel Xeon and failed
+with 1.6e-3 on AMD EPYC). In float64 both paths agree to ~1e-15 (measured), so the tests that claim
+the mesh computes one device's gradient run in float64 (``float64()``, ``to_float64``) with bound
+``EXACT``: a bound that measures the algorithm, not the CPU.
 """
+
+import contextlib
 
 import jax
 import numpy as np
@@ -13,6 +22,28 @@ from bigjax.models.resnet import BigResNet, ResNet
 
 TILES = np.random.default_rng(0).normal(size=(5, 29, 27, 3)).astype(np.float32)  # 5: odd, ragged
 LABEL = 2
+EXACT = 1e-10  # float64: measured ~2e-15 relative to the largest gradient (xla and explicit)
+
+
+@contextlib.contextmanager
+def float64():
+    """float64 arithmetic for the block (``jax.enable_x64``): arrays made inside stay float64."""
+    with jax.enable_x64(True):
+        yield
+
+
+def to_float64(build, *args, **kwargs):
+    """``build(*args, **kwargs)`` with its floating Params/BatchStats cast to float64.
+
+    Built with x64 off: under ``jax.enable_x64`` initialisers draw float64 numbers, other parameters
+    than the float32 tests' (and the bfloat16 test's) models have.
+    """
+    with jax.enable_x64(False):
+        module = build(*args, **kwargs)
+    state = nnx.state(module)
+    nnx.update(module, jax.tree.map(
+        lambda v: v.astype(np.float64) if jax.numpy.issubdtype(v.dtype, np.floating) else v, state))
+    return module
 
 
 def tiny_resnet(big: bool = False, seed: int = 0, stages: int = 2) -> ResNet:
@@ -55,15 +86,16 @@ def per_shard_running_stats(encoder, shards):
         nnx.jit(lambda m, x: m(x, train=True))(replica, x)
         states.append(nnx.state(replica, nnx.BatchStat))
     weights = np.array([len(x) for x in shards], np.float64) / sum(len(x) for x in shards)
-    return jax.tree.map(lambda *v: sum(w * np.asarray(a) for w, a in zip(weights, v)).astype(np.float32),
+    return jax.tree.map(lambda *v: sum(w * np.asarray(a) for w, a in zip(weights, v)).astype(v[0].dtype),
                         *states)
 
 
-def assert_close(ours, theirs, tol):
+def assert_close(ours, theirs, tol, dtype=None):
     """Every leaf within ``tol`` of the reference, relative to the largest value of its tree.
 
     Per tree, not per leaf: a gradient that is zero in exact arithmetic (the bias of a softmax
-    score) is round-off in both computations, with no relative precision of its own.
+    score) is round-off in both computations, with no relative precision of its own. ``ours`` has
+    ``dtype`` (default: the reference's, float32 or float64).
     """
     ours, theirs = dict(nnx.to_flat_state(ours)), dict(nnx.to_flat_state(theirs))
     assert ours.keys() == theirs.keys()
@@ -71,7 +103,8 @@ def assert_close(ours, theirs, tol):
                 for v in theirs.values())
     for path, v in theirs.items():
         a, b = (np.asarray(jax.device_get(x.get_value())) for x in (ours[path], v))
-        assert a.dtype == b.dtype == np.float32 and a.shape == b.shape, path
+        assert a.dtype == (dtype or b.dtype) and a.dtype in (np.float32, np.float64), (path, a.dtype)
+        assert a.shape == b.shape, path
         a, b = a.astype(np.float64), b.astype(np.float64)
         err = float(np.max(np.abs(a - b))) / scale
         assert err < tol, (path, err)
