@@ -3,7 +3,8 @@
     python -m bigjax.parallel.launch -n 2 -- tests.parallel.mesh_worker OUT_PREFIX
     python -m tests.parallel.mesh_worker OUT_PREFIX --devices 4
 
-computes a psum over the encoder mesh and the mesh gradient of the test model (tests/parallel/helpers),
+computes a psum over the encoder mesh and the mesh gradient of the test model (tests/parallel/helpers)
+in float64,
 checks that every process got the same values, and (main process only) writes
 ``OUT_PREFIX<process id>.npz``.
 """
@@ -28,6 +29,7 @@ def main():
     opts = parser.parse_args()
     jax.config.update("jax_num_cpu_devices", opts.devices)
     jax.config.update("jax_default_matmul_precision", "highest")
+    jax.config.update("jax_enable_x64", True)  # exactness in float64 (tests/parallel/helpers.py)
     distributed.initialize()
 
     from flax import nnx
@@ -37,13 +39,15 @@ def main():
 
     from bigjax.parallel import AXIS, encoder_mesh, mesh_value_and_grad
     from bigjax.parallel.mesh import to_mesh
-    from tests.parallel.helpers import LABEL, TILES, head, tiny_resnet
+    from tests.parallel.helpers import LABEL, TILES, head, tiny_resnet, to_float64
 
     mesh = encoder_mesh()
     ranks = to_mesh(np.arange(mesh.size, dtype=np.float32) + 1, mesh, P(AXIS))
     total = jax.jit(jax.shard_map(lambda r: lax.psum(r, AXIS), mesh=mesh, in_specs=P(AXIS),
                                   out_specs=P()))(ranks)
-    loss, (g_enc, g_head) = mesh_value_and_grad(tiny_resnet(), head(), TILES, LABEL, mesh=mesh)
+    loss, (g_enc, g_head) = mesh_value_and_grad(to_float64(tiny_resnet), to_float64(head),
+                                                TILES.astype(np.float64), LABEL, mesh=mesh,
+                                                dtype=np.float64)
     values = {"psum": total, "loss": loss}
     for name, grads in (("encoder", g_enc), ("head", g_head)):
         for path, v in nnx.to_flat_state(grads):

@@ -9,6 +9,7 @@ from bigjax.parallel.mode import BigMesh, InMemoryMesh
 from bigjax.train import modes
 from bigjax.train.loop import Run
 from tests.train.conftest import store  # noqa: F401  (the generated tile store fixture)
+from tests.parallel.helpers import tiny_resnet
 from tests.train.test_loop import tiny
 
 
@@ -47,6 +48,20 @@ def test_a_step_over_two_devices_is_the_one_device_step(store, tmp_path, encoder
         assert diff.max() < 4.1e-3, path
         far, total = far + int(np.sum(diff > 1e-5)), total + diff.size
     assert far <= 1e-4 * total, (far, total)
+
+
+def test_one_big_step_over_two_devices_is_the_one_device_step(store, tmp_path, monkeypatch):  # noqa: F811
+    """The default suite's check of ``--encoder=big --devices=N`` (its step once crashed, unseen):
+    the Run's step with the tests' tiny ResNet (stem + one block, all big) as the encoder, against
+    one device's (float32; measured 1e-7 here, the slow tests above run ResNet-18)."""
+    monkeypatch.setattr(modes.EncoderMode, "build_encoder",
+                        lambda self, rngs: tiny_resnet(big=self.streams, stages=1))
+    losses = {}
+    for n in (1, 2):
+        run = Run(tiny(store, tmp_path / str(n), encoder="big", devices=n, accum=1, lr=1e-4))
+        assert isinstance(run.mode, BigMesh if n == 2 else modes.Big)
+        losses[n] = run.step(_batch())
+    np.testing.assert_allclose(losses[2], losses[1], rtol=1e-5)
 
 
 def test_remat_is_a_setting_of_the_in_memory_mesh_only(tmp_path):
