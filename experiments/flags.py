@@ -143,8 +143,26 @@ def apply_flags(preset: Preset, args: argparse.Namespace) -> Preset:
     _check_mode_settings(train.encoder, given)
     if "devices" in given:
         _use_devices(given["devices"] // args.processes)
-    return dataclasses.replace(preset, train=train,
-                               **{k: given[k] for k in PRESET_FIELDS if k in given})
+    preset = dataclasses.replace(preset, train=train,
+                                 **{k: given[k] for k in PRESET_FIELDS if k in given})
+    check_before_data(preset)
+    return preset
+
+
+def check_before_data(preset: Preset) -> None:
+    """What can be refused before any data is generated or tiled: a missing ``--init`` file, a
+    ``--max_partition_bytes`` below one partition of the ResNet stem's conv at the preset's tiles."""
+    from bigjax.layers.conv import check_budget
+    from bigjax.layers.plan import ConvGeometry
+    from bigjax.models import arch
+
+    train = preset.train
+    if train.init and not Path(train.init).is_file():
+        raise ValueError(f"--init {train.init}: no such file (a torchvision/timm .safetensors)")
+    budget = train.max_partition_bytes
+    if train.encoder == "big" and isinstance(budget, int) and arch.is_resnet(train.arch):
+        t = preset.tile_size
+        check_budget((1, t, t, 3), (7, 7, 3, 64), ConvGeometry.make(7, 2, 3), budget)
 
 
 def _mesh_size(n: int, processes: int) -> int:

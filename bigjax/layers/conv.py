@@ -28,7 +28,7 @@ from bigjax.layers.bands import join_on_host, take_band
 from bigjax.layers.execution import Execution, ensure_eager, zeros_like
 from bigjax.layers.plan import ConvGeometry, Footprint, Partition, plan_partitions
 
-__all__ = ["big_conv2d", "big_conv2d_stats", "conv2d"]
+__all__ = ["big_conv2d", "big_conv2d_stats", "conv2d", "check_budget"]
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
@@ -135,6 +135,16 @@ def _footprint(kernel, a, stats, backward, narrow=0.0) -> Footprint:
         return Footprint(in_buffers=2 + pro + 2 * narrow, out_buffers=2 + stats + narrow * (1 + stats),
                          fixed_bytes=fixed, carry=True)
     return Footprint(in_buffers=1 + pro + narrow, out_buffers=2 + narrow, fixed_bytes=fixed)
+
+
+def check_budget(shape, kernel_shape, geom: ConvGeometry, budget: int) -> None:
+    """Raise the planner's ``ValueError`` if ``budget`` cannot hold one partition of this conv's
+    fused forward and backward (float32) on an input of ``shape``: a CLI asks before it generates or
+    tiles data."""
+    kernel = np.zeros(kernel_shape, np.float32)
+    for backward in (False, True):
+        plan_partitions(shape, kernel_shape[-1], geom, _footprint(kernel, None, True, backward),
+                        budget, 4, "convolution")
 
 
 def _plan(spec, x, kernel, a, backward):

@@ -118,3 +118,18 @@ def test_devices_log_every_and_sync_bn_flags_reach_the_config():
 def test_devices_for_a_mode_without_a_mesh_or_uneven_processes_are_refused(flags, message):
     with pytest.raises(ValueError, match=message):
         panda.config_from_flags(panda.parse_flags(flags))
+
+
+@pytest.mark.parametrize("flag,says", [("--init=missing.safetensors", "--init missing.safetensors: no such file"),
+                                       ("--max_partition_bytes=1000", "max_partition_bytes=1,000 B is below")])
+def test_what_needs_no_data_is_refused_before_data_is_generated(tmp_path, flag, says):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    workdir = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "experiments.panda", "--encoder=big", flag,
+                           f"--workdir={workdir}", "--no_progress"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2], timeout=120)
+    assert done.returncode == 2 and says in done.stderr, done.stderr
+    assert not (workdir / "data").exists() and not (workdir / "store").exists()
