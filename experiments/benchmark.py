@@ -11,6 +11,7 @@ GB/s, the floor (bytes / measured copy bandwidth), the orchestration share of a 
 (everything but kernels), and the device peak (GPU). ``--profile`` prints the breakdown.
     python -m experiments.benchmark --sweep --out=runs/sweep   # step time vs side, fits, plot
     python -m experiments.benchmark --sweep --gpu-scale        # sides 4,096 ... 32,768 (a GPU)
+    python -m experiments.benchmark --sweep --quick            # sides 128 ... 362, 5 configs, 1 rep
 """
 
 from __future__ import annotations
@@ -87,15 +88,24 @@ def parse(argv=None) -> Config:
                   not a.separate, a.reps, a.out, a.profile, a.prefetch, a.host_dtype, a.engine)
 
 
+# --sweep --quick: a few minutes on 2 CPU cores; four sides (enough for a power-law fit) of the
+# in-memory twin, its checkpointed peer and three big-stage counts, one timed iteration each
+QUICK_SIDES = (128, 181, 256, 362)
+QUICK_CONFIGS = ("inmemory", "checkpoint", "big0", "big2", "big4")
+
+
 def _sweep_config(a) -> tuple[SweepConfig, str]:
     if a.sides:
         sides = tuple(int(s) for s in a.sides.split(","))
     elif a.gpu_scale:
         sides = (4096, 8192, 16384, 32768)
+    elif a.quick:
+        sides = QUICK_SIDES
     else:
         sides = (256, 512, 724, 1024, 1448, 2048) if a.depth != 50 else (256, 362, 512, 724, 1024)
-    configs = tuple(a.configs.split(",")) if a.configs else CONFIGS
-    cfg = SweepConfig(a.depth, sides, configs, a.max_partition_bytes, warmup=a.warmup, reps=a.reps,
+    configs = tuple(a.configs.split(",")) if a.configs else QUICK_CONFIGS if a.quick else CONFIGS
+    reps = 1 if a.quick else a.reps
+    cfg = SweepConfig(a.depth, sides, configs, a.max_partition_bytes, warmup=a.warmup, reps=reps,
                       fewer_reps=a.fewer_reps)
     return cfg, a.out or "runs/sweep"
 
