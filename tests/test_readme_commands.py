@@ -11,6 +11,7 @@ fixture writes (``_substitute``).
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shlex
@@ -60,7 +61,7 @@ TINY = {
     "python -m experiments.benchmark --quick": Tiny("--shapes=1x32x32x3 --reps=1", "stdout:"),
     "python -m experiments.benchmark --sweep --out=runs/sweep": Tiny(
         "--sides=32,48 --configs=inmemory,big4 --reps=1", "runs/sweep/sweep.md"),
-    "python -m bigjax.local.memory --side 3072 --modules 1,2,4,8": Tiny("--side 64", "stdout:"),
+    "python -m bigjax.local.memory --side 3072 --modules 1,2,4,8": Tiny("--side 512 --modules 1,2", "stdout:"),
     "python -m bigjax.parallel.launch -n 2 -- MODULE ARGS": Tiny("", "stdout:"),
     "python -m experiments.seeds runs/results": Tiny("", "stdout:"),
     "pytest -m slow": Tiny("", "slow suite: run by .ci/run"),
@@ -109,13 +110,15 @@ def data(tmp_path_factory):
     save_file(_torch_names(ResNet(18), np.random.default_rng(0)), str(root / "resnet18.safetensors"))
     with open(root / "slides.csv", "w") as f:  # binary labels: ISUP >= 3
         f.write("path,label,split,slide_id\n" + "".join(
-            f"train_images/{r['image_id']}.tiff,{int(int(r['isup_grade']) >= 3)},{s},{r['image_id']}\n"
+            f"PANDA/train_images/{r['image_id']}.tiff,{int(int(r['isup_grade']) >= 3)},{s},{r['image_id']}\n"
             for r, s in zip(rows, splits)))
     for seed in (0, 1):
         run = root / "results" / f"panda_s{seed}"
         run.mkdir(parents=True)
-        (run / "results.json").write_text(
-            '{"test": {"qwk": %s, "accuracy": 0.5}, "val": {"qwk": 0.4}}' % (0.5 + seed / 10))
+        q = 0.5 + seed / 10  # a results.json as bigjax.train.report writes it, cut to one row
+        (run / "results.json").write_text(json.dumps({"results": [
+            {"split": "test", "protocol": "all tiles", "values": {"qwk": [q]},
+             "qwk_mean_std": [q, 0.0], "qwk_ci95": [q - 0.1, q + 0.1]}]}))
     return root
 
 
