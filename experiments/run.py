@@ -2,7 +2,8 @@
 
 Library INFO logs (orbax, absl) go to ``<workdir>/libraries.log``, not the console; Ctrl-C stops at the
 end of the current step with the latest checkpoint saved; errors reach the user as one line through
-``bigjax.errors.run_cli`` (the CLIs' ``__main__``). ``--processes=P``: after preparing the store the
+``bigjax.errors.run_cli`` (the CLIs' ``__main__``). A workdir another run holds is refused before any
+work (``bigjax.lock``). ``--processes=P``: after preparing the store the
 CLI starts itself again as P processes of one run (``bigjax.parallel.launch``, loopback) and waits.
 """
 
@@ -19,7 +20,7 @@ from bigjax.data.tiling import TilingConfig, check_tiling
 from bigjax.logs import quiet_libraries
 from bigjax.parallel import distributed, launch
 from bigjax.train.interrupt import stop_on_interrupt
-from bigjax.train.loop import evaluate_run, train
+from bigjax.train.loop import evaluate_run, train, workdir_lock
 from experiments.presets import Preset
 
 __all__ = ["run", "store_ready"]
@@ -49,11 +50,14 @@ def run(a: argparse.Namespace, preset: Preset, prepare: Callable[[], None]) -> i
     if a.eval_only:
         evaluate_run(config.workdir, manifest=a.eval_manifest, progress=config.progress)
         return 0
-    prepare()
     if a.processes > 1 and not distributed.launched():
-        return _relaunch(a.processes)
-    with stop_on_interrupt() as stop:
-        train(config, resume=a.resume, should_stop=stop.requested)
+        with workdir_lock(config.workdir):  # a second run on this workdir is refused before any work
+            prepare()
+        return _relaunch(a.processes)  # process 0 of the run takes the workdir's lock
+    with workdir_lock(config.workdir):
+        prepare()
+        with stop_on_interrupt() as stop:
+            train(config, resume=a.resume, should_stop=stop.requested)
     return 0
 
 

@@ -16,6 +16,7 @@ eval-mode embeddings) is asked of the run's mode object (``bigjax.train.modes``)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -33,6 +34,7 @@ from bigjax.errors import Diverged, Interrupted
 from bigjax.data.store import TileStore
 from bigjax.models import mil
 from bigjax.parallel.distributed import is_main_process, share_from_main
+from bigjax import lock
 from bigjax.train import modes
 from bigjax.train.checkpoint import RunCheckpoints
 from bigjax.train.config import TrainConfig
@@ -43,7 +45,7 @@ from bigjax.train.steps import MILClassifier
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MILClassifier", "NonFiniteLossError", "build_model", "Run", "train", "evaluate_run"]
+__all__ = ["MILClassifier", "NonFiniteLossError", "build_model", "Run", "train", "evaluate_run", "workdir_lock"]
 
 
 class NonFiniteLossError(Diverged):
@@ -143,11 +145,12 @@ def train(config: TrainConfig, *, resume: bool = False,
       NonFiniteLossError: the loss became NaN/inf; the last good checkpoint is kept.
       Interrupted: ``should_stop`` asked to stop; the run continues with ``resume=True``.
     """
-    run = Run(config)
-    try:
-        return _train(run, resume, on_step, should_stop)
-    finally:
-        run.close()
+    with workdir_lock(config.workdir):
+        run = Run(config)
+        try:
+            return _train(run, resume, on_step, should_stop)
+        finally:
+            run.close()
 
 
 def _train(run: Run, resume: bool, on_step, should_stop) -> dict:
@@ -243,7 +246,10 @@ def improves(score: float, best: float) -> bool:
 
 
 def evaluate_run(workdir: str | Path, manifest: str | Path | None = None, **overrides) -> dict:
-    """Restore the best checkpoint of a finished (or running) run and evaluate it (``--eval_only``).
+    """Restore the best checkpoint of a finished run and evaluate it (``--eval_only``).
+
+    A run still training holds the workdir (``workdir_lock``): the evaluation is refused until it ends
+    (both would write results.md, and opening the checkpoints removes unfinished saves).
 
     Args:
       workdir: the run's folder (holds config.json and checkpoints/).
@@ -251,17 +257,25 @@ def evaluate_run(workdir: str | Path, manifest: str | Path | None = None, **over
         the store is the manifest's folder); default: the run's own test slides.
       **overrides: config fields to change (e.g. eval_draws=10).
     """
-    saved = Path(workdir) / "config.json"
-    if not saved.is_file():
-        raise FileNotFoundError(f"--workdir {workdir} holds no run ({saved.name} missing): train there "
-                                "first, or check --workdir")
-    config = TrainConfig.from_json(saved.read_text(), workdir=str(workdir), **overrides)
-    store = Path(manifest).parent if manifest else None
-    run = Run(config, store=store, manifest=manifest)
-    try:
-        return _final_evaluation(run, tag="external" if manifest else "")
-    finally:
-        run.close()
+    with workdir_lock(workdir, "an evaluation (--eval_only)"):
+        saved = Path(workdir) / "config.json"
+        if not saved.is_file():
+            raise FileNotFoundError(f"--workdir {workdir} holds no run ({saved.name} missing): train there "
+                                    "first, or check --workdir")
+        config = TrainConfig.from_json(saved.read_text(), workdir=str(workdir), **overrides)
+        run = Run(config, store=Path(manifest).parent if manifest else None, manifest=manifest)
+        try:
+            return _final_evaluation(run, tag="external" if manifest else "")
+        finally:
+            run.close()
+
+
+def workdir_lock(workdir: str | Path, what: str = "a training run"):
+    """One run per workdir: ``<workdir>/run.lock`` held by the process that writes there (process 0 of
+    several; ``bigjax.lock``). Taken before the checkpoint manager, which cleans unfinished saves."""
+    if not is_main_process():
+        return contextlib.nullcontext()
+    return lock.hold(Path(workdir) / lock.RUN_LOCK, what)
 
 
 # --- pieces of the run ------------------------------------------------------------------------
