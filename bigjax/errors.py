@@ -32,9 +32,17 @@ class UserError(Exception):
 
 
 class Diverged(UserError):
-    """Training stopped on a non-finite loss or state; the message names the step and the checkpoint kept."""
+    """Training stopped on a non-finite loss or state; the message names the step and the checkpoint kept.
+
+    ``resume_flags`` (e.g. "--resume --lr=1e-05"), when given, are the flags that continue from the last
+    saved checkpoint; the message ends with them, and a CLI may turn them into its whole command.
+    """
 
     exit_code = EXIT_FAILED
+
+    def __init__(self, message: str, resume_flags: str | None = None):
+        super().__init__(message if resume_flags is None else f"{message}; continue with {resume_flags}")
+        self.reason, self.resume_flags = message, resume_flags
 
 
 class Interrupted(UserError):

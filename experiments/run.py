@@ -11,19 +11,21 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Callable
 
 from bigjax.data.manifest import read_manifest
 from bigjax.data.tiling import TilingConfig, check_tiling
+from bigjax.errors import Diverged
 from bigjax.logs import quiet_libraries
 from bigjax.parallel import distributed, launch
 from bigjax.train.interrupt import stop_on_interrupt
 from bigjax.train.loop import evaluate_run, train, workdir_lock
 from experiments.presets import Preset
 
-__all__ = ["run", "store_ready"]
+__all__ = ["run", "store_ready", "continue_command"]
 
 
 def store_ready(preset: Preset, tiling: TilingConfig) -> bool:
@@ -57,8 +59,28 @@ def run(a: argparse.Namespace, preset: Preset, prepare: Callable[[], None]) -> i
     with workdir_lock(config.workdir):
         prepare()
         with stop_on_interrupt() as stop:
-            train(config, resume=a.resume, should_stop=stop.requested)
+            try:
+                train(config, resume=a.resume, should_stop=stop.requested)
+            except Diverged as error:
+                if error.resume_flags is None:
+                    raise
+                raise Diverged(f"{error.reason}; continue with: {continue_command(error.resume_flags)}") from None
     return 0
+
+
+def continue_command(resume_flags: str) -> str:
+    """This command with ``resume_flags`` (e.g. ``--resume --lr=1e-05``) in place of its own of those."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    program = ["python", "-m", spec.name] if spec is not None else ["python", sys.argv[0]]
+    replaced = {flag.split("=")[0] for flag in resume_flags.split()}
+    given, kept = iter(sys.argv[1:]), []
+    for arg in given:
+        name = arg.split("=")[0]
+        if name not in replaced:
+            kept.append(arg)
+        elif name != "--resume" and "=" not in arg:
+            next(given, None)  # "--lr 0.1": its value too
+    return shlex.join(program + kept + resume_flags.split())
 
 
 def _relaunch(processes: int) -> int:

@@ -115,8 +115,11 @@ class RunCheckpoints:
         total = non_finite_count(state)
         if total:
             layer, count = first_non_finite(state)
+            kept = self.latest_step()
             raise Diverged(f"refusing to save step {step}: {total:,} non-finite values in the model and optimiser "
-                           f"state, {count:,} of them in {layer}")
+                           f"state, {count:,} of them in {layer}; " + (
+                               f"the last saved step, {kept}, is kept in {self.directory}" if kept is not None
+                               else "no step was saved before it"))
         best_step = step if best else self.best_step()
         if step in self.latest.all_steps():
             if best_step == self._best_of(step):

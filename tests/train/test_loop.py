@@ -147,16 +147,60 @@ def test_nan_loss_stops_and_keeps_the_checkpoint(store, tmp_path):
     cache = FeatureCache(tmp_path / "features")
     np.save(cache.path(slide.slide_id), np.full_like(cache.features(slide.slide_id), np.nan))
     with pytest.raises(NonFiniteLossError, match=rf"loss is nan at step 2 \(epoch 1, slides .*"
-                                                 rf"{slide.slide_id}.*last good checkpoint, of step 1 in .* is kept"):
+                                                 rf"{slide.slide_id}.*last good checkpoint, of step 1 in .* is kept"
+                                                 rf".*; continue with --resume --lr=0.0001$"):
         train(config)
     meta, _ = saved_state(config)
     assert meta["step"] == 1
 
 
-def test_resume_with_other_settings_is_refused(uninterrupted):
+@pytest.mark.parametrize("change, named", [
+    (dict(batch_size=1), r"batch_size: 1 \(was 2\)"),
+    (dict(tiles_per_bag=8, seed=1), r"tiles_per_bag: 8 \(was 4\); seed: 1 \(was 0\)"),
+    (dict(aggregator="dtfd", encoder="frozen"), r"encoder: 'frozen' \(was 'precomputed'\); aggregator: 'dtfd'"),
+    (dict(optim=OptimizerConfig(lr=1e-2, accum=2)), r"optim.lr: 0.01 \(was 0.001; a resume may only lower it\)"),
+    (dict(optim=OptimizerConfig(lr=1e-3, accum=1)), r"optim.accum: 1 \(was 2\)"),
+    (dict(epochs=1), r"epochs: 1 \(was 2; a resume may only raise it\)"),
+])
+def test_resume_with_what_defines_the_steps_is_refused(uninterrupted, change, named):
     config, _ = uninterrupted
-    with pytest.raises(ValueError, match=r"batch_size: 1 \(was 2\)"):
-        train(dataclasses.replace(config, batch_size=1), resume=True)
+    with pytest.raises(ValueError, match=named + r".*a resume may change only a lower --lr, a larger --epochs"):
+        train(dataclasses.replace(config, **change), resume=True)
+
+
+def test_resume_recovers_with_a_lower_lr_and_more_epochs(uninterrupted, tmp_path):
+    """A finished 2-epoch run goes on for a third epoch at a tenth of the learning rate: the change is
+    in config.json and the metrics log, the cosine schedule is said to be recomputed."""
+    import shutil
+
+    config, _ = uninterrupted
+    shutil.copytree(config.workdir, tmp_path / "run")
+    more = dataclasses.replace(config, workdir=str(tmp_path / "run"), epochs=3,
+                               optim=dataclasses.replace(config.optim, lr=1e-4, schedule="cosine"))
+    with pytest.raises(ValueError, match=r"optim.schedule: 'cosine' \(was 'constant'\)"):
+        train(more, resume=True)
+    more = dataclasses.replace(more, optim=dataclasses.replace(more.optim, schedule="constant"))
+    train(more, resume=True)
+    saved = json.loads((tmp_path / "run/config.json").read_text())
+    changed = {"workdir": [config.workdir, more.workdir], "optim.lr": [1e-3, 1e-4], "epochs": [2, 3]}
+    note = "the constant schedule does not depend on the number of epochs"
+    assert saved["resumes"] == [{"step": 8, "changed": changed, "schedule": note}]
+    assert saved["optim"]["lr"] == 1e-4 and saved["epochs"] == 3
+    rows = [json.loads(line) for line in open(tmp_path / "run/metrics.jsonl")]
+    resumed = [r for r in rows if r["kind"] == "resume"]
+    assert len(resumed) == 1 and resumed[0]["changed"] == changed and resumed[0]["step"] == 8
+    assert [r["epoch"] for r in rows if r["kind"] == "epoch"] == [1, 2, 3]
+    assert saved_state(more)[0]["step"] == 12
+    assert TrainConfig.from_json((tmp_path / "run/config.json").read_text()) == more
+
+
+def test_more_epochs_recompute_a_cosine_schedule_and_say_so(store, tmp_path):
+    from bigjax.train.loop import _schedule_note
+
+    run = Run(tiny(store, tmp_path, optim=OptimizerConfig(lr=1e-3, accum=2, schedule="cosine")))
+    run.close()
+    assert _schedule_note(run, 2, 5) == ("the cosine schedule recomputed over 5 epochs (10 optimiser updates), "
+                                         "not 2")
 
 
 def test_all_tiles_metrics_carry_a_bootstrap_interval_over_slides():
