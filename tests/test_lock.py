@@ -90,3 +90,13 @@ def test_the_clis_refuse_a_folder_in_use_in_one_line(tmp_path, holder, cli, lock
     assert lines == [l for l in done.stderr.splitlines() if "Traceback" in l or l.startswith("error:")]
     assert len(lines) == 1 and f"{folder} is in use by process {p.pid} (a test holder)" in lines[0]
     assert not any(p.exists() for p in (folder / "data", folder / "slides", tmp_path / "data"))
+
+
+def test_the_whole_slide_trainer_refuses_a_workdir_in_use(tmp_path, holder):
+    from bigjax.data.layouts import SlideEntry
+    from bigjax.local.wholeslide import WholeSlideConfig, train_wholeslide
+
+    p = holder(tmp_path / lock.RUN_LOCK)
+    slides = [SlideEntry("a", tmp_path / "a.tiff", 1, "train")]
+    with pytest.raises(lock.FolderInUse, match=rf"in use by process {p.pid} \(a test holder\)"):
+        train_wholeslide(WholeSlideConfig(workdir=str(tmp_path)), slides, network=object())
