@@ -15,7 +15,8 @@ out of the way (into ``checkpoints/deleted/``, emptied afterwards) so it is atom
 
 The newest two steps are kept (``keep``), so a step whose files are damaged after its commit (a
 truncated data file) still has one to fall back to: a restore (``--resume``, ``--eval_only``) names
-the step that does not restore in one warning and uses the one before it. A save that finds the disk
+the step that does not restore in one warning and uses the one before it (a resume moves the damaged
+step into ``checkpoints/damaged/``, to save that step again). A save that finds the disk
 full removes its unfinished folder and says, in one line, where and how large a checkpoint is; the
 previous steps are untouched (``DiskFull``).
 
@@ -26,6 +27,7 @@ Layout under the workdir::
     checkpoints/<step>/meta     the loop's meta dict (JSON)
     checkpoints/<step>/best     {"step": the best step when this one was saved, or null}
     checkpoints/deleted/        steps being deleted
+    checkpoints/damaged/        steps that did not restore, set aside by a resume
 
 References: orbax.checkpoint.CheckpointManager (atomic step folders, Composite items).
 """
@@ -50,6 +52,7 @@ __all__ = ["RunCheckpoints", "CheckpointUnreadable", "DiskFull", "state_tree", "
 log = logging.getLogger(__name__)
 
 DELETED = "deleted"  # subfolder that steps are renamed into before they are removed
+DAMAGED = "damaged"  # subfolder that steps which do not restore are moved into when a run resumes
 
 
 class DiskFull(UserError):
@@ -183,7 +186,11 @@ class RunCheckpoints:
         Raises:
           CheckpointUnreadable: there are steps, and none restores.
         """
-        return self._restore_first(sorted(self.latest.all_steps(), reverse=True), model, optimizer, "latest")
+        steps = sorted(self.latest.all_steps(), reverse=True)
+        meta = self._restore_first(steps, model, optimizer, "latest")
+        if meta is not None and steps[0] != meta["step"]:
+            self._set_aside([s for s in steps if s > meta["step"]])
+        return meta
 
     def restore_best(self, model) -> dict | None:
         """Restore the best checkpoint's model state; its meta, or None if no step was saved as best.
@@ -233,6 +240,20 @@ class RunCheckpoints:
             raise CheckpointUnreadable(f"no checkpoint in {self.directory} restores ({'; '.join(failed)}); "
                                        "start another --workdir")
         return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Move damaged steps into ``damaged/`` (a resume saves those steps again; the files stay to be
+        looked at)."""
+        aside = self.directory / DAMAGED
+        aside.mkdir(exist_ok=True)
+        for step in steps:
+            target = aside / str(step)
+            n = 1
+            while target.exists():
+                target, n = aside / f"{step}.{n}", n + 1
+            (self.directory / str(step)).rename(target)
+            log.warning("moved the damaged step %d to %s", step, target)
+        self.latest.reload()
 
     def _delete_old(self) -> None:
         """Delete steps older than the newest ``keep``, except the bests these name (after the commit)."""

@@ -378,6 +378,9 @@ def _final_evaluation(run: Run, tag: str = "") -> dict:
     if meta is None:
         raise FileNotFoundError(f"no best checkpoint in {run.checkpoints.directory}: nothing trained "
                                 "yet (train first, or check --workdir)")
+    if meta.get("best_step") not in (None, meta["step"]):  # the best did not restore: say what is evaluated
+        log.warning("evaluating step %d, not the best by validation (step %s)", meta["step"], meta["best_step"])
+        meta = {**meta, "best_step": meta["step"], "best": None}
     run.prepare()
     results = []
     if not tag and run.slides["val"]:

@@ -254,3 +254,54 @@ def test_a_bootstrap_interval_is_computed_once_per_metric(monkeypatch):
     r = _result("test", "all tiles", "panda", np.array([0, 1, 2]), np.eye(6)[[0, 1, 1]][None])
     r.lines(), r.to_json(), r.to_json()
     assert len(calls) == 2 and r.to_json()["qwk_ci95"] == (0.1, 0.9)
+
+
+def damaged_copy(config: TrainConfig, folder: Path, step: int) -> TrainConfig:
+    """A copy of a finished run whose checkpoint ``step`` has its model's data files cut in half."""
+    import shutil
+
+    shutil.copytree(config.workdir, folder)
+    files = [p for p in (folder / f"checkpoints/{step}/model").rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert files
+    for p in files:
+        p.write_bytes(p.read_bytes()[:p.stat().st_size // 2])
+    return dataclasses.replace(config, workdir=str(folder))
+
+
+def test_resume_past_a_damaged_newest_step_retakes_its_steps(store, uninterrupted, tmp_path, caplog):
+    """The newest step (8) does not restore: the resume names it, starts from step 4, and takes the
+    uninterrupted run's steps again to the same state."""
+    whole, _ = uninterrupted
+    config = damaged_copy(whole, tmp_path / "run", 8)
+    with caplog.at_level("WARNING", logger="bigjax.train.checkpoint"):
+        train(config, resume=True)
+    assert any(r.getMessage().startswith(f"checkpoint step 8 in {tmp_path / 'run/checkpoints'} does not restore")
+               for r in caplog.records)
+    assert "restored step 4 in" in caplog.text and "as the latest checkpoint (step 8 did not restore)" in caplog.text
+    for x, y in zip(saved_state(whole)[1], saved_state(config)[1]):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_eval_only_past_a_damaged_best_step_on_a_clean_console(uninterrupted, tmp_path):
+    """The CLI in a subprocess: --eval_only of a run whose best step is damaged names it in one warning,
+    evaluates the step before it, and prints no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    whole, results = uninterrupted
+    best = results["best_step"]
+    config = damaged_copy(whole, tmp_path / "run", best)
+    done = subprocess.run([sys.executable, "-m", "experiments.panda", f"--workdir={config.workdir}", "--eval_only",
+                           "--no_progress"], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr and "tensorstore_spec" not in done.stderr
+    warnings = [line for line in done.stderr.splitlines()
+                if line.startswith(("WARNING bigjax.train.checkpoint", "WARNING bigjax.train.loop: evaluating", "ERROR"))]
+    other = 4 if best == 8 else 8
+    assert warnings[0].startswith(f"WARNING bigjax.train.checkpoint: checkpoint step {best} in ")
+    assert warnings[1].endswith(f"restored step {other} in {tmp_path / 'run/checkpoints'} as the best checkpoint "
+                                f"(step {best} did not restore)")
+    assert len(warnings) == 2 + (best == 4)  # evaluating step 8, not the best by validation
+    assert json.loads((tmp_path / "run/results.json").read_text())["best_step"] == other
