@@ -18,7 +18,8 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
-__all__ = ["UserError", "Diverged", "Interrupted", "run_cli", "EXIT_USAGE", "EXIT_FAILED", "EXIT_INTERRUPTED"]
+__all__ = ["UserError", "Diverged", "Interrupted", "disk_full", "run_cli", "EXIT_USAGE", "EXIT_FAILED",
+           "EXIT_INTERRUPTED"]
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 VALIDATION_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
@@ -32,9 +33,17 @@ class UserError(Exception):
 
 
 class Diverged(UserError):
-    """Training stopped on a non-finite loss or state; the message names the step and the checkpoint kept."""
+    """Training stopped on a non-finite loss or state; the message names the step and the checkpoint kept.
+
+    ``resume_flags`` (e.g. "--resume --lr=1e-05"), when given, are the flags that continue from the last
+    saved checkpoint; the message ends with them, and a CLI may turn them into its whole command.
+    """
 
     exit_code = EXIT_FAILED
+
+    def __init__(self, message: str, resume_flags: str | None = None):
+        super().__init__(message if resume_flags is None else f"{message}; continue with {resume_flags}")
+        self.reason, self.resume_flags = message, resume_flags
 
 
 class Interrupted(UserError):
@@ -77,7 +86,7 @@ def _classify(error: Exception, own: tuple[str, ...]) -> tuple[str | None, int]:
     """(one-line message, exit status) for a user's error; (None, 1) for a bug."""
     if isinstance(error, UserError):
         return _one_line(error), error.exit_code
-    full = _disk_full(error)
+    full = disk_full(error)
     if full is not None:
         return f"no space left on device{f' writing {full.filename}' if full.filename else ''}", EXIT_FAILED
     if isinstance(error, VALIDATION_ERRORS) and _raised_by(error, own):
@@ -103,7 +112,7 @@ def _one_line(error: Exception) -> str:
     return " ".join(text.split()) or type(error).__name__
 
 
-def _disk_full(error: BaseException) -> OSError | None:
+def disk_full(error: BaseException) -> OSError | None:
     """The ENOSPC OSError in ``error``'s chain of causes, or a stand-in when only a message says so."""
     seen = set()
     while error is not None and id(error) not in seen:

@@ -4,7 +4,8 @@ orbax logs through absl at INFO (its options, every save and restore, ~1.9 KB pe
 an INFO line when it finds no TPU, and when a save fails (a full disk) orbax's background threads
 print "RuntimeError: Event loop is closed" tracebacks by the hundred, burying the real error.
 ``quiet_libraries()`` keeps those libraries' warnings and errors on the console, sends their INFO to a
-log file when one is given (the run's workdir), and drops the event-loop noise from logging, thread
+log file when one is given (the run's workdir), as well as their records that carry a traceback (those
+reach the console only without a log file), and drops the event-loop noise from logging, thread
 exceptions and unraisable exceptions. Call it once, early in a CLI, before importing orbax if possible
 (orbax logs at import).
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 
 __all__ = ["NOISY_LOGGERS", "quiet_libraries"]
 
-NOISY_LOGGERS = ("absl", "orbax", "etils", "tensorstore", "jax._src.xla_bridge")
+NOISY_LOGGERS = ("absl", "orbax", "etils", "tensorstore", "jax._src.xla_bridge", "asyncio")
 EVENT_LOOP_CLOSED = "Event loop is closed"
 
 
@@ -59,10 +60,13 @@ class _LibraryFile(logging.FileHandler):
 
 
 class _ToRoot(logging.Handler):
-    """Hands a record on to the root logger's handlers, whichever they are when it is emitted."""
+    """Hands a record on to the root logger's handlers, whichever they are when it is emitted; a record
+    carrying a traceback stays in the log file only (orbax's writer threads log each failure of a save,
+    a full disk, with its traceback; the run reports the failure itself, in one line)."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        logging.getLogger().handle(record)
+        if record.exc_info is None and record.exc_text is None:
+            logging.getLogger().handle(record)
 
 
 def _is_event_loop_closed(exc_info) -> bool:

@@ -2,7 +2,8 @@
 
 Library INFO logs (orbax, absl) go to ``<workdir>/libraries.log``, not the console; Ctrl-C stops at the
 end of the current step with the latest checkpoint saved; errors reach the user as one line through
-``bigjax.errors.run_cli`` (the CLIs' ``__main__``). ``--processes=P``: after preparing the store the
+``bigjax.errors.run_cli`` (the CLIs' ``__main__``). A workdir another run holds is refused before any
+work (``bigjax.lock``). ``--processes=P``: after preparing the store the
 CLI starts itself again as P processes of one run (``bigjax.parallel.launch``, loopback) and waits.
 """
 
@@ -10,19 +11,21 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Callable
 
 from bigjax.data.manifest import read_manifest
 from bigjax.data.tiling import TilingConfig, check_tiling
+from bigjax.errors import Diverged
 from bigjax.logs import quiet_libraries
 from bigjax.parallel import distributed, launch
 from bigjax.train.interrupt import stop_on_interrupt
-from bigjax.train.loop import evaluate_run, train
+from bigjax.train.loop import evaluate_run, train, workdir_lock
 from experiments.presets import Preset
 
-__all__ = ["run", "store_ready"]
+__all__ = ["run", "store_ready", "continue_command"]
 
 
 def store_ready(preset: Preset, tiling: TilingConfig) -> bool:
@@ -49,12 +52,35 @@ def run(a: argparse.Namespace, preset: Preset, prepare: Callable[[], None]) -> i
     if a.eval_only:
         evaluate_run(config.workdir, manifest=a.eval_manifest, progress=config.progress)
         return 0
-    prepare()
     if a.processes > 1 and not distributed.launched():
-        return _relaunch(a.processes)
-    with stop_on_interrupt() as stop:
-        train(config, resume=a.resume, should_stop=stop.requested)
+        with workdir_lock(config.workdir):  # a second run on this workdir is refused before any work
+            prepare()
+        return _relaunch(a.processes)  # process 0 of the run takes the workdir's lock
+    with workdir_lock(config.workdir):
+        prepare()
+        with stop_on_interrupt() as stop:
+            try:
+                train(config, resume=a.resume, should_stop=stop.requested)
+            except Diverged as error:
+                if error.resume_flags is None:
+                    raise
+                raise Diverged(f"{error.reason}; continue with: {continue_command(error.resume_flags)}") from None
     return 0
+
+
+def continue_command(resume_flags: str) -> str:
+    """This command with ``resume_flags`` (e.g. ``--resume --lr=1e-05``) in place of its own of those."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    program = ["python", "-m", spec.name] if spec is not None else ["python", sys.argv[0]]
+    replaced = {flag.split("=")[0] for flag in resume_flags.split()}
+    given, kept = iter(sys.argv[1:]), []
+    for arg in given:
+        name = arg.split("=")[0]
+        if name not in replaced:
+            kept.append(arg)
+        elif name != "--resume" and "=" not in arg:
+            next(given, None)  # "--lr 0.1": its value too
+    return shlex.join(program + kept + resume_flags.split())
 
 
 def _relaunch(processes: int) -> int:

@@ -15,6 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
+from bigjax import lock
 from bigjax.data import layouts
 from bigjax.data.bags import measure_bag_reads
 from bigjax.data.manifest import read_manifest
@@ -106,7 +107,8 @@ def main(argv=None) -> None:
         store = TileStore(config.out)
         print(json.dumps(measure_bag_reads(store, store.slides(), k=config.k, n_bags=config.n_bags, seed=config.seed)))
         return
-    manifest = tile_dataset(slides_of(config), config.out, config.tiling, workers=config.workers)
+    with lock.hold(Path(config.out) / lock.TILING_LOCK, "a tiler"):  # refused before generating data
+        manifest = tile_dataset(slides_of(config), config.out, config.tiling, workers=config.workers)
     rows = read_manifest(manifest)
     counts = {s: sum(r.status == s for r in rows) for s in ("ok", "empty", "failed")}
     print(f"{manifest}: {len(rows)} slides {counts}, {sum(r.n_tiles for r in rows):,} tiles")

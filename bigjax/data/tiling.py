@@ -5,7 +5,8 @@ that pass the foreground rule and writes them with `SlideWriter` into `slides/.<
 to `slides/<id>` only when complete, so a crash mid-slide loses nothing already written. A slide
 whose folder exists is skipped on the next run. Missing, truncated or unreadable slides are logged
 with their path and listed as "failed" (and retried on the next run); slides without tissue are
-listed as "empty". The settings that define the tiles (tile size, rule, µm per pixel) are recorded in
+listed as "empty". One tiler at a time per store (`<store>/tiling.lock`, `bigjax.lock`).
+The settings that define the tiles (tile size, rule, µm per pixel) are recorded in
 `<store>/tiling.json`; tiling or training with other settings on the same store is refused
 (`check_tiling`).
 """
@@ -30,6 +31,7 @@ from bigjax.data.layouts import SlideEntry
 from bigjax.data.manifest import ManifestRow, write_manifest
 from bigjax.data.slides import RULES, SlideReadError, foreground_tiles, open_slide, pick_level, tile_grid
 from bigjax.data.store import SHARD_TILES, SlideWriter
+from bigjax import lock
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,14 @@ def tile_dataset(slides: Sequence[SlideEntry], store_dir: str | os.PathLike, con
     root = Path(store_dir)
     asked = defining_settings(config)
     check_tiling(root, **asked)
+    with lock.hold(root / lock.TILING_LOCK, "a tiler"):  # one tiler per store
+        return _tile_into(slides, root, config, asked, workers, progress)
+
+
+def _tile_into(slides: Sequence[SlideEntry], root: Path, config: TilingConfig, asked: dict, workers: int,
+               progress: bool) -> Path:
+    """``tile_dataset``'s work, the store's lock held: the slides not yet tiled, then the manifest."""
+    ids = [s.slide_id for s in slides]
     (root / "slides").mkdir(parents=True, exist_ok=True)
     (root / TILING_FILE).write_text(json.dumps(asked, indent=1))
     rows = {s.slide_id: row for s in slides if (row := finished_row(root, s, config)) is not None}

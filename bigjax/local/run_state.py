@@ -8,6 +8,9 @@ done, epoch, position in the epoch, the epoch's losses so far, the best validati
 order, flips and RFR patches are drawn from generators seeded by (seed, epoch, position), so a run
 resumed from any checkpoint takes the steps the uninterrupted run takes.
 
+``--resume`` may lower the learning rates and add epochs (recorded in config.json's ``resumes`` and a
+``resume`` row); any other changed setting is refused, each named (``bigjax.train.recovery``).
+
 ``metrics.jsonl`` gets one row per slide and per epoch; a resume drops the rows written after the
 checkpoint it starts from (they are written again), so the log reads as one run.
 """
@@ -21,11 +24,17 @@ from pathlib import Path
 
 from flax import nnx
 
+from bigjax.train import recovery
 from bigjax.train.checkpoint import RunCheckpoints
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainingState"]
+__all__ = ["TrainingState", "RECOVERIES"]
+
+# what --resume may change (``bigjax.train.recovery``): lower learning rates (the step decays are
+# relative to them), more epochs (no schedule depends on their number); and where the run lives
+RECOVERIES = {"lr_backbone": recovery.LOWER, "lr_heads": recovery.LOWER, "epochs": recovery.MORE}
+FREE_ON_RESUME = ("workdir", "n_boot", "checkpoint_every")
 
 
 class TrainingState:
@@ -53,12 +62,18 @@ class TrainingState:
         saved = self.workdir / "config.json"
         settings = json.loads(json.dumps(dataclasses.asdict(config)))
         if resume:
-            _same_settings(settings, saved)
+            changes, resumes = _resume_changes(settings, saved)
             meta = self.checkpoints.restore_latest(self.net, self.optimizers)
             if meta is not None:
                 log.info("resuming %s after slide %d (epoch %d)", self.workdir, meta["step"],
                          meta["epoch"] + 1)
                 self._drop_rows_after(meta)
+                if changes:  # recorded in config.json and the metrics log
+                    resumes.append({"step": meta["step"], "changed": changes})
+                    self.log(kind="resume", step=meta["step"], epoch=meta["epoch"], changed=changes)
+                    log.info("resumed with changed settings: %s",
+                             "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()))
+                saved.write_text(json.dumps({**settings, "resumes": resumes} if resumes else settings, indent=1))
                 return meta
             log.info("no checkpoint in %s: starting from scratch", self.workdir)
         elif self.checkpoints.latest_step() is not None:
@@ -88,12 +103,14 @@ class TrainingState:
         self.metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
-def _same_settings(settings: dict, saved: Path) -> None:
-    """A resumed run keeps its settings: another one would silently give another run."""
+def _resume_changes(settings: dict, saved: Path) -> tuple[dict, list]:
+    """The recoveries a resume asks for (lower learning rates, more epochs: ``RECOVERIES``) and the
+    run's earlier resumes; any other changed setting would silently give another run and is refused."""
     if not saved.is_file():
-        return
+        return {}, []
     old = json.loads(saved.read_text())
-    changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
-    if changed:
-        raise ValueError(f"--resume of {saved.parent} with other settings ({'; '.join(changed)}); "
-                         "resume with the run's own settings, or choose another --workdir")
+    resumes = old.pop("resumes", [])
+    changes, refused = recovery.compare(old, settings, RECOVERIES, free=FREE_ON_RESUME)
+    if refused:
+        raise ValueError(recovery.refusal(saved.parent, refused, {f"--{k}": v for k, v in RECOVERIES.items()}))
+    return changes, resumes

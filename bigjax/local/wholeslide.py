@@ -34,6 +34,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from bigjax import lock
 from bigjax.data.layouts import SlideEntry
 from bigjax.data.slides import PANDA_GREY_RANGE, greyscale, open_slide, pick_level
 from bigjax.errors import Interrupted
@@ -200,39 +201,40 @@ def train_wholeslide(config: WholeSlideConfig, slides: Sequence[SlideEntry], *, 
     train = split["train"]
     if not train:
         raise ValueError("no training slides (split 'train') in the layout")
-    net = network or build_network(config)
-    optimizers = make_optimizers(net, lr_backbone=config.lr_backbone, lr_heads=config.lr_heads,
-                                 weight_decay=config.weight_decay, accum=config.accum,
-                                 decay_at=decay_updates(config.decay_epochs, len(train), config.accum))
-    state = TrainingState(workdir, net, nnx.List(optimizers))
-    meta = state.start(config, resume)
-    execution = None if config.in_memory else Execution(config.max_partition_bytes)
-    images = {s.slide_id: read_slide(s.path, config.mpp, config.pad) for s in slides}
-    for epoch in range(meta["epoch"], config.epochs):
-        order = np.random.default_rng([config.seed, epoch]).permutation(len(train))
-        for n in range(meta["slide"], len(train)):
-            slide = train[order[n]]
-            rng = np.random.default_rng([config.seed, epoch, n])  # flips, RFR patches
-            start = time.perf_counter()
-            losses = [float(v) for v in train_step(net, optimizers, _image(images[slide.slide_id], rng),
-                                                   slide.label, rng, execution=execution)]
-            meta.update(step=meta["step"] + 1, slide=n + 1, losses=meta["losses"] + [losses])
-            state.log(kind="step", step=meta["step"], epoch=epoch, slide=slide.slide_id,
-                      shape=images[slide.slide_id].shape[:2], losses=losses,
-                      seconds=time.perf_counter() - start)
-            if progress:
-                log.info("epoch %d slide %d/%d: losses %s (%.1f s)", epoch + 1, n + 1, len(train),
-                         " ".join(f"{v:.3f}" for v in losses), time.perf_counter() - start)
-            if config.checkpoint_every and meta["step"] % config.checkpoint_every == 0:
-                state.save(meta)
-            if on_step is not None:
-                on_step(meta["step"])
-            if should_stop is not None and should_stop():
-                state.save(meta)
-                raise Interrupted(f"stopped after slide {meta['step']}; the checkpoint is in "
-                                  f"{state.checkpoints.directory}: continue with --resume")
-        _end_epoch(state, meta, epoch, _classify(net, split["val"], images, execution, config.n_classes))
-    return _final(state, config, split, images, execution)
+    with lock.hold(workdir / lock.RUN_LOCK, "a training run"):  # one run per workdir
+        net = network or build_network(config)
+        optimizers = make_optimizers(net, lr_backbone=config.lr_backbone, lr_heads=config.lr_heads,
+                                     weight_decay=config.weight_decay, accum=config.accum,
+                                     decay_at=decay_updates(config.decay_epochs, len(train), config.accum))
+        state = TrainingState(workdir, net, nnx.List(optimizers))
+        meta = state.start(config, resume)
+        execution = None if config.in_memory else Execution(config.max_partition_bytes)
+        images = {s.slide_id: read_slide(s.path, config.mpp, config.pad) for s in slides}
+        for epoch in range(meta["epoch"], config.epochs):
+            order = np.random.default_rng([config.seed, epoch]).permutation(len(train))
+            for n in range(meta["slide"], len(train)):
+                slide = train[order[n]]
+                rng = np.random.default_rng([config.seed, epoch, n])  # flips, RFR patches
+                start = time.perf_counter()
+                losses = [float(v) for v in train_step(net, optimizers, _image(images[slide.slide_id], rng),
+                                                       slide.label, rng, execution=execution)]
+                meta.update(step=meta["step"] + 1, slide=n + 1, losses=meta["losses"] + [losses])
+                state.log(kind="step", step=meta["step"], epoch=epoch, slide=slide.slide_id,
+                          shape=images[slide.slide_id].shape[:2], losses=losses,
+                          seconds=time.perf_counter() - start)
+                if progress:
+                    log.info("epoch %d slide %d/%d: losses %s (%.1f s)", epoch + 1, n + 1, len(train),
+                             " ".join(f"{v:.3f}" for v in losses), time.perf_counter() - start)
+                if config.checkpoint_every and meta["step"] % config.checkpoint_every == 0:
+                    state.save(meta)
+                if on_step is not None:
+                    on_step(meta["step"])
+                if should_stop is not None and should_stop():
+                    state.save(meta)
+                    raise Interrupted(f"stopped after slide {meta['step']}; the checkpoint is in "
+                                      f"{state.checkpoints.directory}: continue with --resume")
+            _end_epoch(state, meta, epoch, _classify(net, split["val"], images, execution, config.n_classes))
+        return _final(state, config, split, images, execution)
 
 
 def _end_epoch(state: "TrainingState", meta: dict, epoch: int, val: dict) -> None:

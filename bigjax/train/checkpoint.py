@@ -13,6 +13,13 @@ committed before it, each naming a best that is still on disk: old steps are del
 new one is committed, a step named as best by a kept step is never deleted, and a deletion is a rename
 out of the way (into ``checkpoints/deleted/``, emptied afterwards) so it is atomic too.
 
+The newest two steps are kept (``keep``), so a step whose files are damaged after its commit (a
+truncated data file) still has one to fall back to: a restore (``--resume``, ``--eval_only``) names
+the step that does not restore in one warning and uses the one before it (a resume moves the damaged
+step into ``checkpoints/damaged/``, to save that step again). A save that finds the disk
+full removes its unfinished folder and says, in one line, where and how large a checkpoint is; the
+previous steps are untouched (``DiskFull``).
+
 Layout under the workdir::
 
     checkpoints/<step>/model    model state (what ``restore_best`` reads)
@@ -20,12 +27,15 @@ Layout under the workdir::
     checkpoints/<step>/meta     the loop's meta dict (JSON)
     checkpoints/<step>/best     {"step": the best step when this one was saved, or null}
     checkpoints/deleted/        steps being deleted
+    checkpoints/damaged/        steps that did not restore, set aside by a resume
 
 References: orbax.checkpoint.CheckpointManager (atomic step folders, Composite items).
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -34,12 +44,25 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from bigjax.errors import Diverged
+from bigjax.errors import EXIT_FAILED, Diverged, UserError, disk_full
 from bigjax.train.finite import first_non_finite, non_finite_count
 
-__all__ = ["RunCheckpoints", "state_tree", "load_state_tree"]
+__all__ = ["RunCheckpoints", "CheckpointUnreadable", "DiskFull", "state_tree", "load_state_tree", "unreadable_reason"]
+
+log = logging.getLogger(__name__)
 
 DELETED = "deleted"  # subfolder that steps are renamed into before they are removed
+DAMAGED = "damaged"  # subfolder that steps which do not restore are moved into when a run resumes
+
+
+class DiskFull(UserError):
+    """A save found the disk full; the message names the folder and the size of a checkpoint."""
+
+    exit_code = EXIT_FAILED
+
+
+class CheckpointUnreadable(UserError):
+    """No step of a run's checkpoints restores; the message names each step and why."""
 
 
 def state_tree(model: nnx.Module, optimizer: nnx.Optimizer | None = None) -> dict:
@@ -96,12 +119,17 @@ class RunCheckpoints:
 
     def best_step(self) -> int | None:
         """The best step named by the newest step whose best is on disk, or None."""
-        steps = set(self.latest.all_steps())
+        return next(iter(self._named_bests()), None)
+
+    def _named_bests(self) -> list[int]:
+        """The steps on disk named as best, by the newest steps first (a step's unreadable pointer is
+        passed over)."""
+        steps, bests = set(self.latest.all_steps()), []
         for step in sorted(steps, reverse=True):
-            best = self._best_of(step)
-            if best in steps:
-                return best
-        return None
+            best = self._readable_best_of(step)
+            if best in steps and best not in bests:
+                bests.append(best)
+        return bests
 
     def save(self, step: int, model, optimizer, meta: dict, *, best: bool = False) -> None:
         """Commit model, optimiser and meta as ``step``; with ``best``, this step becomes the best.
@@ -115,29 +143,69 @@ class RunCheckpoints:
         total = non_finite_count(state)
         if total:
             layer, count = first_non_finite(state)
+            kept = self.latest_step()
             raise Diverged(f"refusing to save step {step}: {total:,} non-finite values in the model and optimiser "
-                           f"state, {count:,} of them in {layer}")
+                           f"state, {count:,} of them in {layer}; " + (
+                               f"the last saved step, {kept}, is kept in {self.directory}" if kept is not None
+                               else "no step was saved before it"))
         best_step = step if best else self.best_step()
         if step in self.latest.all_steps():
-            if best_step == self._best_of(step):
+            if best_step == self._readable_best_of(step):
                 return
             self._delete(step)  # the steps before it still name a best on disk
         tree = _process_local(state_tree(model, optimizer))
-        self.latest.save(step, args=ocp.args.Composite(
-            model=ocp.args.StandardSave(tree["model"]), opt=ocp.args.StandardSave(tree["opt"]),
-            meta=ocp.args.JsonSave(meta), best=ocp.args.JsonSave({"step": best_step})))
-        self.latest.wait_until_finished()
+        try:
+            self.latest.save(step, args=ocp.args.Composite(
+                model=ocp.args.StandardSave(tree["model"]), opt=ocp.args.StandardSave(tree["opt"]),
+                meta=ocp.args.JsonSave(meta), best=ocp.args.JsonSave({"step": best_step})))
+            self.latest.wait_until_finished()
+        except Exception as error:  # noqa: BLE001 -- a full disk is the user's to fix: say where and how much
+            if disk_full(error) is None:
+                raise
+            raise self._disk_full(step, tree) from error
         self._delete_old()
 
+    def _disk_full(self, step: int, tree: dict) -> "DiskFull":
+        """Remove the step's unfinished folder (the space it took) and say what a checkpoint needs."""
+        for unfinished in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+            shutil.rmtree(unfinished, ignore_errors=True)
+        kept = self.latest_step()
+        size = (_folder_bytes(self.directory / str(kept)) if kept is not None
+                else sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree)))
+        free = shutil.disk_usage(self.directory).free
+        return DiskFull(f"no space left on device saving step {step} in {self.directory}: a checkpoint takes "
+                        f"{_mib(size)} and {_mib(free)} are free; " + (
+                            f"the previous step, {kept}, is intact" if kept is not None else "no step was saved")
+                        + "; free space there (or move --workdir), then --resume")
+
     def restore_latest(self, model, optimizer) -> dict | None:
-        """Restore the newest checkpoint into model and optimiser; its meta, or None if there is none."""
-        step = self.latest_step()
-        return None if step is None else self._restore(step, model, optimizer)
+        """Restore the newest checkpoint that restores into model and optimiser; its meta, or None if
+        there is none. A step that does not restore (a truncated file) is named in one warning and
+        the one before it is used.
+
+        Raises:
+          CheckpointUnreadable: there are steps, and none restores.
+        """
+        steps = sorted(self.latest.all_steps(), reverse=True)
+        meta = self._restore_first(steps, model, optimizer, "latest")
+        if meta is not None and steps[0] != meta["step"]:
+            self._set_aside([s for s in steps if s > meta["step"]])
+        return meta
 
     def restore_best(self, model) -> dict | None:
-        """Restore the best checkpoint's model state; its meta, or None if no step was saved as best."""
-        step = self.best_step()
-        return None if step is None else self._restore(step, model, None)
+        """Restore the best checkpoint's model state; its meta, or None if no step was saved as best.
+
+        A best step that does not restore is named in one warning; then the best named before it is
+        used, else the newest step that restores.
+
+        Raises:
+          CheckpointUnreadable: there are steps, and none restores.
+        """
+        bests = self._named_bests()
+        if not bests:
+            return None
+        others = [s for s in sorted(self.latest.all_steps(), reverse=True) if s not in bests]
+        return self._restore_first(bests + others, model, None, "best")
 
     def close(self) -> None:
         self.latest.close()
@@ -145,11 +213,53 @@ class RunCheckpoints:
     def _best_of(self, step: int) -> int | None:
         return self.latest.restore(step, args=ocp.args.Composite(best=ocp.args.JsonRestore()))["best"]["step"]
 
+    def _readable_best_of(self, step: int) -> int | None:
+        try:
+            return self._best_of(step)
+        except Exception as error:  # noqa: BLE001 -- a damaged step: its pointer is passed over, named
+            log.warning("checkpoint step %d in %s: its best-step pointer does not read (%s)", step,
+                        self.directory, unreadable_reason(error))
+            return None
+
+    def _restore_first(self, steps: list[int], model, optimizer, what: str) -> dict | None:
+        """Restore the first of ``steps`` that restores; each that does not is named in one line."""
+        failed = []
+        for step in steps:
+            try:
+                meta = self._restore(step, model, optimizer)
+            except Exception as error:  # noqa: BLE001 -- any damage to a step's files: try the one before
+                failed.append(f"step {step}: {unreadable_reason(error)}")
+                log.warning("checkpoint step %d in %s does not restore (%s); trying the step before it",
+                            step, self.directory, unreadable_reason(error))
+                continue
+            if failed:
+                log.warning("restored step %d in %s as the %s checkpoint (%s did not restore)", step,
+                            self.directory, what, ", ".join(f.split(":")[0] for f in failed))
+            return meta
+        if failed:
+            raise CheckpointUnreadable(f"no checkpoint in {self.directory} restores ({'; '.join(failed)}); "
+                                       "start another --workdir")
+        return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Move damaged steps into ``damaged/`` (a resume saves those steps again; the files stay to be
+        looked at)."""
+        aside = self.directory / DAMAGED
+        aside.mkdir(exist_ok=True)
+        for step in steps:
+            target = aside / str(step)
+            n = 1
+            while target.exists():
+                target, n = aside / f"{step}.{n}", n + 1
+            (self.directory / str(step)).rename(target)
+            log.warning("moved the damaged step %d to %s", step, target)
+        self.latest.reload()
+
     def _delete_old(self) -> None:
         """Delete steps older than the newest ``keep``, except the bests these name (after the commit)."""
         steps = sorted(self.latest.all_steps(), reverse=True)
         kept = set(steps[:self.keep])
-        kept |= {self._best_of(s) for s in steps[:self.keep]}
+        kept |= {self._readable_best_of(s) for s in steps[:self.keep]}
         for step in steps:
             if step not in kept:
                 self._delete(step)
@@ -172,6 +282,23 @@ class RunCheckpoints:
             values = jax.tree.map(_placed_like, values, {name: current[name] for name in target})
         load_state_tree(values, model, optimizer)
         return dict(restored["meta"])
+
+
+def unreadable_reason(error: BaseException) -> str:
+    """Why a step did not restore, short: tensorstore's last clause and the file it names (its message
+    also carries a whole JSON spec)."""
+    text = " ".join(str(error).split(" [tensorstore_spec")[0].split())
+    files = re.findall(r'local file "([^"]+)"', text)
+    reason = text.rsplit(": ", 1)[-1] or type(error).__name__
+    return f"{files[-1]}: {reason}" if files else f"{type(error).__name__}: {reason}"[:300]
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
 
 
 def _one_process(directory: Path) -> dict:

@@ -21,6 +21,14 @@ SELECT_METRIC = {"panda": "qwk", "camelyon": "auc"}  # validation metric that pi
 PAPER_OPTIMIZER = OptimizerConfig(weight_decay=1e-4, schedule="cosine", accum=16)
 
 
+# what ``--resume`` may change (``bigjax.train.recovery``): a lower learning rate, more epochs, and
+# settings that change neither the bags nor the steps (where the run lives, logging, the final test
+# protocol); every other setting defines the run's data and steps
+RECOVERIES = {"optim.lr": "lower", "epochs": "more"}
+FREE_ON_RESUME = ("workdir", "progress", "log_every", "checkpoint_every", "embed_chunk", "eval_draws",
+                  "eval_tiles")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything a run needs; defaults are the paper's PANDA setting.
@@ -171,18 +179,15 @@ class TrainConfig:
     def manifest_path(self) -> Path:
         return Path(self.manifest) if self.manifest else Path(self.store) / "manifest.csv"
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=1)
-
-    def differences(self, other: "TrainConfig", ignore=("progress",)) -> list[str]:
-        """``name: ours (theirs)`` for each setting that differs, nested optimiser fields included."""
-        ours, theirs = _flat(dataclasses.asdict(self)), _flat(dataclasses.asdict(other))
-        return [f"{k}: {ours[k]!r} (was {theirs[k]!r})" for k in ours
-                if k not in ignore and ours[k] != theirs.get(k)]
+    def to_json(self, resumes: list | None = None) -> str:
+        """The settings as JSON; with ``resumes``, also the recoveries of the run's resumes."""
+        fields = dataclasses.asdict(self)
+        return json.dumps({**fields, "resumes": resumes} if resumes else fields, indent=1)
 
     @classmethod
     def from_json(cls, text: str, **overrides) -> "TrainConfig":
         fields = json.loads(text)
+        fields.pop("resumes", None)  # the history of the run's resumes, not a setting
         fields["optim"] = OptimizerConfig(**fields.get("optim", {}))
         return cls(**{**fields, **overrides})
 
@@ -197,7 +202,7 @@ def _at_least(name, value, low) -> None:
         raise ValueError(f"--{name}={value}: must be an integer >= {low}")
 
 
-def _flat(fields: dict) -> dict:
+def flat_settings(fields: dict) -> dict:
     """Nested config dicts as one level: optim.lr, optim.accum, ..."""
     out = {}
     for k, v in fields.items():

@@ -16,6 +16,8 @@ eval-mode embeddings) is asked of the run's mode object (``bigjax.train.modes``)
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
 import time
@@ -33,9 +35,10 @@ from bigjax.errors import Diverged, Interrupted
 from bigjax.data.store import TileStore
 from bigjax.models import mil
 from bigjax.parallel.distributed import is_main_process, share_from_main
-from bigjax.train import modes
+from bigjax import lock
+from bigjax.train import modes, recovery
 from bigjax.train.checkpoint import RunCheckpoints
-from bigjax.train.config import TrainConfig
+from bigjax.train.config import FREE_ON_RESUME, RECOVERIES, TrainConfig, flat_settings
 from bigjax.train.evaluate import evaluate
 from bigjax.train.optim import make_optimizer
 from bigjax.train.report import MetricsLog, plot_curves, write_results
@@ -43,7 +46,7 @@ from bigjax.train.steps import MILClassifier
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MILClassifier", "NonFiniteLossError", "build_model", "Run", "train", "evaluate_run"]
+__all__ = ["MILClassifier", "NonFiniteLossError", "build_model", "Run", "train", "evaluate_run", "workdir_lock"]
 
 
 class NonFiniteLossError(Diverged):
@@ -90,6 +93,7 @@ class Run:
         # a multi-process run (--processes): process 0 writes checkpoints, metrics and results; the
         # others take the steps with it (the encoder mesh spans their devices) and write nothing
         self.writes = is_main_process()
+        self.resumes: list[dict] = []  # the recoveries of earlier resumes and this one (config.json)
         self.checkpoints = RunCheckpoints(self.workdir) if self.writes else None
         self.log = MetricsLog(self.workdir / "metrics.jsonl")
 
@@ -143,11 +147,12 @@ def train(config: TrainConfig, *, resume: bool = False,
       NonFiniteLossError: the loss became NaN/inf; the last good checkpoint is kept.
       Interrupted: ``should_stop`` asked to stop; the run continues with ``resume=True``.
     """
-    run = Run(config)
-    try:
-        return _train(run, resume, on_step, should_stop)
-    finally:
-        run.close()
+    with workdir_lock(config.workdir):
+        run = Run(config)
+        try:
+            return _train(run, resume, on_step, should_stop)
+        finally:
+            run.close()
 
 
 def _train(run: Run, resume: bool, on_step, should_stop) -> dict:
@@ -157,14 +162,19 @@ def _train(run: Run, resume: bool, on_step, should_stop) -> dict:
                    hint="pass --splits_csv or re-tile the store")
     meta = _from_main(run, _start(run, resume) if run.writes else None)
     if run.writes:
-        (run.workdir / "config.json").write_text(config.to_json())
+        (run.workdir / "config.json").write_text(config.to_json(resumes=run.resumes))
     run.prepare()
     augment = _augment(run)
-    for epoch in range(meta["step"] // run.steps_per_epoch, config.epochs):
-        _train_epoch(run, meta, epoch, augment, on_step, should_stop)
-        _end_epoch(run, meta, epoch)
-        if should_stop is not None and should_stop():  # asked during the epoch's last step
-            _interrupt(run, meta)
+    try:
+        for epoch in range(meta["step"] // run.steps_per_epoch, config.epochs):
+            _train_epoch(run, meta, epoch, augment, on_step, should_stop)
+            _end_epoch(run, meta, epoch)
+            if should_stop is not None and should_stop():  # asked during the epoch's last step
+                _interrupt(run, meta)
+    except Diverged as error:  # say how to continue: from the last checkpoint, a lower learning rate
+        if error.resume_flags is not None:
+            raise
+        raise type(error)(error.reason, resume_flags=f"--resume --lr={config.optim.lr / 10:.3g}") from None
     return _final_evaluation(run) if run.writes else {}
 
 
@@ -243,7 +253,10 @@ def improves(score: float, best: float) -> bool:
 
 
 def evaluate_run(workdir: str | Path, manifest: str | Path | None = None, **overrides) -> dict:
-    """Restore the best checkpoint of a finished (or running) run and evaluate it (``--eval_only``).
+    """Restore the best checkpoint of a finished run and evaluate it (``--eval_only``).
+
+    A run still training holds the workdir (``workdir_lock``): the evaluation is refused until it ends
+    (both would write results.md, and opening the checkpoints removes unfinished saves).
 
     Args:
       workdir: the run's folder (holds config.json and checkpoints/).
@@ -251,17 +264,25 @@ def evaluate_run(workdir: str | Path, manifest: str | Path | None = None, **over
         the store is the manifest's folder); default: the run's own test slides.
       **overrides: config fields to change (e.g. eval_draws=10).
     """
-    saved = Path(workdir) / "config.json"
-    if not saved.is_file():
-        raise FileNotFoundError(f"--workdir {workdir} holds no run ({saved.name} missing): train there "
-                                "first, or check --workdir")
-    config = TrainConfig.from_json(saved.read_text(), workdir=str(workdir), **overrides)
-    store = Path(manifest).parent if manifest else None
-    run = Run(config, store=store, manifest=manifest)
-    try:
-        return _final_evaluation(run, tag="external" if manifest else "")
-    finally:
-        run.close()
+    with workdir_lock(workdir, "an evaluation (--eval_only)"):
+        saved = Path(workdir) / "config.json"
+        if not saved.is_file():
+            raise FileNotFoundError(f"--workdir {workdir} holds no run ({saved.name} missing): train there "
+                                    "first, or check --workdir")
+        config = TrainConfig.from_json(saved.read_text(), workdir=str(workdir), **overrides)
+        run = Run(config, store=Path(manifest).parent if manifest else None, manifest=manifest)
+        try:
+            return _final_evaluation(run, tag="external" if manifest else "")
+        finally:
+            run.close()
+
+
+def workdir_lock(workdir: str | Path, what: str = "a training run"):
+    """One run per workdir: ``<workdir>/run.lock`` held by the process that writes there (process 0 of
+    several; ``bigjax.lock``). Taken before the checkpoint manager, which cleans unfinished saves."""
+    if not is_main_process():
+        return contextlib.nullcontext()
+    return lock.hold(Path(workdir) / lock.RUN_LOCK, what)
 
 
 # --- pieces of the run ------------------------------------------------------------------------
@@ -269,10 +290,12 @@ def evaluate_run(workdir: str | Path, manifest: str | Path | None = None, **over
 def _start(run: Run, resume: bool) -> dict:
     """Fresh meta, or the latest checkpoint's (restored into the model and optimiser)."""
     if resume:
-        _same_config(run)
+        changes = _resume_changes(run)
         meta = run.checkpoints.restore_latest(run.model, run.optimizer)
         if meta is not None:
             log.info("resuming %s at step %d", run.workdir, meta["step"])
+            if changes:
+                _record_recovery(run, meta["step"], changes)
             return meta
         log.info("no checkpoint in %s: starting from scratch", run.workdir)
     elif run.checkpoints.latest_step() is not None:
@@ -289,17 +312,43 @@ def _from_main(run: Run, meta: dict | None) -> dict:
     return meta if run.writes else {"step": step, "loss_sum": 0.0, "loss_count": 0}
 
 
-def _same_config(run: Run) -> None:
-    """A resumed run keeps its settings: a changed one would silently give another run."""
+def _resume_changes(run: Run) -> dict:
+    """The recoveries a resume asks for ({"optim.lr": [old, new], ...}); any other changed setting is
+    refused, naming each (``bigjax.train.recovery``). Reads the run's history of resumes into ``run``."""
     saved = run.workdir / "config.json"
     if not saved.is_file():
-        return
-    changed = run.config.differences(TrainConfig.from_json(saved.read_text()))
-    if changed:
-        raise ValueError(f"--resume of {run.workdir} with other settings ({'; '.join(changed)}); "
-                         "resume with the run's own settings, or start another --workdir")
+        return {}
+    old = json.loads(saved.read_text())
+    run.resumes = old.pop("resumes", [])
+    changes, refused = recovery.compare(flat_settings(old), flat_settings(json.loads(run.config.to_json())),
+                                        RECOVERIES, free=FREE_ON_RESUME)
+    if refused:
+        raise ValueError(recovery.refusal(run.workdir, refused, {"--lr": recovery.LOWER,
+                                                                 "--epochs": recovery.MORE}))
+    return changes
 
 
+def _record_recovery(run: Run, step: int, changes: dict) -> None:
+    """Say what the resume changed, in the log, the metrics log and config.json's ``resumes``."""
+    row = {"step": step, "changed": changes}
+    if "epochs" in changes:
+        row["schedule"] = _schedule_note(run, *changes["epochs"])
+    run.resumes.append(row)
+    run.log.write(kind="resume", **row)
+    log.info("resumed with changed settings: %s%s",
+             "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()),
+             f" ({row['schedule']})" if "schedule" in row else "")
+
+
+def _schedule_note(run: Run, old: int, new: int) -> str:
+    """What more epochs do to the learning-rate schedule (cosine and DEMON are functions of the length)."""
+    o = run.config.optim
+    updates = max(1, run.steps_per_epoch // o.accum) * new
+    if o.schedule == "cosine" or o.name == "demon_adam":
+        what = " and ".join(n for n, on in (("the cosine schedule", o.schedule == "cosine"),
+                                            ("DEMON's momentum decay", o.name == "demon_adam")) if on)
+        return f"{what} recomputed over {new} epochs ({updates} optimiser updates), not {old}"
+    return f"the {o.schedule} schedule does not depend on the number of epochs"
 def _augment(run: Run):
     c = run.config
     if not c.augment:
@@ -319,8 +368,7 @@ def _stop_non_finite(loss: float, step: int, epoch: int, batch: list[Bag],
              else "no checkpoint was saved yet")
     raise NonFiniteLossError(
         f"training loss is {loss} at step {step + 1} (epoch {epoch + 1}, slides "
-        f"{', '.join(b.slide_id for b in batch)}); stopped without saving: {where}; "
-        f"lower --lr or check the data, then --resume")
+        f"{', '.join(b.slide_id for b in batch)}); stopped without saving: {where}")
 
 
 def _final_evaluation(run: Run, tag: str = "") -> dict:
@@ -330,6 +378,9 @@ def _final_evaluation(run: Run, tag: str = "") -> dict:
     if meta is None:
         raise FileNotFoundError(f"no best checkpoint in {run.checkpoints.directory}: nothing trained "
                                 "yet (train first, or check --workdir)")
+    if meta.get("best_step") not in (None, meta["step"]):  # the best did not restore: say what is evaluated
+        log.warning("evaluating step %d, not the best by validation (step %s)", meta["step"], meta["best_step"])
+        meta = {**meta, "best_step": meta["step"], "best": None}
     run.prepare()
     results = []
     if not tag and run.slides["val"]:

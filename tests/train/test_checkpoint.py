@@ -206,3 +206,48 @@ def test_kill_9_at_any_moment_leaves_a_restorable_best(tmp_path):
             continue
         assert checkpoints.best_step() == meta["best_step"], (attempt, meta)
         assert checkpoints.restore_best(model)["step"] == meta["best_step"]
+
+
+def truncate_data_files(step_dir):
+    """Damage a committed step as a failing disk would: every array data file cut to half its size."""
+    files = [p for p in step_dir.rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert files
+    for p in files:
+        p.write_bytes(p.read_bytes()[:p.stat().st_size // 2])
+
+
+def test_a_step_that_does_not_restore_is_named_and_the_one_before_is_used(tmp_path, caplog):
+    model, opt = model_and_optimizer(0)
+    checkpoints = RunCheckpoints(tmp_path)
+    checkpoints.save(1, model, opt, {"step": 1}, best=True)
+    first = leaves(model, opt)
+    step(model, opt, jnp.ones((5, 8)))
+    step(model, opt, jnp.ones((5, 8)))
+    checkpoints.save(2, model, opt, {"step": 2}, best=True)
+    truncate_data_files(tmp_path / "checkpoints/2/model")
+    fresh, fresh_opt = model_and_optimizer(7)
+    with caplog.at_level("WARNING", logger="bigjax.train.checkpoint"):
+        assert RunCheckpoints(tmp_path).restore_latest(fresh, fresh_opt) == {"step": 1}
+    for a, b in zip(first, leaves(fresh, fresh_opt)):
+        np.testing.assert_array_equal(a, b)
+    [named, used] = [r.getMessage() for r in caplog.records]
+    assert named.startswith(f"checkpoint step 2 in {tmp_path / 'checkpoints'} does not restore (")
+    assert "is not valid for value of size" in named and "tensorstore_spec" not in named and "\n" not in named
+    assert used == f"restored step 1 in {tmp_path / 'checkpoints'} as the latest checkpoint (step 2 did not restore)"
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="bigjax.train.checkpoint"):
+        assert RunCheckpoints(tmp_path).restore_best(fresh) == {"step": 1}  # the best named before
+    assert "as the best checkpoint (step 2 did not restore)" in caplog.records[-1].getMessage()
+
+
+def test_no_step_that_restores_is_one_error_naming_each(tmp_path):
+    from bigjax.train.checkpoint import CheckpointUnreadable
+
+    model, opt = model_and_optimizer(0)
+    checkpoints = RunCheckpoints(tmp_path)
+    checkpoints.save(1, model, opt, {"step": 1})
+    checkpoints.save(2, model, opt, {"step": 2})
+    for s in (1, 2):
+        truncate_data_files(tmp_path / f"checkpoints/{s}/opt")
+    with pytest.raises(CheckpointUnreadable, match=r"no checkpoint in .* restores \(step 2: .*; step 1: .*\)"):
+        RunCheckpoints(tmp_path).restore_latest(model, opt)

@@ -147,16 +147,60 @@ def test_nan_loss_stops_and_keeps_the_checkpoint(store, tmp_path):
     cache = FeatureCache(tmp_path / "features")
     np.save(cache.path(slide.slide_id), np.full_like(cache.features(slide.slide_id), np.nan))
     with pytest.raises(NonFiniteLossError, match=rf"loss is nan at step 2 \(epoch 1, slides .*"
-                                                 rf"{slide.slide_id}.*last good checkpoint, of step 1 in .* is kept"):
+                                                 rf"{slide.slide_id}.*last good checkpoint, of step 1 in .* is kept"
+                                                 rf".*; continue with --resume --lr=0.0001$"):
         train(config)
     meta, _ = saved_state(config)
     assert meta["step"] == 1
 
 
-def test_resume_with_other_settings_is_refused(uninterrupted):
+@pytest.mark.parametrize("change, named", [
+    (dict(batch_size=1), r"batch_size: 1 \(was 2\)"),
+    (dict(tiles_per_bag=8, seed=1), r"tiles_per_bag: 8 \(was 4\); seed: 1 \(was 0\)"),
+    (dict(aggregator="dtfd", encoder="frozen"), r"encoder: 'frozen' \(was 'precomputed'\); aggregator: 'dtfd'"),
+    (dict(optim=OptimizerConfig(lr=1e-2, accum=2)), r"optim.lr: 0.01 \(was 0.001; a resume may only lower it\)"),
+    (dict(optim=OptimizerConfig(lr=1e-3, accum=1)), r"optim.accum: 1 \(was 2\)"),
+    (dict(epochs=1), r"epochs: 1 \(was 2; a resume may only raise it\)"),
+])
+def test_resume_with_what_defines_the_steps_is_refused(uninterrupted, change, named):
     config, _ = uninterrupted
-    with pytest.raises(ValueError, match=r"batch_size: 1 \(was 2\)"):
-        train(dataclasses.replace(config, batch_size=1), resume=True)
+    with pytest.raises(ValueError, match=named + r".*a resume may change only a lower --lr, a larger --epochs"):
+        train(dataclasses.replace(config, **change), resume=True)
+
+
+def test_resume_recovers_with_a_lower_lr_and_more_epochs(uninterrupted, tmp_path):
+    """A finished 2-epoch run goes on for a third epoch at a tenth of the learning rate: the change is
+    in config.json and the metrics log, the cosine schedule is said to be recomputed."""
+    import shutil
+
+    config, _ = uninterrupted
+    shutil.copytree(config.workdir, tmp_path / "run")
+    more = dataclasses.replace(config, workdir=str(tmp_path / "run"), epochs=3,
+                               optim=dataclasses.replace(config.optim, lr=1e-4, schedule="cosine"))
+    with pytest.raises(ValueError, match=r"optim.schedule: 'cosine' \(was 'constant'\)"):
+        train(more, resume=True)
+    more = dataclasses.replace(more, optim=dataclasses.replace(more.optim, schedule="constant"))
+    train(more, resume=True)
+    saved = json.loads((tmp_path / "run/config.json").read_text())
+    changed = {"workdir": [config.workdir, more.workdir], "optim.lr": [1e-3, 1e-4], "epochs": [2, 3]}
+    note = "the constant schedule does not depend on the number of epochs"
+    assert saved["resumes"] == [{"step": 8, "changed": changed, "schedule": note}]
+    assert saved["optim"]["lr"] == 1e-4 and saved["epochs"] == 3
+    rows = [json.loads(line) for line in open(tmp_path / "run/metrics.jsonl")]
+    resumed = [r for r in rows if r["kind"] == "resume"]
+    assert len(resumed) == 1 and resumed[0]["changed"] == changed and resumed[0]["step"] == 8
+    assert [r["epoch"] for r in rows if r["kind"] == "epoch"] == [1, 2, 3]
+    assert saved_state(more)[0]["step"] == 12
+    assert TrainConfig.from_json((tmp_path / "run/config.json").read_text()) == more
+
+
+def test_more_epochs_recompute_a_cosine_schedule_and_say_so(store, tmp_path):
+    from bigjax.train.loop import _schedule_note
+
+    run = Run(tiny(store, tmp_path, optim=OptimizerConfig(lr=1e-3, accum=2, schedule="cosine")))
+    run.close()
+    assert _schedule_note(run, 2, 5) == ("the cosine schedule recomputed over 5 epochs (10 optimiser updates), "
+                                         "not 2")
 
 
 def test_all_tiles_metrics_carry_a_bootstrap_interval_over_slides():
@@ -210,3 +254,54 @@ def test_a_bootstrap_interval_is_computed_once_per_metric(monkeypatch):
     r = _result("test", "all tiles", "panda", np.array([0, 1, 2]), np.eye(6)[[0, 1, 1]][None])
     r.lines(), r.to_json(), r.to_json()
     assert len(calls) == 2 and r.to_json()["qwk_ci95"] == (0.1, 0.9)
+
+
+def damaged_copy(config: TrainConfig, folder: Path, step: int) -> TrainConfig:
+    """A copy of a finished run whose checkpoint ``step`` has its model's data files cut in half."""
+    import shutil
+
+    shutil.copytree(config.workdir, folder)
+    files = [p for p in (folder / f"checkpoints/{step}/model").rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert files
+    for p in files:
+        p.write_bytes(p.read_bytes()[:p.stat().st_size // 2])
+    return dataclasses.replace(config, workdir=str(folder))
+
+
+def test_resume_past_a_damaged_newest_step_retakes_its_steps(store, uninterrupted, tmp_path, caplog):
+    """The newest step (8) does not restore: the resume names it, starts from step 4, and takes the
+    uninterrupted run's steps again to the same state."""
+    whole, _ = uninterrupted
+    config = damaged_copy(whole, tmp_path / "run", 8)
+    with caplog.at_level("WARNING", logger="bigjax.train.checkpoint"):
+        train(config, resume=True)
+    assert any(r.getMessage().startswith(f"checkpoint step 8 in {tmp_path / 'run/checkpoints'} does not restore")
+               for r in caplog.records)
+    assert "restored step 4 in" in caplog.text and "as the latest checkpoint (step 8 did not restore)" in caplog.text
+    for x, y in zip(saved_state(whole)[1], saved_state(config)[1]):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_eval_only_past_a_damaged_best_step_on_a_clean_console(uninterrupted, tmp_path):
+    """The CLI in a subprocess: --eval_only of a run whose best step is damaged names it in one warning,
+    evaluates the step before it, and prints no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    whole, results = uninterrupted
+    best = results["best_step"]
+    config = damaged_copy(whole, tmp_path / "run", best)
+    done = subprocess.run([sys.executable, "-m", "experiments.panda", f"--workdir={config.workdir}", "--eval_only",
+                           "--no_progress"], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr and "tensorstore_spec" not in done.stderr
+    warnings = [line for line in done.stderr.splitlines()
+                if line.startswith(("WARNING bigjax.train.checkpoint", "WARNING bigjax.train.loop: evaluating", "ERROR"))]
+    other = 4 if best == 8 else 8
+    assert warnings[0].startswith(f"WARNING bigjax.train.checkpoint: checkpoint step {best} in ")
+    assert warnings[1].endswith(f"restored step {other} in {tmp_path / 'run/checkpoints'} as the best checkpoint "
+                                f"(step {best} did not restore)")
+    assert len(warnings) == 2 + (best == 4)  # evaluating step 8, not the best by validation
+    assert json.loads((tmp_path / "run/results.json").read_text())["best_step"] == other
