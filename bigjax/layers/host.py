@@ -48,9 +48,10 @@ def host_op(fn: Callable, name: str) -> Callable:
         return run(ex, args)
 
     def apply_fwd(ex, *args):
-        return run(ex, args), args
+        return run(ex, args), tuple(map(ex.keep, args))
 
     def apply_bwd(ex, args, g):
+        args = ex.restore(args)
         cts = ex.call("host_backward", pull, tuple(map(ex.to_host, args)), ex.to_host(g))
         return tuple(ex.to_device_of(ct, arg) for ct, arg in zip(cts, args))
 

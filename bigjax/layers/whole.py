@@ -191,11 +191,12 @@ def _whole_fwd(programs, ex, new_rest, params, rest, x):
     y, new_rest.value, kept = ex.call("whole_forward", programs.forward, *on_compute)
     kept = [ex.to_host_async(r) for r in kept]
     ex.window.track(kept)
-    return ex.to_host(y), (params, on_compute[1], x, kept)
+    return ex.to_host(y), (params, on_compute[1], ex.keep(x), [ex.keep(r) for r in kept])
 
 
 def _whole_bwd(programs, ex, _, saved, g):
     params, rest, x, kept = saved
+    x, kept = ex.restore(x), ex.restore(kept)
     ex.window.admit(ex)
     g_params, g_x = ex.call("whole_backward", programs.backward, _on_compute(ex, kept),
                             _on_compute(ex, [*params, x]), ex.to_compute(g))

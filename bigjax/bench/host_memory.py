@@ -1,0 +1,134 @@
+"""Host RAM of one Big-Layers training step against the activations it must keep (issue 21).
+
+The rise of the process's peak resident set (``/proc/self/status`` VmHWM, reset through
+``/proc/self/clear_refs``) during one all-big ResNet train step, after a warm-up step at the same
+shape (compilation is not counted), is compared with the *activations stored once*: the input plus
+every convolution's output, counted from the shapes in the step's host dtype. Their ratio says how
+many copies of its activations the engine holds at its peak. With ``host_memory`` the step spills
+what exceeds that budget (``layers.spill``) and the spill observer's totals are reported too.
+
+    python -m bigjax.bench.host_memory --sides 512,1024 [--host_dtype bfloat16] [--spill_dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from flax import nnx
+
+from bigjax.bench.memory import host_peak_bytes, host_rss_bytes, release_host, reset_host_peak
+from bigjax.bench.step import executions, step_setup
+from bigjax.layers.spill import SpillStats
+from bigjax.models.resnet import ResNet
+
+__all__ = ["HostStep", "stored_once_bytes", "measure_host_step", "main"]
+
+
+@dataclass
+class HostStep:
+    """One measured step: sizes in bytes, time in seconds."""
+
+    side: int
+    host_dtype: str
+    budget: int
+    host_memory: int | None
+    stored_once: int
+    rss_rise: int
+    step_s: float
+    spilled: int = 0  # bytes written to the spill store (0: nothing spilled)
+    read: int = 0  # bytes read back from it
+    write_s: float = 0.0  # seconds waited on writes / reads (``SpillStats``)
+    read_s: float = 0.0
+
+    @property
+    def ratio(self) -> float:
+        return self.rss_rise / self.stored_once
+
+
+def stored_once_bytes(model: ResNet, shape: tuple, itemsize: int) -> int:
+    """Bytes of the input plus every conv output of ``model`` on an NHWC ``shape`` input."""
+    n, h, w, c = shape
+    total = h * w * c
+
+    def conv(module, size):
+        out = module.geom.out_size(*size)
+        return out, out[0] * out[1] * module.kernel.get_value().shape[-1]
+
+    size, values = conv(model.conv1, (h, w))
+    total += values
+    size = (size[0] - 1) // 2 + 1, (size[1] - 1) // 2 + 1  # the stem's 3x3/2 max-pool, padding 1
+    for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+        for block in layer:
+            inner = size
+            for name in ("conv1", "conv2", "conv3"):
+                if hasattr(block, name):
+                    inner, values = conv(getattr(block, name), inner)
+                    total += values
+            if block.downsample is not None:
+                total += conv(block.downsample[0], size)[1]
+            size = inner
+    return n * total * itemsize
+
+
+def measure_host_step(side: int, budget: int = 64 * 2**20, host_dtype: str | None = None,
+                      host_memory: int | None = None, spill_dir: str | None = None,
+                      engine: str = "eager", whole_blocks: bool = True) -> HostStep:
+    """Peak-RSS rise of one all-big ResNet-18 train step on a 1 x side x side x 3 image."""
+    shape = (1, side, side, 3)
+    x, big, _, loss = step_setup(18, shape)
+    _, ex = executions(budget, 1, host_dtype, engine, whole_blocks)
+    stats = SpillStats()
+    ex = ex.replace(host_memory=host_memory, spill_dir=spill_dir, observer=stats)
+    grad = nnx.value_and_grad(loss)
+    x = ex.to_host(x)
+    _block(grad(big, x, ex))  # warm-up: compile every kernel at this shape
+    stats.reset()
+    release_host()
+    reset_host_peak()
+    before = host_rss_bytes()
+    start = time.perf_counter()
+    _block(grad(big, x, ex))
+    seconds = time.perf_counter() - start
+    rise = host_peak_bytes() - before
+    itemsize = np.dtype(host_dtype or np.float32).itemsize
+    return HostStep(side, host_dtype or "float32", budget, host_memory,
+                    stored_once_bytes(big, shape, itemsize), rise, seconds, stats.written,
+                    stats.read, stats.write_s, stats.read_s)
+
+
+def _block(result):
+    import jax
+    jax.block_until_ready(result)
+
+
+def _gib(n) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--sides", default="512,1024", help="comma-separated image sides")
+    p.add_argument("--host_dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--budget", type=int, default=64 * 2**20, help="max_partition_bytes")
+    p.add_argument("--host_memory", type=int, help="bytes of residuals kept in RAM (spill beyond)")
+    p.add_argument("--spill_dir", help="directory of the spill store (with --host_memory)")
+    p.add_argument("--engine", choices=["eager", "compiled"], default="eager")
+    p.add_argument("--no_whole_blocks", action="store_true")
+    a = p.parse_args(argv)
+    dtype = None if a.host_dtype == "float32" else a.host_dtype
+    print("side  dtype     stored GiB  RSS rise GiB  ratio  step s  spilled GiB  read GiB")
+    for side in map(int, a.sides.split(",")):
+        r = measure_host_step(side, a.budget, dtype, a.host_memory, a.spill_dir, a.engine,
+                              not a.no_whole_blocks)
+        print(f"{side:>5} {r.host_dtype:<9} {_gib(r.stored_once):>10} {_gib(r.rss_rise):>13} "
+              f"{r.ratio:>6.2f} {r.step_s:>7.1f} {_gib(r.spilled):>12} {_gib(r.read):>9}",
+              flush=True)
+        print("  " + str(asdict(r)), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
