@@ -41,8 +41,6 @@ class HostStep:
     step_s: float
     spilled: int = 0  # bytes written to the spill store (0: nothing spilled)
     read: int = 0  # bytes read back from it
-    write_s: float = 0.0  # seconds waited on writes / reads (``SpillStats``)
-    read_s: float = 0.0
 
     @property
     def ratio(self) -> float:
@@ -97,7 +95,7 @@ def measure_host_step(side: int, budget: int = 64 * 2**20, host_dtype: str | Non
     itemsize = np.dtype(host_dtype or np.float32).itemsize
     return HostStep(side, host_dtype or "float32", budget, host_memory,
                     stored_once_bytes(big, shape, itemsize), rise, seconds, stats.written,
-                    stats.read, stats.write_s, stats.read_s)
+                    stats.read)
 
 
 def _block(result):

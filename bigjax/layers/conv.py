@@ -149,7 +149,8 @@ def _place(spec, x, kernel, bias, a, b):
     """The input in host memory, the kernel and per-channel vectors on the compute device."""
     ensure_eager("big_conv2d", x, kernel, bias, a, b)
     ex = spec.ex
-    return (ex.to_host(x), *(None if v is None else ex.to_compute(v) for v in (kernel, bias, a, b)))
+    x = x if isinstance(x, spill.Spilled) else ex.to_host(x)  # a store's bands are read as used
+    return (x, *(None if v is None else ex.to_compute(v) for v in (kernel, bias, a, b)))
 
 
 def _band(ex, v, n0, n1, r0, r1):
@@ -177,11 +178,13 @@ def _forward(spec, x, kernel, bias, a, b):
     ex = spec.ex
     _plan(spec, x, kernel, a, backward=True)  # fail now, not after the forward, if bwd cannot fit
     if ex.engine == "compiled":
-        return _compiled_forward(spec, x, kernel, bias, a, b)
+        return _compiled_forward(spec, ex.restore(x), kernel, bias, a, b)
     bands, acc = [], None
-    for p in _plan(spec, x, kernel, a, backward=False):
+    plan = _plan(spec, x, kernel, a, backward=False)
+    xs = spill.bands(ex, x, [(p.n0, p.n1, p.i0, p.i1) for p in plan], _take(ex))
+    for p in plan:
         ex.window.admit(ex)
-        xb = _band(ex, x, p.n0, p.n1, p.i0, p.i1)
+        xb = ex.to_compute(next(xs))
         yb, acc = ex.call("conv_forward", _forward_kernel, xb, kernel, bias, a, b, acc,
                           geom=spec.geom, pad=(p.pad_top, p.pad_bottom), stats=spec.stats)
         bands.append((p, ex.to_host_async(yb)))
@@ -357,7 +360,9 @@ def big_conv2d(x, kernel, bias=None, *, stride=1, padding=0, dilation=1, executi
     """Memory-bounded conv2d of an NHWC activation in host memory (Big-Layers Algorithms 3–4).
 
     Args:
-      x: (N, H, W, Cin) float array, numpy or JAX; kept in (or moved to) host memory.
+      x: (N, H, W, Cin) float array, numpy or JAX; kept in (or moved to) host memory. Or a store
+        (``spill.from_store``: a tensorstore array, the image a model starts from) whose bands
+        are read as the passes need them.
       kernel: (KH, KW, Cin, Cout) HWIO weights; bias: optional (Cout,).
       stride, padding, dilation: ints or (rows, cols) pairs, as ``torch.nn.functional.conv2d``.
       execution: the compute and host devices and the partition budget.

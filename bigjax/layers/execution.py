@@ -46,6 +46,7 @@ import numpy as np
 from jax.sharding import SingleDeviceSharding
 
 from bigjax.layers.compiled import Placement
+from bigjax.layers import spill
 from bigjax.layers.spill import SpillStore
 from bigjax.layers.stream import Window
 
@@ -169,8 +170,9 @@ class Execution:
         return x if self.spill is None else self.spill.keep(self, x)
 
     def restore(self, v):
-        """What ``keep`` gave (or a tuple/list of them), every spilled one read back to host memory."""
-        return v if self.spill is None else self.spill.restore(self, v)
+        """What ``keep`` gave (or a tuple/list of them), every spilled one (or an input store,
+        ``spill.from_store``) read back whole to host memory."""
+        return spill.restore(self, v)
 
     def replace(self, **changes) -> "Execution":
         """A copy with some fields changed (e.g. another compute device or an observer)."""

@@ -40,7 +40,7 @@ import jax
 import numpy as np
 import tensorstore as ts
 
-__all__ = ["SpillStore", "Spilled", "SpillStats", "PENDING_BYTES", "CHUNK_BYTES"]
+__all__ = ["SpillStore", "Spilled", "SpillStats", "from_store", "restore", "bands", "PENDING_BYTES", "CHUNK_BYTES"]
 
 CHUNK_BYTES = 8 * 2**20  # target bytes of one chunk (a row band of one image)
 PENDING_BYTES = 64 * 2**20  # writes in flight beyond which the forward waits for the oldest
@@ -54,11 +54,13 @@ class Spilled:
 
     A pytree node with no children, so a custom_vjp residual holding it carries no array."""
 
-    def __init__(self, store: ts.TensorStore, path: Path, shape, dtype, rows: int, pending):
+    def __init__(self, store: ts.TensorStore, path: Path | None, shape, dtype, rows: int,
+                 pending):
         self.store, self.path, self.shape, self.dtype = store, path, tuple(shape), np.dtype(dtype)
         self.rows = rows  # rows per chunk
         self._pending = pending  # the write futures, waited on before the first read
-        weakref.finalize(self, _remove, path, pending)
+        if path is not None:  # the store's own files (not a caller's store, ``from_store``)
+            weakref.finalize(self, _remove, path, pending)
 
     @property
     def nbytes(self) -> int:
@@ -72,6 +74,24 @@ class Spilled:
 
 
 jax.tree_util.register_pytree_node(Spilled, lambda s: ((), s), lambda s, _: s)
+
+
+def from_store(store: ts.TensorStore, dtype=None) -> Spilled:
+    """A caller's tensorstore array (NHWC, or HWC: one image) as an input the Big ops read band by
+    band (the slide a model starts from, never resident whole), its values converted to ``dtype``
+    (default: its own dtype) as they are read. The store is only read, never removed."""
+    if store.rank == 3:
+        store = store[ts.newaxis]
+    if store.rank != 4:
+        raise ValueError(f"a store input must be NHWC or HWC, got rank {store.rank} "
+                         f"(shape {tuple(store.shape)})")
+    dtype = np.dtype(dtype or store.dtype.numpy_dtype)
+    if store.dtype.numpy_dtype != dtype:
+        store = ts.cast(store, ts.dtype(dtype.name))
+    origin = store.domain.origin
+    if any(origin):  # index from zero, as the bands are cut
+        store = store.translate_to[0, 0, 0, 0]
+    return Spilled(store, None, store.shape, dtype, store.shape[1], [])
 
 
 def _remove(path: Path, pending) -> None:
@@ -116,7 +136,7 @@ class SpillStore:
         self.host_memory = host_memory
         self.spill_dir = Path(spill_dir).resolve()
         self.resident = 0  # bytes of kept activations in RAM that are alive
-        self._known: dict[int, tuple[weakref.ref, Spilled | None]] = {}  # buffer -> (array, handle)
+        self._known: dict[int, tuple] = {}  # buffer -> (array, handle or None: in RAM), both weak
         self._in_flight: deque = deque()  # (bytes, write future) of every band not yet written
 
     def keep(self, ex, x):
@@ -129,17 +149,21 @@ class SpillStore:
             return x
         key = x.unsafe_buffer_pointer()
         ref, handle = self._known.get(key, (None, None))
-        if ref is not None and ref() is not None:
-            return x if handle is None else handle
+        if ref is not None and ref() is x:
+            if handle is None:
+                return x
+            if handle() is not None:  # still kept by an op's residuals: written once
+                return handle()
         if self.resident + x.nbytes <= self.host_memory:
             self.resident += x.nbytes
             weakref.finalize(x, self._released, x.nbytes)
             self._known[key] = (weakref.ref(x), None)
             return x
-        handle = self._write(ex, x)
-        self._known[key] = (weakref.ref(x), handle)
+        spilled = self._write(ex, x)
+        # both weak: the files go when the last residual holding the handle is dropped
+        self._known[key] = (weakref.ref(x), weakref.ref(spilled))
         weakref.finalize(x, self._known.pop, key, None)
-        return handle
+        return spilled
 
     def _released(self, nbytes: int) -> None:
         self.resident -= nbytes
@@ -171,14 +195,16 @@ class SpillStore:
         while self._in_flight and self._in_flight[0][1].done():
             self._in_flight.popleft()
 
-    def restore(self, ex, v):
-        """A spilled ``v`` read back whole onto the host device (every band's read started first);
-        anything else as is. A tuple or list is restored leaf by leaf."""
-        if isinstance(v, (tuple, list)):
-            reads = [read_start(ex, u) if isinstance(u, Spilled) else u for u in v]
-            return type(v)(read_finish(ex, r) if isinstance(u, Spilled) else r
-                           for u, r in zip(v, reads))
-        return read_finish(ex, read_start(ex, v)) if isinstance(v, Spilled) else v
+
+
+def restore(ex, v):
+    """A spilled ``v`` read back whole onto the host device (every band's read started first);
+    anything else as is. A tuple or list is restored leaf by leaf."""
+    if isinstance(v, (tuple, list)):
+        reads = [read_start(ex, u) if isinstance(u, Spilled) else u for u in v]
+        return type(v)(read_finish(ex, r) if isinstance(u, Spilled) else r
+                       for u, r in zip(v, reads))
+    return read_finish(ex, read_start(ex, v)) if isinstance(v, Spilled) else v
 
 
 def _start_write(nbytes, store, i, r, band):
