@@ -22,7 +22,7 @@ from flax import nnx
 
 from bigjax.bench.memory import host_peak_bytes, host_rss_bytes, release_host, reset_host_peak
 from bigjax.bench.step import executions, step_setup
-from bigjax.layers.spill import SpillStats
+from bigjax.layers.spill import SpillStats, return_freed_buffers
 from bigjax.models.resnet import ResNet
 
 __all__ = ["HostStep", "stored_once_bytes", "measure_host_step", "main"]
@@ -74,8 +74,13 @@ def stored_once_bytes(model: ResNet, shape: tuple, itemsize: int) -> int:
 
 def measure_host_step(side: int, budget: int = 64 * 2**20, host_dtype: str | None = None,
                       host_memory: int | None = None, spill_dir: str | None = None,
-                      engine: str = "eager", whole_blocks: bool = True) -> HostStep:
-    """Peak-RSS rise of one all-big ResNet-18 train step on a 1 x side x side x 3 image."""
+                      engine: str = "eager", whole_blocks: bool = True,
+                      mmap_threshold: bool = False) -> HostStep:
+    """Peak-RSS rise of one all-big ResNet-18 train step on a 1 x side x side x 3 image
+    (``mmap_threshold``: freed buffers returned to the OS, ``spill.return_freed_buffers``, which a
+    ``host_memory`` setting does anyway)."""
+    if mmap_threshold:
+        return_freed_buffers()
     shape = (1, side, side, 3)
     x, big, _, loss = step_setup(18, shape)
     _, ex = executions(budget, 1, host_dtype, engine, whole_blocks)
@@ -116,12 +121,14 @@ def main(argv=None) -> None:
     p.add_argument("--spill_dir", help="directory of the spill store (with --host_memory)")
     p.add_argument("--engine", choices=["eager", "compiled"], default="eager")
     p.add_argument("--no_whole_blocks", action="store_true")
+    p.add_argument("--mmap_threshold", action="store_true",
+                   help="return freed buffers to the OS (implied by --host_memory)")
     a = p.parse_args(argv)
     dtype = None if a.host_dtype == "float32" else a.host_dtype
     print("side  dtype     stored GiB  RSS rise GiB  ratio  step s  spilled GiB  read GiB")
     for side in map(int, a.sides.split(",")):
         r = measure_host_step(side, a.budget, dtype, a.host_memory, a.spill_dir, a.engine,
-                              not a.no_whole_blocks)
+                              not a.no_whole_blocks, a.mmap_threshold)
         print(f"{side:>5} {r.host_dtype:<9} {_gib(r.stored_once):>10} {_gib(r.rss_rise):>13} "
               f"{r.ratio:>6.2f} {r.step_s:>7.1f} {_gib(r.spilled):>12} {_gib(r.read):>9}",
               flush=True)
