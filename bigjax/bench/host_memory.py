@@ -25,7 +25,8 @@ from bigjax.bench.step import executions, step_setup
 from bigjax.layers.spill import SpillStats, return_freed_buffers
 from bigjax.models.resnet import ResNet
 
-__all__ = ["HostStep", "stored_once_bytes", "measure_host_step", "main"]
+__all__ = ["HostStep", "SpilledStep", "stored_once_bytes", "measure_host_step", "benchmark_spilled",
+           "disk_bandwidth", "main"]
 
 
 @dataclass
@@ -101,6 +102,81 @@ def measure_host_step(side: int, budget: int = 64 * 2**20, host_dtype: str | Non
     return HostStep(side, host_dtype or "float32", budget, host_memory,
                     stored_once_bytes(big, shape, itemsize), rise, seconds, stats.written,
                     stats.read)
+
+
+@dataclass
+class SpilledStep:
+    """One spilled training step against its floors: seconds, bytes, bytes/s."""
+
+    shape: tuple
+    host_dtype: str
+    host_memory: int
+    step_s: float
+    peak_rss: int  # the step's peak resident set rise
+    written: int
+    read: int
+    kernel_s: float  # kernels of a profiled (blocking) step: conv, batch-norm, host ops, whole blocks
+    disk_write: float  # bytes/s of the spill store's own layout in spill_dir, measured in the run
+    disk_read: float
+
+    @property
+    def disk_s(self) -> float:
+        """Achieved: the step's disk bytes over its seconds, in bytes/s."""
+        return (self.written + self.read) / self.step_s
+
+    @property
+    def floor_s(self) -> float:
+        """The disk floor: bytes written and read at the measured bandwidths."""
+        return self.written / self.disk_write + self.read / self.disk_read
+
+    @property
+    def ratio(self) -> float:
+        """Step time over max(kernel time, disk floor)."""
+        return self.step_s / max(self.kernel_s, self.floor_s)
+
+
+def disk_bandwidth(spill_dir, nbytes: int = 512 * 2**20) -> tuple[float, float]:
+    """(write, read) bytes/s of a spill-store array of ``nbytes`` in ``spill_dir`` (through the
+    page cache, as the store itself writes: on a machine whose RAM holds the bytes, reads may
+    come from it)."""
+    from bigjax.layers import Execution
+    from bigjax.layers.spill import read_finish, read_start
+    ex = Execution(host_memory=0, spill_dir=spill_dir)
+    side = int((nbytes / 4 / 64) ** 0.5)
+    x = ex.to_host(np.ones((1, side, side, 64), np.float32))
+    start = time.perf_counter()
+    handle = ex.keep(x)
+    handle.written()
+    write = x.nbytes / (time.perf_counter() - start)
+    start = time.perf_counter()
+    read_finish(ex, read_start(ex, handle)).block_until_ready()
+    return write, x.nbytes / (time.perf_counter() - start)
+
+
+def benchmark_spilled(shape: tuple, host_memory: int, spill_dir, budget: int = 64 * 2**20,
+                      host_dtype: str | None = None, engine: str = "eager") -> SpilledStep:
+    """A warm-up step, a timed step (peak RSS, spill bytes) and a profiled step (kernel seconds)
+    of the all-big ResNet-18 with ``Execution(host_memory, spill_dir)``."""
+    from bigjax.bench.profile import KERNELS, profile_step
+    write, read = disk_bandwidth(spill_dir)
+    x, big, _, loss = step_setup(18, shape)
+    _, ex = executions(budget, 1, host_dtype, engine)
+    stats = SpillStats()
+    ex = ex.replace(host_memory=host_memory, spill_dir=spill_dir)
+    grad = nnx.value_and_grad(loss)
+    x = ex.to_host(x)
+    _block(grad(big, x, ex))
+    release_host()
+    reset_host_peak()
+    before = host_rss_bytes()
+    start = time.perf_counter()
+    _block(grad(big, x, ex.replace(observer=stats)))
+    seconds = time.perf_counter() - start
+    rise = host_peak_bytes() - before
+    profile = profile_step(lambda e: grad(big, x, e), ex)
+    kernels = sum(profile.get(c, 0.0) for c in KERNELS)
+    return SpilledStep(tuple(shape), host_dtype or "float32", host_memory, seconds, rise,
+                       stats.written, stats.read, kernels, write, read)
 
 
 def _block(result):

@@ -50,6 +50,9 @@ PENDING_BYTES = 64 * 2**20  # writes in flight beyond which the forward waits fo
 _PREFIX = "bigjax-spill-"
 _COUNTER = itertools.count()
 _ROOTS: dict[Path, Path] = {}  # spill_dir -> this process's directory in it
+# one file per chunk, its bytes as they are (tensorstore's zarr3 default would nest the chunks in a
+# sharded file with a checksummed index: a band read then costs an index read and a checksum)
+_RAW = [{"name": "bytes", "configuration": {"endian": "little"}}]
 
 
 class Spilled:
@@ -196,8 +199,8 @@ class SpillStore:
         path = _process_root(self.spill_dir) / str(next(_COUNTER))
         store = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)},
                          "metadata": {"shape": list(x.shape), "data_type": x.dtype.name,
-                                      "chunk_grid": {"name": "regular", "configuration":
-                                                     {"chunk_shape": [1, rows, w, c]}}}},
+                                      "codecs": _RAW, "chunk_grid": {"name": "regular",
+                                      "configuration": {"chunk_shape": [1, rows, w, c]}}}},
                         create=True, dtype=ts.dtype(x.dtype.name)).result()
         values = jax.device_get(x)  # a view of the host buffer where it can be (a CPU device)
         pending = []
