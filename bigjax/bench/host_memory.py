@@ -154,11 +154,12 @@ def disk_bandwidth(spill_dir, nbytes: int = 512 * 2**20) -> tuple[float, float]:
 
 
 def benchmark_spilled(shape: tuple, host_memory: int, spill_dir, budget: int = 64 * 2**20,
-                      host_dtype: str | None = None, engine: str = "eager") -> SpilledStep:
+                      host_dtype: str | None = None, engine: str = "eager",
+                      probe_bytes: int = 512 * 2**20) -> SpilledStep:
     """A warm-up step, a timed step (peak RSS, spill bytes) and a profiled step (kernel seconds)
     of the all-big ResNet-18 with ``Execution(host_memory, spill_dir)``."""
     from bigjax.bench.profile import KERNELS, profile_step
-    write, read = disk_bandwidth(spill_dir)
+    write, read = disk_bandwidth(spill_dir, probe_bytes)
     x, big, _, loss = step_setup(18, shape)
     _, ex = executions(budget, 1, host_dtype, engine)
     stats = SpillStats()

@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from bigjax.layers.execution import Execution, ensure_eager, zeros_like
+from bigjax.layers.spill import Spilled
 
 __all__ = ["run_whole", "whole_programs", "WholePrograms"]
 
@@ -148,7 +149,7 @@ def run_whole(module: nnx.Module, x: jax.Array, call: Callable, static: tuple,
     ``call`` must be a module-level function (it keys the compiled programs); the module's state
     other than its parameters (BatchNorm running statistics) is updated as ``call`` updates it.
     """
-    if not isinstance(x, jax.Array):  # an input read band by band from a store (``spill``)
+    if isinstance(x, Spilled):  # an input read band by band from a store (``spill``)
         return None
     if 3 * _bytes(x) > ex.max_partition_bytes:  # input, output and one conv output: cannot fit
         return None

@@ -31,12 +31,13 @@ def test_a_spilled_step_is_measured(tmp_path):
 
 
 def test_the_benchmark_reports_a_spilled_step_against_its_floors(tmp_path):
-    t = benchmark_spilled((1, 64, 64, 3), 0, tmp_path, budget=20_000_000)
+    t = benchmark_spilled((1, 64, 64, 3), 0, tmp_path, budget=20_000_000, probe_bytes=2**20)
     assert t.written > 0 and t.read >= t.written and t.kernel_s > 0
     assert t.floor_s == pytest.approx(t.written / t.disk_write + t.read / t.disk_read)
     assert t.ratio == pytest.approx(t.step_s / max(t.kernel_s, t.floor_s))
 
 
+@pytest.mark.slow
 def test_experiments_benchmark_prints_the_spilled_step(tmp_path, capsys):
     from experiments.benchmark import main
     main(["--shapes=1x64x64x3", "--host_memory=0", f"--spill_dir={tmp_path}",
