@@ -60,10 +60,8 @@ class Spilled:
 
     A pytree node with no children, so a custom_vjp residual holding it carries no array."""
 
-    def __init__(self, store: ts.TensorStore, path: Path | None, shape, dtype, rows: int,
-                 pending):
+    def __init__(self, store: ts.TensorStore, path: Path | None, shape, dtype, pending):
         self.store, self.path, self.shape, self.dtype = store, path, tuple(shape), np.dtype(dtype)
-        self.rows = rows  # rows per chunk
         self._pending = pending  # the write futures, waited on before the first read
         if path is not None:  # the store's own files (not a caller's store, ``from_store``)
             weakref.finalize(self, _remove, path, pending)
@@ -97,7 +95,7 @@ def from_store(store: ts.TensorStore, dtype=None) -> Spilled:
     origin = store.domain.origin
     if any(origin):  # index from zero, as the bands are cut
         store = store.translate_to[0, 0, 0, 0]
-    return Spilled(store, None, store.shape, dtype, store.shape[1], [])
+    return Spilled(store, None, store.shape, dtype, [])
 
 
 def _remove(path: Path, pending) -> None:
@@ -211,7 +209,7 @@ class SpillStore:
                 pending.append(future)
                 self._in_flight.append((band.nbytes, future))
                 self._throttle()
-        return Spilled(store, path, x.shape, x.dtype, rows, pending)
+        return Spilled(store, path, x.shape, x.dtype, pending)
 
     def _throttle(self) -> None:
         """Wait for the oldest writes while more than ``PENDING_BYTES`` are in flight."""
@@ -241,33 +239,19 @@ def _start_read(nbytes, view):
 
 
 def read_start(ex, v: Spilled, n0=0, n1=None, r0=0, r1=None):
-    """Start reading images [n0, n1), rows [r0, r1) of ``v`` (one ``spill_read`` per chunk band)."""
+    """Start reading images [n0, n1), rows [r0, r1) of ``v``: one ``spill_read``, which tensorstore
+    serves from the chunks (row bands) the rows lie in, into one array."""
     v.written()
     n1 = v.shape[0] if n1 is None else n1
     r1 = v.shape[1] if r1 is None else r1
-    futures = []
-    for i in range(n0, n1):
-        for c0 in range(r0 - r0 % v.rows, r1, v.rows):
-            a, b = max(r0, c0), min(r1, c0 + v.rows)
-            view = v.store[i:i + 1, a:b]
-            nbytes = (b - a) * int(np.prod(v.shape[2:])) * v.dtype.itemsize
-            futures.append(ex.call("spill_read", _start_read, nbytes, view))
-    return futures, (n1 - n0, r1 - r0, *v.shape[2:]), v.dtype
+    nbytes = (n1 - n0) * (r1 - r0) * int(np.prod(v.shape[2:])) * v.dtype.itemsize
+    return ex.call("spill_read", _start_read, nbytes, v.store[n0:n1, r0:r1]), v.dtype
 
 
 def read_finish(ex, started) -> jax.Array:
-    """The band whose reads ``read_start`` started, on the host device."""
-    futures, shape, dtype = started
-    parts = [f.result() for f in futures]
-    rows = sum(p.shape[1] for p in parts) // max(1, shape[0])
-    if len(parts) == 1:
-        values = parts[0]
-    else:  # images, each its row chunks in order
-        per = len(parts) // shape[0]
-        values = np.concatenate([np.concatenate(parts[i * per:(i + 1) * per], axis=1)
-                                 for i in range(shape[0])], axis=0)
-    assert values.shape == shape and rows == shape[1], (values.shape, shape)
-    return ex.to_host(values.astype(dtype, copy=False))
+    """The band whose read ``read_start`` started, on the host device."""
+    future, dtype = started
+    return ex.to_host(future.result().astype(dtype, copy=False))
 
 
 def bands(ex, v, ranges, take):
