@@ -45,8 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 
-from bigjax.layers.compiled import Placement
 from bigjax.layers import spill
+from bigjax.layers.compiled import Placement
 from bigjax.layers.spill import SpillStore
 from bigjax.layers.stream import Window
 
