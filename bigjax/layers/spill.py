@@ -179,17 +179,19 @@ class SpillStore:
                 return handle()
         if self.resident + x.nbytes <= self.host_memory:
             self.resident += x.nbytes
-            weakref.finalize(x, self._released, x.nbytes)
+            weakref.finalize(x, self._forget, key, x.nbytes)
             self._known[key] = (weakref.ref(x), None)
             return x
         spilled = self._write(ex, x)
         # both weak: the files go when the last residual holding the handle is dropped
         self._known[key] = (weakref.ref(x), weakref.ref(spilled))
-        weakref.finalize(x, self._known.pop, key, None)
+        weakref.finalize(x, self._forget, key, 0)
         return spilled
 
-    def _released(self, nbytes: int) -> None:
-        self.resident -= nbytes
+    def _forget(self, key: int, resident: int) -> None:
+        """``x`` is gone: its buffer may serve another array; ``resident`` bytes left RAM."""
+        self._known.pop(key, None)
+        self.resident -= resident
 
     def _write(self, ex, x: jax.Array) -> Spilled:
         n, h, w, c = x.shape
@@ -217,7 +219,6 @@ class SpillStore:
             self._in_flight.popleft()[1].result()
         while self._in_flight and self._in_flight[0][1].done():
             self._in_flight.popleft()
-
 
 
 def restore(ex, v):
