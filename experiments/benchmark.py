@@ -5,6 +5,7 @@
     python -m experiments.benchmark --shapes=1x4096x4096x3,1x8192x8192x3 --profile   # a GPU's floor
     python -m experiments.benchmark --quick --host_dtype=bfloat16   # half the bytes, its error
     python -m experiments.benchmark --engine=eager,compiled --profile   # both engines, one run
+    python -m experiments.benchmark --shapes=1x2048x2048x3 --host_memory=1GiB --spill_dir=DIR
 
 Per input: the Big step and its jitted twin (median seconds, ratio), the bytes each way, the achieved
 GB/s, the floor (bytes / measured copy bandwidth), the orchestration share of a profiled step
@@ -19,10 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import jax
 
+from bigjax.bench.host_memory import benchmark_spilled
 from bigjax.bench.report import write_sweep
 from bigjax.bench.step import benchmark_step
 from bigjax.bench.sweep import CONFIGS, SweepConfig, run_sweep
@@ -46,6 +48,8 @@ class Config:
     prefetch: int | None = 1
     host_dtype: str | None = None
     engines: tuple = ("eager",)
+    host_memory: int | None = None  # spill beyond it (``Execution.host_memory``) into spill_dir
+    spill_dir: str | None = None
 
 
 def parse(argv=None) -> Config:
@@ -80,12 +84,19 @@ def parse(argv=None) -> Config:
     p.add_argument("--engine", type=_engines, default=("eager",),
                    help="eager, compiled, or both comma-separated (timed one after the other, each "
                         "against the jitted twin, per input)")
+    p.add_argument("--host_memory", type=byte_size,
+                   help="keep at most this many bytes of activations in RAM, spill the rest to "
+                        "--spill_dir; prints step time, peak RSS, disk bytes and floor per shape")
+    p.add_argument("--spill_dir", help="a local directory for the spill store (with --host_memory)")
     a = p.parse_args(argv)
+    if (a.host_memory is None) != (a.spill_dir is None):
+        p.error("--host_memory and --spill_dir go together")
     if a.sweep:
         return _sweep_config(a)
     shapes = a.shapes or (QUICK if a.quick else FULL)
     return Config(a.depth, tuple(shapes), a.max_partition_bytes,
-                  not a.separate, a.reps, a.out, a.profile, a.prefetch, a.host_dtype, a.engine)
+                  not a.separate, a.reps, a.out, a.profile, a.prefetch, a.host_dtype, a.engine,
+                  a.host_memory, a.spill_dir)
 
 
 # --sweep --quick: a few minutes on 2 CPU cores; three sides (enough for a power-law fit) of the
@@ -118,6 +129,8 @@ def main(argv=None) -> None:
         result = run_sweep(sweep, after_side=lambda part: write_sweep(part, out, title))
         print(write_sweep(result, out, title), end="")
         return
+    if cfg.host_memory is not None:
+        return _spilled(cfg)
     print(f"{'input':>14} {'engine':>8} {'budget':>11} {'parts':>5} {'big s':>7} {'jit s':>7} "
           f"{'ratio':>6} {'h2d MiB':>8} {'d2h MiB':>8} {'GB/s':>6} {'floor s':>7} {'orch.':>6} "
           f"{'peak MB':>8}")
@@ -126,6 +139,22 @@ def main(argv=None) -> None:
             t = benchmark_step(cfg.depth, shape, cfg.budget, fused=cfg.fused, reps=cfg.reps,
                                prefetch=cfg.prefetch, host_dtype=cfg.host_dtype, engine=engine)
             _report(t, cfg)
+
+
+def _spilled(cfg: Config) -> None:
+    """Per shape: a spilled step's time and peak RSS, its disk bytes against the disk floor."""
+    print(f"{'input':>14} {'step s':>7} {'RSS GiB':>8} {'wrote GiB':>9} {'read GiB':>8} "
+          f"{'disk GB/s':>9} {'floor s':>7} {'kernel s':>8} {'ratio':>6}")
+    for shape in cfg.shapes:
+        for engine in cfg.engines:
+            t = benchmark_spilled(shape, cfg.host_memory, cfg.spill_dir, cfg.budget,
+                                  cfg.host_dtype, engine)
+            print(f"{'x'.join(map(str, shape)):>14} {t.step_s:>7.1f} {t.peak_rss / 2**30:>8.2f} "
+                  f"{t.written / 2**30:>9.2f} {t.read / 2**30:>8.2f} {t.disk_s / 1e9:>9.2f} "
+                  f"{t.floor_s:>7.2f} {t.kernel_s:>8.1f} {t.ratio:>6.2f}", flush=True)
+            if cfg.out:
+                with open(cfg.out, "a") as f:
+                    f.write(json.dumps({**asdict(t), "floor_s": t.floor_s, "ratio": t.ratio}) + "\n")
 
 
 def _report(t, cfg: Config) -> None:

@@ -40,6 +40,8 @@ CATEGORIES = {
     "attention_backward": "attention kernels (bwd)",
     "vit_forward": "ViT kernels (fwd)",
     "vit_backward": "ViT kernels (bwd)",
+    "spill_write": "spill-store writes (started)",
+    "spill_read": "spill-store reads (started)",
 }
 REMAINDER = "autodiff, Python"
 # categories that are compute (the rest of a step is orchestration: copies, slicing, Python)

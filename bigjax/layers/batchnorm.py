@@ -86,7 +86,7 @@ def _moments(ex, x):
 def _moments_fwd(ex, x):
     x = ex.to_host(x)
     mean, var = _moments(ex, x)
-    return (mean, var), (x, mean)
+    return (mean, var), (ex.keep(x), mean)
 
 
 _moments_pull = jax.jit(moments.moments_cotangent)
@@ -94,6 +94,7 @@ _moments_pull = jax.jit(moments.moments_cotangent)
 
 def _moments_bwd(ex, res, cts):
     x, mean = res
+    x = ex.restore(x)
     g_mean, g_var = map(ex.to_compute, cts)
     count = ex.to_compute(np.float32(x.size // x.shape[-1]))
     return (_join(ex, [_to_host(ex, p, ex.call("batch_norm", _moments_pull, xb, mean, g_mean, g_var,
@@ -132,11 +133,12 @@ def _affine(ex, x, a, b):
 
 def _affine_fwd(ex, x, a, b):
     x = ex.to_host(x)
-    return _affine(ex, x, a, b), (x, ex.to_compute(a))
+    return _affine(ex, x, a, b), (ex.keep(x), ex.to_compute(a))
 
 
 def _affine_bwd(ex, res, g):
     x, a = res
+    x = ex.restore(x)
     acc, bands = zeros_like((a, a)), []
     for p, xb, gb in _to_compute_bands(ex, 2, 1, x, ex.to_host(g)):
         acc, dx = ex.call("batch_norm", _affine_pull, acc, xb, gb, a)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from bigjax.layers import compiled, moments
+from bigjax.layers import compiled, moments, spill
 from bigjax.layers.bands import join_on_host, take_band
 from bigjax.layers.execution import Execution, ensure_eager, zeros_like
 from bigjax.layers.plan import ConvGeometry, Footprint, Partition, plan_partitions
@@ -159,7 +159,8 @@ def _place(spec, x, kernel, bias, a, b):
     """The input in host memory, the kernel and per-channel vectors on the compute device."""
     ensure_eager("big_conv2d", x, kernel, bias, a, b)
     ex = spec.ex
-    return (ex.to_host(x), *(None if v is None else ex.to_compute(v) for v in (kernel, bias, a, b)))
+    x = x if isinstance(x, spill.Spilled) else ex.to_host(x)  # a store's bands are read as used
+    return (x, *(None if v is None else ex.to_compute(v) for v in (kernel, bias, a, b)))
 
 
 def _band(ex, v, n0, n1, r0, r1):
@@ -167,16 +168,33 @@ def _band(ex, v, n0, n1, r0, r1):
     return ex.to_compute(ex.call("take_band", take_band, v, n0, n1, r0, r1))
 
 
+def _take(ex):
+    return lambda v, *rows: ex.call("take_band", take_band, v, *rows)
+
+
+def _residual_bands(spec, plan, x, y):
+    """Iterators over the backward's input bands (with halos) and, with statistics, output bands of
+    the residuals ``x``, ``y``, in host memory: cut from RAM, or read from the spill store one band
+    ahead (``spill.bands``)."""
+    ex = spec.ex
+    xs = spill.bands(ex, x, [(p.n0, p.n1, p.i0, p.i1) for p in plan], _take(ex))
+    ys = spill.bands(ex, y, [(p.n0, p.n1, p.r0, p.r1) for p in plan], _take(ex)) if spec.stats \
+        else None
+    return xs, ys
+
+
 def _forward(spec, x, kernel, bias, a, b):
     """Algorithm 3: stream input bands to the device, output bands back to the host (placed args)."""
     ex = spec.ex
     _plan(spec, x, kernel, a, backward=True)  # fail now, not after the forward, if bwd cannot fit
     if ex.engine == "compiled":
-        return _compiled_forward(spec, x, kernel, bias, a, b)
+        return _compiled_forward(spec, ex.restore(x), kernel, bias, a, b)
     bands, acc = [], None
-    for p in _plan(spec, x, kernel, a, backward=False):
+    plan = _plan(spec, x, kernel, a, backward=False)
+    xs = spill.bands(ex, x, [(p.n0, p.n1, p.i0, p.i1) for p in plan], _take(ex))
+    for p in plan:
         ex.window.admit(ex)
-        xb = _band(ex, x, p.n0, p.n1, p.i0, p.i1)
+        xb = ex.to_compute(next(xs))
         yb, acc = ex.call("conv_forward", _forward_kernel, xb, kernel, bias, a, b, acc,
                           geom=spec.geom, pad=(p.pad_top, p.pad_bottom), stats=spec.stats)
         bands.append((p, ex.to_host_async(yb)))
@@ -207,25 +225,27 @@ def _backward(spec, res, cts):
     g = ex.to_host(cts[0] if spec.stats else cts)
     count = g_mean = g_var = None
     if spec.stats:
-        count = ex.to_compute(np.float32(y.size // y.shape[-1]))
+        count = ex.to_compute(np.float32(np.prod(y.shape[:-1])))
         g_mean, g_var = ex.to_compute(cts[1]), ex.to_compute(cts[2])
     if ex.engine == "compiled":
+        res = (ex.restore(x), kernel, bias, a, b, ex.restore(y), mean)
         return _compiled_backward(spec, res, g, (mean, g_mean, g_var, count))
     plan = _plan(spec, x, kernel, a, backward=True)
     if not spec.input_grad:
         return _parameter_backward(spec, plan, res, g, (mean, g_mean, g_var, count))
     acc = zeros_like((kernel, bias, a, b))
     bands, carry = [], None
+    xs, ys = _residual_bands(spec, plan, x, y)
     for p, (start, end) in zip(plan, _emitted_rows(plan, x.shape[1])):
         ex.window.admit(ex)
         if p.r0 == 0:  # a new image chunk: nothing to overlap-add yet
             carry = ex.to_compute(np.zeros((p.n1 - p.n0, 0, *x.shape[2:]), kernel.dtype))
         gb = _band(ex, g, p.n0, p.n1, p.r0, p.r1)
         if spec.stats:
-            yb = _band(ex, y, p.n0, p.n1, p.r0, p.r1)
+            yb = ex.to_compute(next(ys))
             gb = ex.call("conv_backward", _stats_cotangent, gb, yb, mean, g_mean, g_var, count)
             del yb
-        xb = _band(ex, x, p.n0, p.n1, p.i0, p.i1)
+        xb = ex.to_compute(next(xs))
         acc, out, carry = ex.call(
             "conv_backward", _backward_kernel, acc, carry, xb, kernel, bias, a, b, gb,
             geom=spec.geom, pad=(p.pad_top, p.pad_bottom), emit=end - start,
@@ -258,15 +278,15 @@ def _parameter_backward(spec, plan, res, g, statistics):
     x, kernel, bias, a, b, y, mean = res
     ex = spec.ex
     acc = zeros_like((kernel, bias))
+    xs, ys = _residual_bands(spec, plan, x, y)
     for p in plan:
         ex.window.admit(ex)
         gb = _band(ex, g, p.n0, p.n1, p.r0, p.r1)
         if spec.stats:
-            gb = ex.call("conv_backward", _stats_cotangent, gb, _band(ex, y, p.n0, p.n1, p.r0, p.r1),
+            gb = ex.call("conv_backward", _stats_cotangent, gb, ex.to_compute(next(ys)),
                          *statistics)
-        acc = ex.call("conv_backward", _parameter_grad_kernel, acc,
-                      _band(ex, x, p.n0, p.n1, p.i0, p.i1), kernel, bias, gb, geom=spec.geom,
-                      pad=(p.pad_top, p.pad_bottom))
+        acc = ex.call("conv_backward", _parameter_grad_kernel, acc, ex.to_compute(next(xs)),
+                      kernel, bias, gb, geom=spec.geom, pad=(p.pad_top, p.pad_bottom))
         ex.window.track(acc)
         del gb
     return (None, *acc, None, None)
@@ -326,8 +346,10 @@ def _conv(spec, x, kernel, bias, a, b):
 def _conv_fwd(spec, x, kernel, bias, a, b):
     placed = _place(spec, x, kernel, bias, a, b)
     out = _forward(spec, *placed)
-    y, mean = (out[0], out[1]) if spec.stats else (out, None)
-    return out, (*placed, y, mean)
+    # the output is read back only for its statistics' cotangent; beyond host_memory, both
+    # activations wait on disk (``Execution.keep``)
+    y, mean = (spec.ex.keep(out[0]), out[1]) if spec.stats else (None, None)
+    return out, (spec.ex.keep(placed[0]), *placed[1:], y, mean)
 
 
 _conv.defvjp(_conv_fwd, _backward)
@@ -348,7 +370,9 @@ def big_conv2d(x, kernel, bias=None, *, stride=1, padding=0, dilation=1, executi
     """Memory-bounded conv2d of an NHWC activation in host memory (Big-Layers Algorithms 3–4).
 
     Args:
-      x: (N, H, W, Cin) float array, numpy or JAX; kept in (or moved to) host memory.
+      x: (N, H, W, Cin) float array, numpy or JAX; kept in (or moved to) host memory. Or a store
+        (``spill.from_store``: a tensorstore array, the image a model starts from) whose bands
+        are read as the passes need them.
       kernel: (KH, KW, Cin, Cout) HWIO weights; bias: optional (Cout,).
       stride, padding, dilation: ints or (rows, cols) pairs, as ``torch.nn.functional.conv2d``.
       execution: the compute and host devices and the partition budget.

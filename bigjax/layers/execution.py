@@ -36,6 +36,7 @@ writes in the compute device's host memory (``placement``: ``pinned_host`` where
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -44,7 +45,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 
+from bigjax.layers import spill
 from bigjax.layers.compiled import Placement
+from bigjax.layers.spill import SpillStore
 from bigjax.layers.stream import Window
 
 __all__ = ["Execution", "DEFAULT_PARTITION_BYTES", "ENGINES", "EVENTS", "ensure_eager", "zeros_like"]
@@ -77,6 +80,9 @@ EVENTS = {
     "attention_backward": "a recomputed streamed-attention block's gradient step (dk, dv or dq)",
     "vit_forward": "a ViT stage (embedding, block, head, a streamed block's half) on one partition",
     "vit_backward": "a recomputed ViT stage's pullback on one partition",
+    "spill_write": "a row band of an activation beyond host_memory written to the spill store "
+                   "(asynchronous; its first argument is the band's bytes)",
+    "spill_read": "a row band read back from the spill store (asynchronous; first argument: bytes)",
 }
 
 # observer(event, fn, *args, **kwargs) must return fn(*args, **kwargs)
@@ -118,7 +124,10 @@ class Execution:
     host_dtype: object = None
     engine: str = "eager"
     whole_blocks: bool = True
+    host_memory: int | None = None
+    spill_dir: str | os.PathLike | None = None
     window: Window = field(init=False, compare=False, repr=False)
+    spill: SpillStore | None = field(init=False, compare=False, repr=False)
 
     def __post_init__(self):
         budget = self.max_partition_bytes
@@ -139,6 +148,31 @@ class Execution:
             if not jnp.issubdtype(dtype, jnp.floating):
                 raise ValueError(f"host_dtype must be a floating dtype, got {self.host_dtype!r}")
             object.__setattr__(self, "host_dtype", dtype)
+        object.__setattr__(self, "spill", self._spill_store())
+
+    def _spill_store(self) -> SpillStore | None:
+        memory = self.host_memory
+        if memory is None:
+            if self.spill_dir is not None:
+                raise ValueError(f"spill_dir={self.spill_dir!r} needs host_memory (the bytes kept "
+                                 "in RAM before activations spill)")
+            return None
+        if isinstance(memory, bool) or not isinstance(memory, (int, np.integer)) or memory < 0:
+            raise ValueError(f"host_memory must be a number of bytes >= 0, got {memory!r}")
+        if self.spill_dir is None:
+            raise ValueError(f"host_memory={memory} needs spill_dir (a local directory for the "
+                             "activations beyond it)")
+        return SpillStore(int(memory), self.spill_dir)
+
+    def keep(self, x):
+        """A residual activation as the backward will get it: ``x`` itself, or, beyond
+        ``host_memory``, a handle to its copy in the spill store (``spill``)."""
+        return x if self.spill is None else self.spill.keep(self, x)
+
+    def restore(self, v):
+        """What ``keep`` gave (or a tuple/list of them), every spilled one (or an input store,
+        ``spill.from_store``) read back whole to host memory."""
+        return spill.restore(self, v)
 
     def replace(self, **changes) -> "Execution":
         """A copy with some fields changed (e.g. another compute device or an observer)."""

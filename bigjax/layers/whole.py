@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from bigjax.layers.execution import Execution, ensure_eager, zeros_like
+from bigjax.layers.spill import Spilled
 
 __all__ = ["run_whole", "whole_programs", "WholePrograms"]
 
@@ -148,6 +149,8 @@ def run_whole(module: nnx.Module, x: jax.Array, call: Callable, static: tuple,
     ``call`` must be a module-level function (it keys the compiled programs); the module's state
     other than its parameters (BatchNorm running statistics) is updated as ``call`` updates it.
     """
+    if isinstance(x, Spilled):  # an input read band by band from a store (``spill``)
+        return None
     if 3 * _bytes(x) > ex.max_partition_bytes:  # input, output and one conv output: cannot fit
         return None
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
@@ -191,11 +194,12 @@ def _whole_fwd(programs, ex, new_rest, params, rest, x):
     y, new_rest.value, kept = ex.call("whole_forward", programs.forward, *on_compute)
     kept = [ex.to_host_async(r) for r in kept]
     ex.window.track(kept)
-    return ex.to_host(y), (params, on_compute[1], x, kept)
+    return ex.to_host(y), (params, on_compute[1], ex.keep(x), [ex.keep(r) for r in kept])
 
 
 def _whole_bwd(programs, ex, _, saved, g):
     params, rest, x, kept = saved
+    x, kept = ex.restore(x), ex.restore(kept)
     ex.window.admit(ex)
     g_params, g_x = ex.call("whole_backward", programs.backward, _on_compute(ex, kept),
                             _on_compute(ex, [*params, x]), ex.to_compute(g))

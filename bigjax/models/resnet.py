@@ -19,9 +19,10 @@ from typing import Mapping
 
 import jax.numpy as jnp
 import numpy as np
+import tensorstore as ts
 from flax import nnx
 
-from bigjax.layers import host
+from bigjax.layers import host, spill
 from bigjax.layers.execution import Execution
 from bigjax.layers.modules import BigBatchNorm, BigConv
 from bigjax.models.resnet_paths import Fused, InMemory, Separate
@@ -168,8 +169,9 @@ class BigResNet(ResNet):
       fused: conv + BatchNorm statistics in one pass and BatchNorm applied where used (default), or
         the paper's separate ops (False). Both give the same results.
     Call ``model(x, train=..., execution=...)`` outside ``jit`` (``nnx.grad`` works, with respect to
-    the parameters and to ``x``) with NHWC float32 x, numpy or JAX; ``execution`` (devices and
-    partition budget) defaults to ``Execution()``.
+    the parameters and to ``x``) with NHWC float32 x, numpy or JAX, or a tensorstore array (NHWC
+    or HWC, e.g. a slide's zarr array, not differentiated) whose row bands the stem's conv reads
+    as it needs them; ``execution`` (devices and partition budget) defaults to ``Execution()``.
     """
 
     def __init__(self, depth: int = 18, *, big_stages: int = 4, fused: bool = True,
@@ -185,7 +187,10 @@ class BigResNet(ResNet):
             raise ValueError("host_dtype (narrow host activations) needs the fused path; the "
                              "separate ops compute in their activations' dtype")
         path = Fused(ex) if self.fused else Separate(ex)
-        x = ex.to_host(ex.stored(x))
+        if isinstance(x, ts.TensorStore):  # the slide: the stem's conv reads its bands from it
+            x = spill.from_store(x, ex.host_dtype or self.conv1.kernel.get_value().dtype)
+        else:
+            x = ex.to_host(ex.stored(x))
         x = self.stages(path, self.stem(path, x, train), 0, self.big_stages, train)
         if self.big_stages == 4:
             return ex.to_compute(host.global_avg_pool(x, execution=ex))

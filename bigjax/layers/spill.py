@@ -1,0 +1,296 @@
+"""A spill store: the activations a step must keep, beyond a host-RAM budget, on local disk.
+
+What a Big-Layers training step keeps alive from its forward to its backward is exactly the residuals
+of its custom_vjp ops (what each forward saves for its backward: a conv's input and output, a host op's
+inputs, a whole block's residuals); every other forward value is freed once its consumer ran. So the
+policy is applied to residuals, by the ops themselves (``keep`` in a forward, ``restore``/``bands`` in
+a backward): an activation is kept in RAM while the residuals resident in RAM stay within
+``Execution.host_memory``, else it is written to a tensorstore array on disk and the residual holds only
+a ``Spilled`` handle — a pytree without array leaves (the handle is its aux data), which JAX's eager
+autodiff carries like any residual. Each activation is kept once, however many ops save it (the
+store remembers it by its buffer).
+
+Layout: one zarr v3 array per spilled activation, uncompressed (activations are noise to a compressor,
+and compression would cost CPU the kernels need), on tensorstore's ``file`` driver, one chunk per row
+band of one image: a band read is one contiguous file read, and a conv's backward reads its bands with
+their halos from one or two chunks. Writes are tensorstore futures started in the forward and waited on
+only when too many bytes are in flight (``PENDING_BYTES``); in a conv's backward the next band's read
+is started before the current band's kernels run (``bands``).
+
+Lifetime: the arrays live in ``<spill_dir>/bigjax-spill-<pid>/``; an array's files are removed when its
+handle is dropped (JAX drops the residuals once the backward consumed them), the process directory at
+exit; a run killed before that leaves a directory whose pid is dead, which the next store in that
+``spill_dir`` removes before writing (``SpillStore``).
+
+Events (``Execution.observer``): ``spill_write`` per band written, ``spill_read`` per band read; their
+first argument is the band's byte count. ``SpillStats`` is an observer adding them up.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import ctypes.util
+import itertools
+import os
+import shutil
+import weakref
+from collections import deque
+from pathlib import Path
+
+import jax
+import numpy as np
+import tensorstore as ts
+
+__all__ = ["SpillStore", "Spilled", "SpillStats", "from_store", "restore", "bands",
+           "return_freed_buffers", "PENDING_BYTES", "CHUNK_BYTES"]
+
+CHUNK_BYTES = 8 * 2**20  # target bytes of one chunk (a row band of one image)
+PENDING_BYTES = 64 * 2**20  # writes in flight beyond which the forward waits for the oldest
+_PREFIX = "bigjax-spill-"
+_COUNTER = itertools.count()
+_ROOTS: dict[Path, Path] = {}  # spill_dir -> this process's directory in it
+# one file per chunk, its bytes as they are (tensorstore's zarr3 default would nest the chunks in a
+# sharded file with a checksummed index: a band read then costs an index read and a checksum)
+_RAW = [{"name": "bytes", "configuration": {"endian": "little"}}]
+
+
+class Spilled:
+    """A host activation written to the spill store: its tensorstore array and its shape and dtype.
+
+    A pytree node with no children, so a custom_vjp residual holding it carries no array."""
+
+    def __init__(self, store: ts.TensorStore, path: Path | None, shape, dtype, pending):
+        self.store, self.path, self.shape, self.dtype = store, path, tuple(shape), np.dtype(dtype)
+        self._pending = pending  # the write futures, waited on before the first read
+        if path is not None:  # the store's own files (not a caller's store, ``from_store``)
+            weakref.finalize(self, _remove, path, pending)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def written(self) -> None:
+        """Wait until every band of this array is on disk (its write futures resolved)."""
+        for f in self._pending:
+            f.result()
+        self._pending.clear()
+
+
+jax.tree_util.register_pytree_node(Spilled, lambda s: ((), s), lambda s, _: s)
+
+
+def from_store(store: ts.TensorStore, dtype=None) -> Spilled:
+    """A caller's tensorstore array (NHWC, or HWC: one image) as an input the Big ops read band by
+    band (the slide a model starts from, never resident whole), its values converted to ``dtype``
+    (default: its own dtype) as they are read. The store is only read, never removed."""
+    if store.rank == 3:
+        store = store[ts.newaxis]
+    if store.rank != 4:
+        raise ValueError(f"a store input must be NHWC or HWC, got rank {store.rank} "
+                         f"(shape {tuple(store.shape)})")
+    dtype = np.dtype(dtype or store.dtype.numpy_dtype)
+    if store.dtype.numpy_dtype != dtype:
+        store = ts.cast(store, ts.dtype(dtype.name))
+    origin = store.domain.origin
+    if any(origin):  # index from zero, as the bands are cut
+        store = store.translate_to[0, 0, 0, 0]
+    return Spilled(store, None, store.shape, dtype, [])
+
+
+def _remove(path: Path, pending) -> None:
+    for f in pending:  # a write still in flight would re-create files after the removal
+        try:
+            f.result()
+        except Exception:  # noqa: BLE001 - removing anyway; the write's error was the op's
+            pass
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _process_root(spill_dir: Path) -> Path:
+    """This process's directory under ``spill_dir``; on first use, stale ones of dead pids removed."""
+    if spill_dir not in _ROOTS:
+        spill_dir.mkdir(parents=True, exist_ok=True)
+        for old in spill_dir.glob(_PREFIX + "*"):
+            pid = old.name[len(_PREFIX):]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                shutil.rmtree(old, ignore_errors=True)
+        root = spill_dir / f"{_PREFIX}{os.getpid()}"
+        root.mkdir(exist_ok=True)
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        _ROOTS[spill_dir] = root
+    return _ROOTS[spill_dir]
+
+
+def return_freed_buffers(threshold: int = 2**20) -> bool:
+    """Make glibc serve allocations of ``threshold`` bytes or more with their own mappings, so a
+    freed activation goes back to the OS at once (``mallopt(M_MMAP_THRESHOLD)``).
+
+    By default glibc raises that threshold to 32 MiB after the first large free, and buffers freed
+    below it stay in its heap: an all-big step at 1024^2 then holds ~0.2 GiB more at its peak
+    (docs/benchmarks.md, issue 21). Returns whether the setting took (False off glibc)."""
+    try:
+        return bool(ctypes.CDLL(ctypes.util.find_library("c")).mallopt(_M_MMAP_THRESHOLD,
+                                                                       threshold))
+    except (OSError, AttributeError, TypeError):
+        return False
+
+
+_M_MMAP_THRESHOLD = -3
+
+
+class SpillStore:
+    """The residuals of one engine (``Execution``): kept in RAM up to ``host_memory`` bytes, the
+    rest on disk under ``spill_dir``. Creating one makes freed buffers return to the OS
+    (``return_freed_buffers``): a host budget is meant to bound the resident set."""
+
+    def __init__(self, host_memory: int, spill_dir):
+        return_freed_buffers()
+        self.host_memory = host_memory
+        self.spill_dir = Path(spill_dir).resolve()
+        self.resident = 0  # bytes of kept activations in RAM that are alive
+        self._known: dict[int, tuple] = {}  # buffer -> (array, handle or None: in RAM), both weak
+        self._in_flight: deque = deque()  # (bytes, write future) of every band not yet written
+
+    def keep(self, ex, x):
+        """``x`` itself (kept in RAM within the budget) or a ``Spilled`` handle to its copy on disk.
+
+        Only concrete 4-D arrays on the host device (activations) are considered; anything else is
+        returned as is."""
+        if (not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer) or x.ndim != 4
+                or x.devices() != {ex.host}):
+            return x
+        key = x.unsafe_buffer_pointer()
+        ref, handle = self._known.get(key, (None, None))
+        if ref is not None and ref() is x:
+            if handle is None:
+                return x
+            if handle() is not None:  # still kept by an op's residuals: written once
+                return handle()
+        if self.resident + x.nbytes <= self.host_memory:
+            self.resident += x.nbytes
+            weakref.finalize(x, self._forget, key, x.nbytes)
+            self._known[key] = (weakref.ref(x), None)
+            return x
+        spilled = self._write(ex, x)
+        # both weak: the files go when the last residual holding the handle is dropped
+        self._known[key] = (weakref.ref(x), weakref.ref(spilled))
+        weakref.finalize(x, self._forget, key, 0)
+        return spilled
+
+    def _forget(self, key: int, resident: int) -> None:
+        """``x`` is gone: its buffer may serve another array; ``resident`` bytes left RAM."""
+        self._known.pop(key, None)
+        self.resident -= resident
+
+    def _write(self, ex, x: jax.Array) -> Spilled:
+        n, h, w, c = x.shape
+        rows = max(1, min(h, CHUNK_BYTES // max(1, w * c * x.dtype.itemsize)))
+        path = _process_root(self.spill_dir) / str(next(_COUNTER))
+        store = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)},
+                         "metadata": {"shape": list(x.shape), "data_type": x.dtype.name,
+                                      "codecs": _RAW, "chunk_grid": {"name": "regular",
+                                      "configuration": {"chunk_shape": [1, rows, w, c]}}}},
+                        create=True, dtype=ts.dtype(x.dtype.name)).result()
+        values = jax.device_get(x)  # a view of the host buffer where it can be (a CPU device)
+        pending = []
+        for i in range(n):
+            for r in range(0, h, rows):
+                band = values[i:i + 1, r:r + rows]
+                future = ex.call("spill_write", _start_write, band.nbytes, store, i, r, band)
+                pending.append(future)
+                self._in_flight.append((band.nbytes, future))
+                self._throttle()
+        return Spilled(store, path, x.shape, x.dtype, pending)
+
+    def _throttle(self) -> None:
+        """Wait for the oldest writes while more than ``PENDING_BYTES`` are in flight."""
+        while self._in_flight and sum(b for b, _ in self._in_flight) > PENDING_BYTES:
+            self._in_flight.popleft()[1].result()
+        while self._in_flight and self._in_flight[0][1].done():
+            self._in_flight.popleft()
+
+
+def restore(ex, v):
+    """A spilled ``v`` read back whole onto the host device (every band's read started first);
+    anything else as is. A tuple or list is restored leaf by leaf."""
+    if isinstance(v, (tuple, list)):
+        reads = [read_start(ex, u) if isinstance(u, Spilled) else u for u in v]
+        return type(v)(read_finish(ex, r) if isinstance(u, Spilled) else r
+                       for u, r in zip(v, reads))
+    return read_finish(ex, read_start(ex, v)) if isinstance(v, Spilled) else v
+
+
+def _start_write(nbytes, store, i, r, band):
+    return store[i:i + 1, r:r + band.shape[1]].write(band)
+
+
+def _start_read(nbytes, view):
+    return view.read()
+
+
+def read_start(ex, v: Spilled, n0=0, n1=None, r0=0, r1=None):
+    """Start reading images [n0, n1), rows [r0, r1) of ``v``: one ``spill_read``, which tensorstore
+    serves from the chunks (row bands) the rows lie in, into one array."""
+    v.written()
+    n1 = v.shape[0] if n1 is None else n1
+    r1 = v.shape[1] if r1 is None else r1
+    nbytes = (n1 - n0) * (r1 - r0) * int(np.prod(v.shape[2:])) * v.dtype.itemsize
+    return ex.call("spill_read", _start_read, nbytes, v.store[n0:n1, r0:r1]), v.dtype
+
+
+def read_finish(ex, started) -> jax.Array:
+    """The band whose read ``read_start`` started, on the host device."""
+    future, dtype = started
+    return ex.to_host(future.result().astype(dtype, copy=False))
+
+
+def bands(ex, v, ranges, take):
+    """Yield band ``(n0, n1, r0, r1)`` of host activation ``v`` for each of ``ranges``, in host memory.
+
+    A spilled ``v`` is read from disk with the next band's read started before the current band is
+    yielded (its kernels then overlap the read); an array in RAM is cut by ``take`` (as before)."""
+    if not isinstance(v, Spilled):
+        for rng in ranges:
+            yield take(v, *rng)
+        return
+    ahead = None
+    for k, rng in enumerate(ranges):
+        current = ahead or read_start(ex, v, *rng)
+        ahead = read_start(ex, v, *ranges[k + 1]) if k + 1 < len(ranges) else None
+        yield read_finish(ex, current)
+
+
+class SpillStats:
+    """An observer adding up one engine's spill traffic: bytes and bands written and read.
+
+    ``written``/``read`` are bytes, ``writes``/``reads`` band counts since creation or ``reset``;
+    it passes every event on (``inner``, e.g. another observer, or runs it)."""
+
+    def __init__(self, inner=None):
+        self.inner = inner
+        self.reset()
+
+    def reset(self) -> None:
+        self.written = self.read = self.writes = self.reads = 0
+
+    def __call__(self, event, fn, *args, **kwargs):
+        if event == "spill_write":
+            self.written += args[0]
+            self.writes += 1
+        elif event == "spill_read":
+            self.read += args[0]
+            self.reads += 1
+        if self.inner is not None:
+            return self.inner(event, fn, *args, **kwargs)
+        return fn(*args, **kwargs)

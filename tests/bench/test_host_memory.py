@@ -1,0 +1,70 @@
+"""bench.host_memory: the activations stored once, one step's host peak, a spilled step's report."""
+
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from bigjax.bench.host_memory import benchmark_spilled, measure_host_step, stored_once_bytes
+from bigjax.models.resnet import ResNet
+
+
+@pytest.mark.parametrize("depth,shape", [(18, (1, 67, 45, 3)), (50, (2, 64, 64, 3))])
+def test_stored_once_is_the_input_plus_every_conv_output(depth, shape):
+    """Counted from the architecture, checked against the convolutions in the twin's program."""
+    model = ResNet(depth, rngs=nnx.Rngs(0))
+    jaxpr = jax.make_jaxpr(lambda x: model(x, train=False))(np.zeros(shape, np.float32))
+    outputs = [e.outvars[0].aval.size for e in jaxpr.jaxpr.eqns
+               if e.primitive.name == "conv_general_dilated"]
+    assert len(outputs) == (20 if depth == 18 else 53)
+    assert stored_once_bytes(model, shape, 2) == 2 * (np.prod(shape) + sum(outputs))
+
+
+def test_a_spilled_step_is_measured(tmp_path):
+    r = measure_host_step(64, host_memory=0, spill_dir=str(tmp_path))
+    assert r.spilled >= r.stored_once  # all of it on disk (and the block outputs besides)
+    assert r.read >= r.spilled and r.rss_rise > 0 and r.step_s > 0
+
+
+def test_the_benchmark_reports_a_spilled_step_against_its_floors(tmp_path):
+    t = benchmark_spilled((1, 64, 64, 3), 0, tmp_path, budget=20_000_000, probe_bytes=2**20)
+    assert t.written > 0 and t.read >= t.written and t.kernel_s > 0
+    assert t.floor_s == pytest.approx(t.written / t.disk_write + t.read / t.disk_read)
+    assert t.ratio == pytest.approx(t.step_s / max(t.kernel_s, t.floor_s))
+
+
+@pytest.mark.slow
+def test_experiments_benchmark_prints_the_spilled_step(tmp_path, capsys):
+    from experiments.benchmark import main
+    main(["--shapes=1x64x64x3", "--host_memory=0", f"--spill_dir={tmp_path}",
+          "--max_partition_bytes=20MiB"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:2] == ["input", "step"] and lines[1].split()[0] == "1x64x64x3"
+
+
+_BOUND = textwrap.dedent("""
+    import json, sys
+    from bigjax.bench.host_memory import measure_host_step
+    side, memory, spill_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    r = measure_host_step(side, host_memory=memory, spill_dir=spill_dir)
+    print(json.dumps([r.rss_rise, r.stored_once, r.spilled]))
+""")
+
+
+@pytest.mark.slow
+def test_a_spilled_steps_host_peak_stays_within_its_budget_plus_a_few_activations(tmp_path):
+    """At 512^2 (a fresh process): with host_memory = a quarter of what the step keeps, the peak
+    RSS rise stays below host_memory + 12 x the largest activation (the stem conv's output, 16 MiB;
+    measured 143 MiB = 14 + 8.1 x 16): what is in flight around one layer (its input, output,
+    cotangent and their bands, XLA's temporaries), not the whole step's activations."""
+    largest = 256 * 256 * 64 * 4
+    budget = 14 * 2**20
+    out = subprocess.run([sys.executable, "-c", _BOUND, "512", str(budget), str(tmp_path)],
+                         capture_output=True, text=True, check=True)
+    rise, stored, spilled = __import__("json").loads(out.stdout.splitlines()[-1])
+    assert spilled > stored - budget
+    assert rise < budget + 12 * largest, (rise / 2**20, stored / 2**20)

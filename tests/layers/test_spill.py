@@ -1,0 +1,69 @@
+"""The spill store at the layer level, under the transfer guards: a fused conv (prologue, statistics)
+and a host op whose residuals wait on disk give exactly the results they give in RAM, and every band
+written or read is announced with its bytes. Model-level checks: tests/models/test_resnet_spill.py."""
+
+import gc
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bigjax.layers import Execution, big_conv2d_stats
+from bigjax.layers.host import affine_relu
+from bigjax.layers.spill import CHUNK_BYTES, SpillStats
+from tests.layers.helpers import EX
+
+# exact equality in float32 on purpose: the same kernels run on the same bands in the same order
+
+
+def _data(seed=0, n=2, h=37, w=29, cin=5, cout=6):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, h, w, cin)).astype(np.float32)
+    kernel = (rng.normal(size=(3, 3, cin, cout)) / 3).astype(np.float32)
+    a, b = rng.normal(size=(2, cin)).astype(np.float32)
+    return jax.device_put(x, EX.host), *jax.device_put((kernel, a, b), EX.compute)
+
+
+def _grads(ex, x, kernel, a, b):
+    """Gradients of a fused conv (relu(x*a+b) prologue, statistics) followed by a host ReLU."""
+    weights = jax.device_put(np.linspace(-1, 1, 6, dtype=np.float32), ex.compute)
+
+    def loss(x, kernel, a, b):
+        y, mean, var = big_conv2d_stats(x, kernel, pre_scale=a, pre_shift=b, padding=1,
+                                        execution=ex)
+        z = affine_relu(y, mean, var, execution=ex)
+        return jnp.sum(jax.device_put(z, ex.compute) * weights) + jnp.sum(mean * var)
+
+    value, pull = jax.vjp(loss, x, kernel, a, b)
+    return value, pull(jax.device_put(np.float32(1), value.sharding))
+
+
+@pytest.mark.parametrize("engine", ["eager", "compiled"])
+def test_spilled_conv_and_host_op_equal_them_in_ram(tmp_path, engine):
+    args = _data()
+    ram = EX.replace(max_partition_bytes=20_000, engine=engine)
+    stats = SpillStats()
+    spilled = ram.replace(host_memory=0, spill_dir=tmp_path, observer=stats)
+    for u, v in zip(jax.tree.leaves(_grads(ram, *args)), jax.tree.leaves(_grads(spilled, *args))):
+        assert np.array_equal(jax.device_get(u), jax.device_get(v))
+    x, y = args[0], (2, 37, 29, 6)  # spilled: the conv's input and output (the host op's input)
+    assert stats.written == x.nbytes + np.prod(y) * 4
+    assert stats.writes == 2 * 2  # one band per image: each is within CHUNK_BYTES
+    assert stats.read >= stats.written
+    gc.collect()
+    assert not [f for _, _, fs in os.walk(tmp_path) for f in fs]
+
+
+def test_large_activations_are_written_in_row_bands(tmp_path, monkeypatch):
+    """An image larger than a chunk is written as several row bands, each read back as needed."""
+    monkeypatch.setattr("bigjax.layers.spill.CHUNK_BYTES", 29 * 5 * 4 * 8)  # 8 rows of x
+    args = _data()
+    stats = SpillStats()
+    ex = EX.replace(max_partition_bytes=20_000, host_memory=0, spill_dir=tmp_path, observer=stats)
+    ram = EX.replace(max_partition_bytes=20_000)
+    for u, v in zip(jax.tree.leaves(_grads(ram, *args)), jax.tree.leaves(_grads(ex, *args))):
+        assert np.array_equal(jax.device_get(u), jax.device_get(v))
+    assert stats.writes == 2 * (5 + 7)  # per image: 37 rows of x by 8, of y (6 channels) by 6
+    assert CHUNK_BYTES > 29 * 5 * 4 * 8
