@@ -3,11 +3,13 @@
     python -m experiments.wholeslide                                  # generated PANDA-like slides
     python -m experiments.wholeslide --data_dir=PANDA --init=resnet34.safetensors --epochs=55
     python -m experiments.wholeslide --workdir=runs/wholeslide --resume   # after a kill or Ctrl-C
+    python -m experiments.wholeslide --mpp=0.5 --host_memory=8GiB --spill_dir=/tmp/spill  # 20×
 
-Each slide is read at --magnification (5×: 2 µm/px, taking 20× as 0.5 µm/px), cropped to its tissue
-and trained on whole as one image: ResNet-34 (stem stride 3, frozen stem, frozen BatchNorm or
+Each slide is read at --magnification (5×: 2 µm/px, taking 20× as 0.5 µm/px) or at --mpp µm/px,
+cropped to its tissue and trained on whole as one image: ResNet-34 (stem stride 3, frozen stem, frozen BatchNorm or
 GroupNorm) in --modules gradient-isolated modules with auxiliary gated-attention heads and Random Feature Reconstruction,
-activations in host RAM (bigjax.local.wholeslide). Without --data_dir a PANDA-like set is
+activations in host RAM (bigjax.local.wholeslide); with --host_memory those beyond it spill to
+--spill_dir, and every epoch logs the bytes spilled, the disk's GB/s and the peak RSS. Without --data_dir a PANDA-like set is
 generated (bigjax.data.synthetic) into <workdir>/data and a CPU-sized run is made: 72 slides of
 2048² px (512 px at 5×) whose tissue and tumour regions are 8x the tile set's (--region_scale: at
 the tile set's 32-48 px every head position of H holds the same mix of regions, so H's per-channel
@@ -37,6 +39,7 @@ from bigjax.local.wholeslide import WholeSlideConfig, train_wholeslide
 from bigjax.logs import quiet_libraries
 from bigjax.metrics import format_metric
 from bigjax.train.interrupt import stop_on_interrupt
+from experiments.flags import host_memory_flags
 
 # the generated run: where it departs from the official settings, and why (docs/results.md): a
 # random init (no ImageNet weights here) with GroupNorm, lr 10-25x higher, no decay and no
@@ -55,7 +58,11 @@ def parse_flags(argv=None) -> argparse.Namespace:
     p.add_argument("--workdir", default="runs/wholeslide", help="run folder (default runs/wholeslide)")
     p.add_argument("--data_dir", help="PANDA folder (train.csv, train_images/); omit to generate slides")
     p.add_argument("--splits_csv", help="PANDA split CSV (image_id, split); default seeded 80:10:10")
-    p.add_argument("--magnification", type=float, default=5.0, help="read slides at this (default 5)")
+    p.add_argument("--magnification", type=float,
+                   help="read slides at this magnification (default 5, i.e. 2 µm/px)")
+    p.add_argument("--mpp", type=float, help="read slides at this many µm per pixel instead "
+                                             "(0.5: 20×, the full resolution of PANDA's slides)")
+    host_memory_flags(p)
     p.add_argument("--modules", type=int, help="K gradient-isolated modules: 1, 2, 4 (default), 8")
     p.add_argument("--alpha", type=float, help="weight of the RFR loss (default 1)")
     p.add_argument("--norm", choices=("batch", "group"),
@@ -97,12 +104,22 @@ def _epochs(text: str) -> tuple[int, ...]:
 
 def config_from_flags(a: argparse.Namespace) -> WholeSlideConfig:
     """The official settings on real data, the quick ones on generated slides; given flags override."""
-    if not a.magnification > 0:
-        raise ValueError(f"--magnification={a.magnification}: must be positive")
     fields = {} if a.data_dir else dict(QUICK)
     fields.update({f.name: getattr(a, f.name) for f in dataclasses.fields(WholeSlideConfig)
                    if getattr(a, f.name, None) is not None})
-    return WholeSlideConfig(**fields, mpp=10.0 / a.magnification)
+    return WholeSlideConfig(**dict(fields, mpp=_mpp(a)))
+
+
+def _mpp(a: argparse.Namespace) -> float:
+    """µm per pixel to read at: --mpp, or --magnification's (10 / magnification: 20× is 0.5)."""
+    if a.mpp is not None and a.magnification is not None:
+        raise ValueError(f"--mpp={a.mpp} and --magnification={a.magnification}: give one of them")
+    if a.mpp is not None:
+        return a.mpp
+    magnification = 5.0 if a.magnification is None else a.magnification
+    if not magnification > 0:
+        raise ValueError(f"--magnification={magnification}: must be positive")
+    return 10.0 / magnification
 
 
 def slides_of(a: argparse.Namespace) -> list:

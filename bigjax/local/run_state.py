@@ -88,12 +88,17 @@ class TrainingState:
         self.metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
+# where the run keeps its activations, not what it computes (a resume may move to another machine)
+MACHINE_SETTINGS = ("host_memory", "spill_dir")
+
+
 def _same_settings(settings: dict, saved: Path) -> None:
     """A resumed run keeps its settings: another one would silently give another run."""
     if not saved.is_file():
         return
     old = json.loads(saved.read_text())
-    changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
+    changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items()
+               if old.get(k) != v and k not in MACHINE_SETTINGS]
     if changed:
         raise ValueError(f"--resume of {saved.parent} with other settings ({'; '.join(changed)}); "
                          "resume with the run's own settings, or choose another --workdir")
