@@ -87,6 +87,9 @@ def parse_flags(argv=None) -> argparse.Namespace:
     p.add_argument("--n_boot", type=int, help="bootstrap resamples of the final 95%% intervals (default 1000)")
     p.add_argument("--data_seed", type=int, default=0, help="seed of the generated slides and split")
     p.add_argument("--n_slides", type=int, default=N_SLIDES, help="generated slides (no --data_dir)")
+    p.add_argument("--side", type=int, default=SIDE[0],
+                   help=f"generated slides' side in 20× (0.5 µm/px) pixels (default {SIDE[0]}; "
+                        "made once per --workdir)")
     p.add_argument("--region_scale", type=float, default=REGION_SCALE,
                    help=f"generated slides' tissue/tumour regions this many times the tile set's "
                         f"(default {REGION_SCALE:g})")
@@ -104,6 +107,8 @@ def _epochs(text: str) -> tuple[int, ...]:
 
 def config_from_flags(a: argparse.Namespace) -> WholeSlideConfig:
     """The official settings on real data, the quick ones on generated slides; given flags override."""
+    if a.side < 1:
+        raise ValueError(f"--side={a.side}: must be at least 1 pixel")
     fields = {} if a.data_dir else dict(QUICK)
     fields.update({f.name: getattr(a, f.name) for f in dataclasses.fields(WholeSlideConfig)
                    if getattr(a, f.name, None) is not None})
@@ -135,7 +140,8 @@ def slides_of(a: argparse.Namespace) -> list:
     data_dir = Path(a.workdir) / "data"
     if not (data_dir / "train.csv").is_file():
         logging.info("generating %d PANDA-like slides into %s", a.n_slides, data_dir)
-        make_panda_like(data_dir, n_slides=a.n_slides, seed=a.data_seed, side=SIDE, workers=a.workers,
+        make_panda_like(data_dir, n_slides=a.n_slides, seed=a.data_seed, side=(a.side, a.side),
+                        workers=a.workers,
                         region_scale=a.region_scale)
     slides = layouts.panda_layout(data_dir, splits_csv=a.splits_csv, seed=a.data_seed)
     if a.splits_csv or {"val", "test"} <= {s.split for s in slides}:
