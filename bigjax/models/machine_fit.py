@@ -7,7 +7,8 @@ model streams, nothing run) it counts
 
 * ``activation_bytes``: the activations stored once, the input plus every conv's output, in the host
   dtype (the issue's yardstick, and what a spill store has to hold);
-* ``forward_flops``: 2 × MACs of every conv; ``train_flops`` = forward + weight gradient + input
+* ``forward_flops``: 2 × multiply-adds of every conv (the taps inside the input: zero padding is
+  not counted, as XLA's cost analysis does not); ``train_flops`` = forward + weight gradient + input
   gradient of every conv (the first conv's input, the image, gets none), i.e. about 3 × forward;
 * ``bus_bytes``: what the fused engine moves between host memory and the compute device per step:
   forward, each conv's input and output; backward, its input and output cotangent in, its input
@@ -129,8 +130,8 @@ class Prediction:
                    key=lambda t: t[1])[0]
 
 
-def conv_shapes(arch: str, side: int) -> list[tuple[tuple, tuple, tuple]]:
-    """(input shape, output shape, kernel shape HWIO) of every conv of ``arch`` on one ``side``² RGB
+def conv_shapes(arch: str, side: int) -> list[tuple[tuple, tuple, tuple, int]]:
+    """(input shape, output shape, kernel shape HWIO, multiply-adds) of every conv of ``arch`` on one ``side``² RGB
     image, in the order the forward runs them: read from the jaxpr of the model's forward (abstract
     shapes, nothing computed, any side)."""
     graph, state = nnx.split(_model(arch))
@@ -139,9 +140,28 @@ def conv_shapes(arch: str, side: int) -> list[tuple[tuple, tuple, tuple]]:
         return nnx.merge(graph, state)(x, train=False)
 
     jaxpr = jax.make_jaxpr(forward)(state, jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32))
-    return [(tuple(e.invars[0].aval.shape), tuple(e.outvars[0].aval.shape),
-             tuple(e.invars[1].aval.shape)) for e in _equations(jaxpr.jaxpr)
-            if e.primitive.name == "conv_general_dilated"]
+    return [_conv(e) for e in _equations(jaxpr.jaxpr) if e.primitive.name == "conv_general_dilated"]
+
+
+def _conv(eqn) -> tuple[tuple, tuple, tuple, int]:
+    """(input, output, kernel shape, multiply-adds) of one NHWC/HWIO conv; the multiply-adds count
+    only the kernel taps that land inside the input (not on its zero padding), as XLA does."""
+    x, y, k = (tuple(v.aval.shape) for v in (eqn.invars[0], eqn.outvars[0], eqn.invars[1]))
+    p = eqn.params
+    taps = [_valid_taps(x[1 + d], y[1 + d], k[d], p["window_strides"][d], p["rhs_dilation"][d],
+                        p["padding"][d][0]) for d in (0, 1)]
+    return x, y, k, y[0] * taps[0] * taps[1] * k[2] * k[3] // p["feature_group_count"]
+
+
+def _valid_taps(n_in: int, n_out: int, k: int, stride: int, dilation: int, pad: int) -> int:
+    """Pairs (output position, kernel tap) along one axis whose input index is inside the input."""
+    total = 0
+    for j in range(k):
+        offset = j * dilation - pad  # input index = o * stride + offset
+        first = max(0, -(offset // stride) if offset < 0 else 0)
+        last = min(n_out - 1, (n_in - 1 - offset) // stride)
+        total += max(0, last - first + 1)
+    return total
 
 
 def _equations(jaxpr):
@@ -170,8 +190,8 @@ def footprint(arch: str, side: int, host_dtype: str = "float32") -> Footprint:
         raise ValueError(f"--side={side}: a ResNet needs at least 32 px (five stride-2 reductions)")
     convs = conv_shapes(arch, side)
     size = HOST_DTYPES[host_dtype]
-    ins, outs = [math.prod(i) for i, _, _ in convs], [math.prod(o) for _, o, _ in convs]
-    macs = [math.prod(o) * k[0] * k[1] * k[2] for (_, o, k) in convs]  # groups are 1 in a ResNet
+    ins, outs = [math.prod(c[0]) for c in convs], [math.prod(c[1]) for c in convs]
+    macs = [c[3] for c in convs]
     forward = 2 * sum(macs)
     return Footprint(arch, side, host_dtype,
                      activation_bytes=size * (ins[0] + sum(outs)),
