@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from dataclasses import dataclass, replace
 
@@ -89,9 +90,9 @@ class Machine:
 # until measured on the device (``--measure`` there)
 SERVER = Machine("GPU server", 80 * 10**9, 512 * 10**9, 6e9, 3e9, 100e12, bus=25e9)
 # this 2-core machine: 24 GB RAM, disk 1.9 GB/s read / 1.4 GB/s write (dd, direct I/O), CPU kernels
-# (44 GFLOP/s measured by ``measure_throughput`` on 2026-12-05 with other jobs running), the issue's
+# (95 GFLOP/s: ``measure_throughput``, 2026-12-05, in CPU time over the 2 cores), the issue's
 # --host_memory=8GiB
-THIS_MACHINE = Machine("this machine (2-core CPU)", 24 * 10**9, 24 * 10**9, 1.9e9, 1.4e9, 44e9,
+THIS_MACHINE = Machine("this machine (2-core CPU)", 24 * 10**9, 24 * 10**9, 1.9e9, 1.4e9, 95e9,
                        activation_budget=8 * 2**30)
 
 
@@ -225,7 +226,10 @@ def largest_side(arch: str, ram: int, host_dtype: str = "float32", copies: float
 
 def measure_throughput(side: int = 256, channels: int = 64, repeats: int = 3) -> float:
     """FLOP/s of a jitted 3x3 conv's forward, input and weight gradient (one ``side``² image of
-    ``channels`` in and out) on the default device: the median of ``repeats`` after a compile."""
+    ``channels`` in and out) on the default device: the median of ``repeats`` after a compile.
+
+    On a CPU the time is the process's CPU time over its cores (on a machine shared with other jobs,
+    the wall clock measures their load too); on an accelerator, the wall clock."""
     x = jnp.ones((1, side, side, channels), jnp.float32)
     w = jnp.ones((3, 3, channels, channels), jnp.float32) * 0.01
 
@@ -235,18 +239,22 @@ def measure_throughput(side: int = 256, channels: int = 64, repeats: int = 3) ->
 
     step = jax.jit(jax.grad(loss, argnums=(0, 1)))
     jax.block_until_ready(step(x, w))
+    cpu = jax.devices()[0].platform == "cpu"
+    clock = (lambda: time.process_time() / len(os.sched_getaffinity(0))) if cpu else time.perf_counter
     seconds = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         jax.block_until_ready(step(x, w))
-        seconds.append(time.perf_counter() - start)
+        seconds.append(clock() - start)
     return 3 * 2 * side * side * 9 * channels * channels / float(np.median(seconds))
 
 
 def measure_step(arch: str, side: int, budget: int = 64 * 2**20, host_dtype: str = "float32") -> dict:
     """One all-big training step of ``arch`` on a ``side``² image, measured: ``{"rss_rise"}`` (the
-    peak resident set's rise over the resident set before the step, VmHWM - VmRSS, bytes) and
-    ``{"seconds"}``; a first step at the same shape compiles the kernels beforehand."""
+    peak resident set's rise over the resident set before the step, VmHWM - VmRSS, bytes),
+    ``{"seconds"}`` and ``{"cpu_seconds"}`` (the process's CPU time: on a shared machine, divided
+    by the cores, what the step would take alone); a first step at the same shape compiles the
+    kernels beforehand."""
     from bigjax.bench.memory import host_peak_bytes, host_rss_bytes, reset_host_peak
     from bigjax.layers.execution import Execution
     from bigjax.models.resnet import BigResNet
@@ -262,9 +270,10 @@ def measure_step(arch: str, side: int, budget: int = 64 * 2**20, host_dtype: str
     step()
     reset_host_peak()
     before = host_rss_bytes()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     step()
-    return {"seconds": time.perf_counter() - start, "rss_rise": host_peak_bytes() - before}
+    return {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
+            "rss_rise": host_peak_bytes() - before}
 
 
 def table(machines: list[Machine], arch: str, sides, host_dtype: str, copies: float) -> list[str]:
@@ -291,7 +300,8 @@ def main(argv=None) -> int:
     copies = a.copies
     throughput = measure_throughput() if a.measure else a.kernel_throughput
     if a.measure:
-        print(f"measured kernel throughput: {throughput / 1e9:,.1f} GFLOP/s (3x3 conv step, jitted)")
+        print(f"measured kernel throughput: {throughput / 1e9:,.1f} GFLOP/s (3x3 conv step, jitted)",
+              flush=True)
     if a.check:
         return _check(a, throughput or THIS_MACHINE.kernel_throughput, copies)
     given = [a.device_memory, a.host_memory, a.disk_read, a.disk_write, throughput]
@@ -312,15 +322,16 @@ def main(argv=None) -> int:
 def _check(a, throughput: float, copies: float) -> int:
     """Predicted vs measured peak-RSS rise and step time of all-big steps at ``--check``'s sides."""
     here = replace(THIS_MACHINE, kernel_throughput=throughput)
-    print("| side | activations once (MiB) | RSS rise predicted / measured (MiB) | ratio measured | "
-          "step predicted / measured (s) |\n|---|---|---|---|---|")
+    cores = len(os.sched_getaffinity(0))
+    print(f"| side | activations once (MiB) | RSS rise predicted / measured (MiB) | ratio measured | "
+          f"step predicted / measured (s) | CPU s / {cores} cores |\n|---|---|---|---|---|---|")
     for side in a.check:
         fp = footprint(a.arch, side, a.host_dtype)
         p, m = predict(fp, here, None, copies), measure_step(a.arch, side, host_dtype=a.host_dtype)
         mib = lambda n: f"{n / 2**20:,.0f}"  # noqa: E731
         print(f"| {side:,}² | {mib(fp.activation_bytes)} | {mib(p.in_ram_bytes - PROCESS_BYTES)} / "
               f"{mib(m['rss_rise'])} | {m['rss_rise'] / fp.activation_bytes:.2f} | "
-              f"{p.step_s:.2f} / {m['seconds']:.2f} |", flush=True)
+              f"{p.step_s:.2f} / {m['seconds']:.2f} | {m['cpu_seconds'] / cores:.2f} |", flush=True)
     return 0
 
 
