@@ -6,6 +6,7 @@ from bigjax.bench.memory import host_available_bytes
 from bigjax.errors import run_cli
 from bigjax.host_memory import (AUTO_SHARE, SpillMeter, host_budget, parse_host_memory,
                                 shard_spill_options, spill_options)
+from bigjax.layers.execution import Execution
 from bigjax.units import parse_bytes, parse_rate
 from experiments import panda, wholeslide
 
@@ -95,3 +96,16 @@ def test_wholeslide_reads_mpp_and_the_host_budget(tmp_path):
                           (["--side=0"], "--side=0: must be at least 1")):
         with pytest.raises(ValueError, match=message):
             wholeslide.config_from_flags(wholeslide.parse_flags(argv))
+
+
+@pytest.mark.skipif("host_memory" not in Execution.__dataclass_fields__,
+                    reason="needs the spill engine: Execution(host_memory=, spill_dir=) (issue 21, branch spill)")
+def test_the_big_mode_builds_its_execution_with_the_host_budget(tmp_path):
+    from bigjax.train import modes
+    from bigjax.train.config import TrainConfig
+
+    config = TrainConfig(workdir=str(tmp_path), store=str(tmp_path / "store"), host_memory="64MiB")
+    ex = modes.get_class("big", 1)(config, tmp_path).execution
+    assert (ex.host_memory, str(ex.spill_dir)) == (64 * 2**20, str(tmp_path / "spill"))
+    plain = modes.get_class("big", 1)(TrainConfig(workdir=str(tmp_path), store=str(tmp_path)), tmp_path)
+    assert plain.execution.host_memory is None  # everything in RAM, as before
