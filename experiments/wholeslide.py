@@ -6,12 +6,12 @@
     python -m experiments.wholeslide --mpp=0.5 --host_memory=8GiB --spill_dir=/tmp/spill  # 20×
 
 Each slide is read at --magnification (5×: 2 µm/px, taking 20× as 0.5 µm/px) or at --mpp µm/px,
-cropped to its tissue and trained on whole as one image: ResNet-34 (stem stride 3, frozen stem, frozen BatchNorm or
-GroupNorm) in --modules gradient-isolated modules with auxiliary gated-attention heads and Random Feature Reconstruction,
-activations in host RAM (bigjax.local.wholeslide); with --host_memory those beyond it spill to
---spill_dir, and every epoch logs the bytes spilled, the disk's GB/s and the peak RSS. Without --data_dir a PANDA-like set is
-generated (bigjax.data.synthetic) into <workdir>/data and a CPU-sized run is made: 72 slides of
-2048² px (512 px at 5×) whose tissue and tumour regions are 8x the tile set's (--region_scale: at
+cropped to its tissue and trained on whole as one image: ResNet-34 (stem stride 3, frozen stem, frozen
+BatchNorm or GroupNorm) in --modules gradient-isolated modules with auxiliary gated-attention heads and
+Random Feature Reconstruction, activations in host RAM (bigjax.local.wholeslide); with --host_memory
+those beyond it spill to --spill_dir, and every epoch logs the bytes spilled, the disk's GB/s and the
+peak RSS. Without --data_dir a PANDA-like set is generated (bigjax.data.synthetic) into <workdir>/data
+and a CPU-sized run is made: 72 slides of 2048² px at 20× (--side; 512 px at 5×) whose tissue and tumour regions are 8x the tile set's (--region_scale: at
 the tile set's 32-48 px every head position of H holds the same mix of regions, so H's per-channel
 GroupNorm leaves it nothing of the grade), split 60/6/6 (one val and one test slide a grade); the
 backbone with GroupNorm (Zhang's second variant: frozen BatchNorm of a random init normalises

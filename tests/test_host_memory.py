@@ -99,7 +99,8 @@ def test_wholeslide_reads_mpp_and_the_host_budget(tmp_path):
 
 
 @pytest.mark.skipif("host_memory" not in Execution.__dataclass_fields__,
-                    reason="needs the spill engine: Execution(host_memory=, spill_dir=) (issue 21, branch spill)")
+                    reason="needs the spill engine: Execution(host_memory=, spill_dir=) (issue 21, "
+                           "branch spill)")
 def test_the_big_mode_builds_its_execution_with_the_host_budget(tmp_path):
     from bigjax.train import modes
     from bigjax.train.config import TrainConfig

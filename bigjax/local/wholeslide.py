@@ -34,9 +34,9 @@ import jax
 import numpy as np
 from flax import nnx
 
+from bigjax.bench.memory import host_peak_bytes
 from bigjax.data.layouts import SlideEntry
 from bigjax.data.slides import PANDA_GREY_RANGE, greyscale, open_slide, pick_level
-from bigjax.bench.memory import host_peak_bytes
 from bigjax.errors import Interrupted
 from bigjax.host_memory import SpillMeter, parse_host_memory, spill_options
 from bigjax.layers.execution import DEFAULT_PARTITION_BYTES, Execution

@@ -132,8 +132,8 @@ class Prediction:
 
 
 def conv_shapes(arch: str, side: int) -> list[tuple[tuple, tuple, tuple, int]]:
-    """(input shape, output shape, kernel shape HWIO, multiply-adds) of every conv of ``arch`` on one ``side``² RGB
-    image, in the order the forward runs them: read from the jaxpr of the model's forward (abstract
+    """(input shape, output shape, kernel shape HWIO, multiply-adds) of every conv of ``arch`` on one
+    ``side``² RGB image, in the order the forward runs them: read from the jaxpr of the model's forward (abstract
     shapes, nothing computed, any side)."""
     graph, state = nnx.split(_model(arch))
 
@@ -315,7 +315,8 @@ def main(argv=None) -> int:
           "ratio); step = max(kernels, bus, disk floor)")
     print("\n".join(table(machines, a.arch, sides, a.host_dtype, copies)))
     for m in machines:
-        print(f"{m.name}: largest side in RAM {largest_side(a.arch, m.host_memory, a.host_dtype, copies):,}²")
+        side = largest_side(a.arch, m.host_memory, a.host_dtype, copies)
+        print(f"{m.name}: largest side in RAM {side:,}²")
     return 0
 
 

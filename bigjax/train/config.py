@@ -183,7 +183,8 @@ class TrainConfig:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)
 
-    def differences(self, other: "TrainConfig", ignore=("progress", "host_memory", "spill_dir")) -> list[str]:
+    def differences(self, other: "TrainConfig",
+                    ignore=("progress", "host_memory", "spill_dir")) -> list[str]:
         """``name: ours (theirs)`` for each setting that differs, nested optimiser fields included."""
         ours, theirs = _flat(dataclasses.asdict(self)), _flat(dataclasses.asdict(other))
         return [f"{k}: {ours[k]!r} (was {theirs[k]!r})" for k in ours
