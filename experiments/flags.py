@@ -12,13 +12,14 @@ import dataclasses
 from pathlib import Path
 
 from bigjax.train import modes
+from bigjax.units import parse_bytes
 from experiments.presets import Preset
 
 __all__ = ["training_flags", "apply_flags"]
 
 # flag -> TrainConfig field, OptimizerConfig field, Preset field
 TRAIN_FIELDS = ("encoder", "aggregator", "arch", "compute_dtype", "big_stages", "max_partition_bytes",
-                "host_dtype", "big_engine", "device_memory", "init",
+                "host_dtype", "big_engine", "device_memory", "host_memory", "spill_dir", "init",
                 "epochs", "batch_size", "tiles_per_bag", "augment", "seed", "eval_draws", "eval_tiles",
                 "checkpoint_every", "modules", "local_alpha", "local_norm", "log_every", "devices",
                 "sync_bn", "remat")
@@ -51,6 +52,7 @@ def training_flags(doc: str) -> argparse.ArgumentParser:
                         "conv pass as one XLA program over the partitions (compiled)")
     p.add_argument("--device_memory", type=byte_size,
                    help="device memory auto may plan for (default: the device's limit; needed on a CPU)")
+    host_memory_flags(p)
     p.add_argument("--modules", type=int, help="local mode: K gradient-isolated modules (1, 2, 4, 8)")
     p.add_argument("--local_alpha", type=float, help="local mode: weight of the RFR loss (default 1)")
     p.add_argument("--local_norm", choices=["batch", "group"],
@@ -92,20 +94,12 @@ def training_flags(doc: str) -> argparse.ArgumentParser:
     return p
 
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "k": 2**10, "m": 2**20, "g": 2**30}
-
-
 def byte_size(text: str) -> int:
-    """``268435456``, ``256MiB``, ``8GiB``, ``1.5GB`` -> bytes."""
-    number = text.rstrip("BbKkMmGgIi")
-    unit = text[len(number):].lower()
+    """``268435456``, ``256MiB``, ``8GiB``, ``1.5GB`` -> bytes (``bigjax.units.parse_bytes``)."""
     try:
-        value = float(number) * _UNITS[unit]
-    except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size in bytes (e.g. 268435456, 256MiB, "
-                                         "8GiB)") from None
-    return int(value)
+        return parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _int_or_auto(text: str):
@@ -198,3 +192,14 @@ def _check_mode_settings(encoder: str, given: dict) -> None:
     if unread:
         raise ValueError(f"--{unread[0]} has no effect with --encoder={encoder}; it applies to "
                          f"locally supervised training (--encoder=local)")
+
+
+# the streaming engine's host-RAM budget (issue 21): the values are checked by TrainConfig
+# (bigjax.host_memory.parse_host_memory), so a bad one is one `error: --host_memory=...` line
+def host_memory_flags(p: argparse.ArgumentParser) -> None:
+    """``--host_memory`` and ``--spill_dir`` (every CLI that builds a Big-Layers execution)."""
+    p.add_argument("--host_memory", help="big mode: host RAM the activations may use, e.g. 8GiB, "
+                                         "20GB, or auto (a share of MemAvailable); beyond it they "
+                                         "spill to --spill_dir (default: all in RAM)")
+    p.add_argument("--spill_dir", help="with --host_memory: folder of the spill store (default "
+                                       "<workdir>/spill)")

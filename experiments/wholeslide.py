@@ -3,13 +3,15 @@
     python -m experiments.wholeslide                                  # generated PANDA-like slides
     python -m experiments.wholeslide --data_dir=PANDA --init=resnet34.safetensors --epochs=55
     python -m experiments.wholeslide --workdir=runs/wholeslide --resume   # after a kill or Ctrl-C
+    python -m experiments.wholeslide --mpp=0.5 --host_memory=8GiB --spill_dir=/tmp/spill  # 20×
 
-Each slide is read at --magnification (5×: 2 µm/px, taking 20× as 0.5 µm/px), cropped to its tissue
-and trained on whole as one image: ResNet-34 (stem stride 3, frozen stem, frozen BatchNorm or
-GroupNorm) in --modules gradient-isolated modules with auxiliary gated-attention heads and Random Feature Reconstruction,
-activations in host RAM (bigjax.local.wholeslide). Without --data_dir a PANDA-like set is
-generated (bigjax.data.synthetic) into <workdir>/data and a CPU-sized run is made: 72 slides of
-2048² px (512 px at 5×) whose tissue and tumour regions are 8x the tile set's (--region_scale: at
+Each slide is read at --magnification (5×: 2 µm/px, taking 20× as 0.5 µm/px) or at --mpp µm/px,
+cropped to its tissue and trained on whole as one image: ResNet-34 (stem stride 3, frozen stem, frozen
+BatchNorm or GroupNorm) in --modules gradient-isolated modules with auxiliary gated-attention heads and
+Random Feature Reconstruction, activations in host RAM (bigjax.local.wholeslide); with --host_memory
+those beyond it spill to --spill_dir, and every epoch logs the bytes spilled, the disk's GB/s and the
+peak RSS. Without --data_dir a PANDA-like set is generated (bigjax.data.synthetic) into <workdir>/data
+and a CPU-sized run is made: 72 slides of 2048² px at 20× (--side; 512 px at 5×) whose tissue and tumour regions are 8x the tile set's (--region_scale: at
 the tile set's 32-48 px every head position of H holds the same mix of regions, so H's per-channel
 GroupNorm leaves it nothing of the grade), split 60/6/6 (one val and one test slide a grade); the
 backbone with GroupNorm (Zhang's second variant: frozen BatchNorm of a random init normalises
@@ -37,6 +39,7 @@ from bigjax.local.wholeslide import WholeSlideConfig, train_wholeslide
 from bigjax.logs import quiet_libraries
 from bigjax.metrics import format_metric
 from bigjax.train.interrupt import stop_on_interrupt
+from experiments.flags import host_memory_flags
 
 # the generated run: where it departs from the official settings, and why (docs/results.md): a
 # random init (no ImageNet weights here) with GroupNorm, lr 10-25x higher, no decay and no
@@ -55,7 +58,11 @@ def parse_flags(argv=None) -> argparse.Namespace:
     p.add_argument("--workdir", default="runs/wholeslide", help="run folder (default runs/wholeslide)")
     p.add_argument("--data_dir", help="PANDA folder (train.csv, train_images/); omit to generate slides")
     p.add_argument("--splits_csv", help="PANDA split CSV (image_id, split); default seeded 80:10:10")
-    p.add_argument("--magnification", type=float, default=5.0, help="read slides at this (default 5)")
+    p.add_argument("--magnification", type=float,
+                   help="read slides at this magnification (default 5, i.e. 2 µm/px)")
+    p.add_argument("--mpp", type=float, help="read slides at this many µm per pixel instead "
+                                             "(0.5: 20×, the full resolution of PANDA's slides)")
+    host_memory_flags(p)
     p.add_argument("--modules", type=int, help="K gradient-isolated modules: 1, 2, 4 (default), 8")
     p.add_argument("--alpha", type=float, help="weight of the RFR loss (default 1)")
     p.add_argument("--norm", choices=("batch", "group"),
@@ -80,6 +87,9 @@ def parse_flags(argv=None) -> argparse.Namespace:
     p.add_argument("--n_boot", type=int, help="bootstrap resamples of the final 95%% intervals (default 1000)")
     p.add_argument("--data_seed", type=int, default=0, help="seed of the generated slides and split")
     p.add_argument("--n_slides", type=int, default=N_SLIDES, help="generated slides (no --data_dir)")
+    p.add_argument("--side", type=int, default=SIDE[0],
+                   help=f"generated slides' side in 20× (0.5 µm/px) pixels (default {SIDE[0]}; "
+                        "made once per --workdir)")
     p.add_argument("--region_scale", type=float, default=REGION_SCALE,
                    help=f"generated slides' tissue/tumour regions this many times the tile set's "
                         f"(default {REGION_SCALE:g})")
@@ -97,12 +107,24 @@ def _epochs(text: str) -> tuple[int, ...]:
 
 def config_from_flags(a: argparse.Namespace) -> WholeSlideConfig:
     """The official settings on real data, the quick ones on generated slides; given flags override."""
-    if not a.magnification > 0:
-        raise ValueError(f"--magnification={a.magnification}: must be positive")
+    if a.side < 1:
+        raise ValueError(f"--side={a.side}: must be at least 1 pixel")
     fields = {} if a.data_dir else dict(QUICK)
     fields.update({f.name: getattr(a, f.name) for f in dataclasses.fields(WholeSlideConfig)
                    if getattr(a, f.name, None) is not None})
-    return WholeSlideConfig(**fields, mpp=10.0 / a.magnification)
+    return WholeSlideConfig(**dict(fields, mpp=_mpp(a)))
+
+
+def _mpp(a: argparse.Namespace) -> float:
+    """µm per pixel to read at: --mpp, or --magnification's (10 / magnification: 20× is 0.5)."""
+    if a.mpp is not None and a.magnification is not None:
+        raise ValueError(f"--mpp={a.mpp} and --magnification={a.magnification}: give one of them")
+    if a.mpp is not None:
+        return a.mpp
+    magnification = 5.0 if a.magnification is None else a.magnification
+    if not magnification > 0:
+        raise ValueError(f"--magnification={magnification}: must be positive")
+    return 10.0 / magnification
 
 
 def slides_of(a: argparse.Namespace) -> list:
@@ -118,7 +140,8 @@ def slides_of(a: argparse.Namespace) -> list:
     data_dir = Path(a.workdir) / "data"
     if not (data_dir / "train.csv").is_file():
         logging.info("generating %d PANDA-like slides into %s", a.n_slides, data_dir)
-        make_panda_like(data_dir, n_slides=a.n_slides, seed=a.data_seed, side=SIDE, workers=a.workers,
+        make_panda_like(data_dir, n_slides=a.n_slides, seed=a.data_seed, side=(a.side, a.side),
+                        workers=a.workers,
                         region_scale=a.region_scale)
     slides = layouts.panda_layout(data_dir, splits_csv=a.splits_csv, seed=a.data_seed)
     if a.splits_csv or {"val", "test"} <= {s.split for s in slides}:

@@ -34,7 +34,7 @@ __all__ = ["TrainingState", "RECOVERIES"]
 # what --resume may change (``bigjax.train.recovery``): lower learning rates (the step decays are
 # relative to them), more epochs (no schedule depends on their number); and where the run lives
 RECOVERIES = {"lr_backbone": recovery.LOWER, "lr_heads": recovery.LOWER, "epochs": recovery.MORE}
-FREE_ON_RESUME = ("workdir", "n_boot", "checkpoint_every")
+FREE_ON_RESUME = ("workdir", "n_boot", "checkpoint_every", "host_memory", "spill_dir")
 
 
 class TrainingState:

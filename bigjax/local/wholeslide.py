@@ -35,9 +35,11 @@ import numpy as np
 from flax import nnx
 
 from bigjax import lock
+from bigjax.bench.memory import host_peak_bytes
 from bigjax.data.layouts import SlideEntry
 from bigjax.data.slides import PANDA_GREY_RANGE, greyscale, open_slide, pick_level
 from bigjax.errors import Interrupted
+from bigjax.host_memory import SpillMeter, parse_host_memory, spill_options
 from bigjax.layers.execution import DEFAULT_PARTITION_BYTES, Execution
 from bigjax.local.group_norm import NORMS, to_group_norm
 from bigjax.local.model import LocalNetwork, local_resnet34
@@ -80,6 +82,10 @@ class WholeSlideConfig:
       checkpoint_every: also save the latest checkpoint every this many slides (0: at the end of
         each epoch only, and on Ctrl-C).
       max_partition_bytes: the Big-Layers partition budget.
+      host_memory: bytes of host RAM the Big-Layers may keep activations in, beyond which they spill
+        to ``spill_dir`` (``Execution.host_memory``), or "auto" (``bigjax.host_memory``); None =
+        all in RAM.
+      spill_dir: the spill store's folder (default ``<workdir>/spill``).
       in_memory: run every module in memory, jitted, instead of through Big-Layers (slides that
         fit on the device; the tests' tiny runs).
       pad: slides are padded to a multiple of this many pixels.
@@ -104,6 +110,8 @@ class WholeSlideConfig:
     decay_epochs: tuple[int, ...] = (25, 35, 45)
     checkpoint_every: int = 0
     max_partition_bytes: int = DEFAULT_PARTITION_BYTES
+    host_memory: int | str | None = None
+    spill_dir: str | None = None
     in_memory: bool = False
     pad: int = 128
     init: str | None = None
@@ -124,6 +132,11 @@ class WholeSlideConfig:
                              f"{','.join(map(str, self.decay_epochs))}: must be >= 0")
         if not self.mpp > 0:
             raise ValueError(f"--mpp={self.mpp}: must be positive (µm per pixel)")
+        object.__setattr__(self, "host_memory", parse_host_memory(self.host_memory))
+        spill_options(self.host_memory, self.spill_dir, self.workdir)  # spill_dir alone is refused
+        if self.in_memory and self.host_memory is not None:
+            raise ValueError(f"--host_memory={self.host_memory} has no effect in memory (in_memory): "
+                             "only the Big-Layers keep activations in host RAM")
 
 
 def tissue_box(rgb: np.ndarray) -> tuple[int, int, int, int]:
@@ -192,8 +205,10 @@ def train_wholeslide(config: WholeSlideConfig, slides: Sequence[SlideEntry], *, 
     Returns:
       {"val"/"test": {"n", "accuracy", "qwk", their "..._ci95", "probs", "labels", "heads_qwk":
       A_1 … A_{K−1} and H's {"qwk", "qwk_ci95"}}, "losses": the last
-      epoch's mean L_1..L_K, "best_epoch", "seconds_per_slide", "largest_slide": (H, W)}; also
-      written to results.json.
+      epoch's mean L_1..L_K, "best_epoch", "seconds_per_slide", "largest_slide": (H, W),
+      "host_memory": the run's bytes spilled ("spill_written", "spill_read"), "disk_gb_s" and
+      "peak_rss" (also in every epoch's metrics.jsonl row, for that epoch)}; also written to
+      results.json.
     """
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -208,7 +223,10 @@ def train_wholeslide(config: WholeSlideConfig, slides: Sequence[SlideEntry], *, 
                                      decay_at=decay_updates(config.decay_epochs, len(train), config.accum))
         state = TrainingState(workdir, net, nnx.List(optimizers))
         meta = state.start(config, resume)
-        execution = None if config.in_memory else Execution(config.max_partition_bytes)
+        meter = SpillMeter()
+        execution = None if config.in_memory else Execution(
+            config.max_partition_bytes, observer=meter,
+            **spill_options(config.host_memory, config.spill_dir, config.workdir))
         images = {s.slide_id: read_slide(s.path, config.mpp, config.pad) for s in slides}
         for epoch in range(meta["epoch"], config.epochs):
             order = np.random.default_rng([config.seed, epoch]).permutation(len(train))
@@ -233,28 +251,42 @@ def train_wholeslide(config: WholeSlideConfig, slides: Sequence[SlideEntry], *, 
                     state.save(meta)
                     raise Interrupted(f"stopped after slide {meta['step']}; the checkpoint is in "
                                       f"{state.checkpoints.directory}: continue with --resume")
-            _end_epoch(state, meta, epoch, _classify(net, split["val"], images, execution, config.n_classes))
-        return _final(state, config, split, images, execution)
+            _end_epoch(state, meta, epoch, _classify(net, split["val"], images, execution, config.n_classes),
+                       _host_use(meter.take()))
+        return _final(state, config, split, images, execution, meter)
 
 
-def _end_epoch(state: "TrainingState", meta: dict, epoch: int, val: dict) -> None:
-    """The epoch's mean losses and validation; its checkpoint, the best by validation QWK."""
+def _host_use(spill: dict) -> dict:
+    """Bytes spilled (written, read), disk GB/s and the process's peak RSS so far (VmHWM)."""
+    return dict(spill, peak_rss=host_peak_bytes())
+
+
+def _host_line(use: dict) -> str:
+    gib = lambda n: f"{(n or 0) / 2**30:.2f} GiB"  # noqa: E731
+    return (f"spilled {gib(use['spill_written'])} written, {gib(use['spill_read'])} read at "
+            f"{use['disk_gb_s']:.2f} GB/s; peak RSS {gib(use['peak_rss'])}")
+
+
+def _end_epoch(state: "TrainingState", meta: dict, epoch: int, val: dict, host_use: dict) -> None:
+    """The epoch's mean losses, validation and host memory; its checkpoint, the best by validation QWK."""
     losses = np.mean(meta["losses"], axis=0).tolist()
     value = val["qwk"] if val["n"] else -losses[-1]  # no val slides: the lowest L_K
     best = meta["best"] is None or improves(value, meta["best"])
     if best:
         meta.update(best=value, best_epoch=epoch + 1)
     meta.update(epoch=epoch + 1, slide=0, losses=[], last_losses=losses)
-    state.log(kind="epoch", step=meta["step"], epoch=epoch + 1, losses=losses,
+    state.log(kind="epoch", step=meta["step"], epoch=epoch + 1, losses=losses, **host_use,
               **{f"val_{k}": v for k, v in val.items() if k in ("qwk", "accuracy")})
     state.save(meta, best=best)  # after the row: a resume from before it drops the row
     log.info("epoch %d: mean losses %s; val %s", epoch + 1, " ".join(f"{v:.3f}" for v in losses),
              ", ".join(f"{k} {v:.3f}" for k, v in val.items() if k in ("qwk", "accuracy")) or "none")
+    log.info("epoch %d: %s", epoch + 1, _host_line(host_use))
 
 
 def _final(state: "TrainingState", config: WholeSlideConfig, split: dict, images: dict,
-           execution: Execution | None) -> dict:
-    """Restore the best checkpoint, classify val and test (with bootstrap intervals), write results.json."""
+           execution: Execution | None, meter: SpillMeter) -> dict:
+    """Restore the best checkpoint, classify val and test (with bootstrap intervals), write results.json
+    (with the run's host memory: bytes spilled, disk GB/s, peak RSS)."""
     meta = state.checkpoints.restore_best(state.net)
     results = {name: _classify_every_head(state.net, split[name], images, execution,
                                           config.n_classes, config.n_boot)
@@ -266,7 +298,8 @@ def _final(state: "TrainingState", config: WholeSlideConfig, split: dict, images
                    seconds_per_slide=float(np.median(seconds)) if seconds else None,
                    largest_slide=max((im.shape[:2] for im in images.values()),
                                      key=lambda s: s[0] * s[1]),
-                   config=dataclasses.asdict(config))
+                   config=dataclasses.asdict(config), host_memory=_host_use(meter.total()))
+    log.info("run: %s", _host_line(results["host_memory"]))
     (Path(config.workdir) / "results.json").write_text(json.dumps(results, indent=1))
     return results
 

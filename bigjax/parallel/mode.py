@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bigjax.host_memory import shard_spill_options, spill_options
 from bigjax.layers.execution import Execution
 from bigjax.models import mil
 from bigjax.parallel.big import big_mesh_value_and_grad
@@ -89,9 +90,11 @@ class BigMesh(modes.Big):
                              "drives the Big shards' engines (bigjax.parallel.big); run it as one "
                              "process, or use --encoder=inmemory with --processes")
         narrow = None if config.host_dtype == "float32" else config.host_dtype
+        spill = spill_options(config.host_memory, config.spill_dir, workdir)
         self.executions = tuple(Execution(config.max_partition_bytes, compute=device,
-                                          host_dtype=narrow, engine=config.big_engine)
-                                for device in encoder_mesh(config.devices).devices.flat)
+                                          host_dtype=narrow, engine=config.big_engine,
+                                          **shard_spill_options(spill, i, config.devices))
+                                for i, device in enumerate(encoder_mesh(config.devices).devices.flat))
 
     def step(self, model, optimizer, inputs, labels):
         loss, grads = big_mesh_value_and_grad(model.encoder, model.head, _tiles(inputs),

@@ -10,6 +10,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from bigjax.host_memory import parse_host_memory, spill_options
 from bigjax.layers.execution import DEFAULT_PARTITION_BYTES, ENGINES
 from bigjax.train.optim import OptimizerConfig
 
@@ -26,7 +27,7 @@ PAPER_OPTIMIZER = OptimizerConfig(weight_decay=1e-4, schedule="cosine", accum=16
 # protocol); every other setting defines the run's data and steps
 RECOVERIES = {"optim.lr": "lower", "epochs": "more"}
 FREE_ON_RESUME = ("workdir", "progress", "log_every", "checkpoint_every", "embed_chunk", "eval_draws",
-                  "eval_tiles")
+                  "eval_tiles", "host_memory", "spill_dir")  # the last two: where, not what
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +57,10 @@ class TrainConfig:
         partitions (``Execution.engine``); the same results to float round-off.
       device_memory: bytes of device memory ``auto`` may plan for (default: the device's own limit;
         a CPU has none, so there it must be given).
+      host_memory: bytes of host RAM the streaming engine may keep activations in, beyond which they
+        spill to disk (``Execution.host_memory``), or "auto" (``bigjax.host_memory.AUTO_SHARE`` of
+        MemAvailable when the run starts); None = every activation in RAM.
+      spill_dir: where activations beyond ``host_memory`` are stored (default ``<workdir>/spill``).
       modules, local_alpha: the local mode's K gradient-isolated modules (dividing 8) and the weight
         of its Random Feature Reconstruction loss (Zhang et al.; ``--encoder=local`` only).
       local_norm: the local mode's ResNet norm: "batch" (BatchNorm) or "group" (GroupNorm(C, C),
@@ -96,6 +101,8 @@ class TrainConfig:
     host_dtype: str = "float32"
     big_engine: str = "eager"
     device_memory: int | None = None
+    host_memory: int | str | None = None
+    spill_dir: str | None = None
     modules: int = 4
     local_alpha: float = 1.0
     local_norm: str = "batch"
@@ -154,6 +161,8 @@ class TrainConfig:
             _at_least("max_partition_bytes", self.max_partition_bytes, 1)
         if self.device_memory is not None:
             _at_least("device_memory", self.device_memory, 1)
+        object.__setattr__(self, "host_memory", parse_host_memory(self.host_memory))
+        spill_options(self.host_memory, self.spill_dir, self.workdir)  # spill_dir alone is refused
         if self.big_stages != AUTO and (not isinstance(self.big_stages, int)
                                         or not 0 <= self.big_stages <= 4):
             raise ValueError(f"--big_stages={self.big_stages}: must be in 0..4 or auto")

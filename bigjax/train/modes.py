@@ -32,6 +32,7 @@ from flax import nnx
 
 from bigjax.data.augment import augment_bag
 from bigjax.data.bags import Bag
+from bigjax.host_memory import spill_options
 from bigjax.layers.execution import Execution
 from bigjax.data.tiling import stored_tiling
 from bigjax.models import arch, resnet_fit
@@ -47,7 +48,7 @@ _MESH_MODES: dict[str, type["EncoderMode"]] = {}  # name -> the mode run over an
 _ELSEWHERE = ("bigjax.parallel.mode", "bigjax.local.mode")  # modules that register more modes
 # config fields only the modes that stream through Big-Layers read
 STREAMING_SETTINGS = ("big_stages", "max_partition_bytes", "host_dtype", "big_engine",
-                      "device_memory")
+                      "device_memory", "host_memory", "spill_dir")
 # config fields only the locally supervised mode reads (``bigjax.local.mode``)
 LOCAL_SETTINGS = ("modules", "local_alpha", "local_norm")
 
@@ -194,7 +195,8 @@ class Big(EncoderMode):
             fit = _fit_device(config)
             self.big_stages, budget, self.streams = fit.big_stages, fit.budget, fit.big_stages is not None
         narrow = None if config.host_dtype == "float32" else config.host_dtype
-        self.execution = (Execution(budget, host_dtype=narrow, engine=config.big_engine)
+        spill = spill_options(config.host_memory, config.spill_dir, workdir)
+        self.execution = (Execution(budget, host_dtype=narrow, engine=config.big_engine, **spill)
                           if self.streams else None)
 
     def inputs(self, model, batch: list[Bag]):

@@ -7,6 +7,7 @@ from bigjax.data import layouts
 from bigjax.data.slides import open_slide
 from bigjax.data.synthetic import make_panda_like
 from bigjax.errors import run_cli
+from bigjax.layers.execution import Execution
 from bigjax.local.wholeslide import read_slide, tissue_box
 from experiments import wholeslide
 
@@ -100,3 +101,47 @@ def test_predict_is_the_eval_forward_through_h_on_both_paths():
     assert logits.shape == (3,)
     big = net.predict(paths_for([Execution(b) for b in (30_000, 30_000, 40_000, 100_000)], 4), X)
     np.testing.assert_allclose(np.asarray(big), np.asarray(logits), rtol=1e-4, atol=1e-5)
+
+
+def _one_step_at_20x(tmp_path, **options) -> dict:
+    """One epoch of one tiny 96² slide read at 0.5 µm/px (20×), through Big-Layers (a 200 kB budget)."""
+    import dataclasses as dc
+
+    from bigjax.local.wholeslide import WholeSlideConfig, train_wholeslide
+    from tests.local.helpers import tiny_network
+
+    data = make_panda_like(tmp_path / "data", n_slides=3, seed=0, side=(96, 96), workers=1)
+    slides = [dc.replace(s, split=split) for s, split in zip(layouts.panda_layout(data),
+                                                              ("train", "val", "test"))]
+    config = WholeSlideConfig(workdir=str(tmp_path / "run"), epochs=1, accum=1, mpp=0.5, pad=32,
+                              modules=1, norm="group", n_patches=2, n_boot=5,
+                              max_partition_bytes=200_000, **options)
+    return train_wholeslide(config, slides, progress=False, network=tiny_network(1))
+
+
+@pytest.mark.slow  # ~45 s: the tiny network's eager initialisation and its first streamed step
+def test_a_20x_epoch_logs_bytes_spilled_disk_speed_and_peak_rss(tmp_path):
+    import json
+
+    results = _one_step_at_20x(tmp_path)
+    assert results["largest_slide"] == (96, 96)  # level 0: 96 px at 0.5 µm/px
+    use = results["host_memory"]
+    assert (use["spill_written"], use["spill_read"], use["disk_gb_s"]) == (0, 0, 0.0)  # all in RAM
+    assert 0 < use["peak_rss"] < 8 * 2**30
+    epoch = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert epoch["kind"] == "epoch" and {"spill_written", "spill_read", "disk_gb_s", "peak_rss"} <= set(epoch)
+
+
+NEEDS_SPILL_ENGINE = pytest.mark.skipif(
+    "host_memory" not in Execution.__dataclass_fields__,
+    reason="needs the spill engine: Execution(host_memory=, spill_dir=) (issue 21, branch spill)")
+
+
+@NEEDS_SPILL_ENGINE
+@pytest.mark.slow  # ~45 s, as above
+def test_a_20x_epoch_over_a_tiny_host_budget_spills_and_says_so(tmp_path):
+    results = _one_step_at_20x(tmp_path, host_memory=100_000, spill_dir=str(tmp_path / "spill"))
+    use = results["host_memory"]
+    assert use["spill_written"] > 0 and use["spill_read"] > 0 and use["disk_gb_s"] > 0
+    left = [p for p in (tmp_path / "spill").rglob("*") if p.is_file()]
+    assert not left  # the store is removed after each step

@@ -1,0 +1,393 @@
+"""What a machine can train: host RAM, disk bytes and step time of one all-big ResNet training step.
+
+``resnet_fit`` asks what fits the *device*; this asks what fits the *machine* once every stage is big
+and the activations live in host RAM (or, beyond ``--host_memory``, on disk). From the architecture's
+layer shapes at the requested side (the jaxpr of the ResNet's forward, so the same layer list the Big
+model streams, nothing run) it counts
+
+* ``activation_bytes``: the activations stored once, the input plus every conv's output, in the host
+  dtype (the issue's yardstick, and what a spill store has to hold);
+* ``forward_flops``: 2 × multiply-adds of every conv (the taps inside the input: zero padding is
+  not counted, as XLA's cost analysis does not); ``train_flops`` = forward + weight gradient + input
+  gradient of every conv (the first conv's input, the image, gets none), i.e. about 3 × forward;
+* ``bus_bytes``: what the fused engine moves between host memory and the compute device per step:
+  forward, each conv's input and output; backward, its input and output cotangent in, its input
+  cotangent out (3 × inputs + 2 × outputs).
+
+and predicts, for a ``Machine`` (device memory, host RAM, disk read/write bandwidth, bus bandwidth,
+kernel throughput in FLOP/s, measured by ``measure_throughput``):
+
+* in RAM: host RAM = ``copies`` × activation bytes + the process (``PROCESS_BYTES``), where ``copies``
+  is the engine's measured ratio of its step's peak-RSS rise to the activations stored once;
+* with a host budget H: what the engine keeps beyond H (``copies`` × activation bytes − H: the model
+  assumes everything the engine keeps goes through the spill store, so a leaner engine spills less)
+  is written once in the forward and read once in the backward; host RAM used = min(in-RAM need, H)
+  + the partitions in flight;
+* step time = max(kernel time, bus time, disk floor): the three overlap at best (the engine prefetches
+  bands and spills asynchronously), so the slowest is a lower bound and the prediction.
+
+``measure_step`` runs one all-big step and reads its peak-RSS rise (VmHWM) and time: the check of the
+predictions on this machine (docs/benchmarks.md, "What a machine can train").
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from dataclasses import dataclass, replace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bigjax.models.resnet import ResNet
+from bigjax.units import parse_bytes, parse_rate
+
+__all__ = ["Footprint", "Machine", "Prediction", "footprint", "predict", "largest_side",
+           "measure_throughput", "measure_step", "SERVER", "THIS_MACHINE", "ANCHOR_SIDES"]
+
+ARCHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50}
+HOST_DTYPES = {"float32": 4, "bfloat16": 2}
+# the engine's peak-RSS rise over the activations stored once: 3.89 at 4096² (ResNet-18, float32, main at
+# 6381d35, issue 21); it grows slowly with the side (3.25 at 1024²), so the largest is the one to plan with
+COPIES = 3.9
+PROCESS_BYTES = 1 * 2**30  # Python, JAX, the compiled kernels, parameters: the process before a step
+PARTITIONS_IN_FLIGHT = 2  # Execution(prefetch=1): the band being computed and the next one
+ANCHOR_SIDES = (16_384, 65_536, 75_000)  # StreamingCNN/prostate; StreamingCLAM; HMS2
+
+
+@dataclass(frozen=True)
+class Machine:
+    """A machine as the predictor sees it (bytes, bytes per second, FLOP/s)."""
+
+    name: str
+    device_memory: int
+    host_memory: int
+    disk_read: float
+    disk_write: float
+    kernel_throughput: float
+    bus: float | None = None  # host <-> device; None: the host is the compute device (no bus)
+    activation_budget: int | None = None  # --host_memory of the run; None: all RAM the step may take
+
+    @property
+    def partition_budget(self) -> int:
+        """The partition budget the run would use: an eighth of the device (``resnet_fit``'s headroom)."""
+        return min(self.device_memory // 8, 2**30)
+
+    @property
+    def host_budget(self) -> int:
+        """Host bytes for activations: the run's budget, else the RAM the process and bands leave."""
+        if self.activation_budget is not None:
+            return self.activation_budget
+        return self.host_memory - PROCESS_BYTES - PARTITIONS_IN_FLIGHT * self.partition_budget
+
+
+# a typical GPU server: 80 GB device (H100), 512 GB RAM, NVMe ~6 GB/s read / 3 GB/s write, PCIe 5 x16
+# ~25 GB/s achieved; kernel throughput: a float32 (TF32) conv step at ~100 TFLOP/s, an assumption
+# until measured on the device (``--measure`` there)
+SERVER = Machine("GPU server", 80 * 10**9, 512 * 10**9, 6e9, 3e9, 100e12, bus=25e9)
+# this 2-core machine: 24 GB RAM, disk 1.9 GB/s read / 1.4 GB/s write (dd, direct I/O), CPU kernels
+# (95 GFLOP/s: ``measure_throughput``, 2026-12-05, in CPU time over the 2 cores), the issue's
+# --host_memory=8GiB
+THIS_MACHINE = Machine("this machine (2-core CPU)", 24 * 10**9, 24 * 10**9, 1.9e9, 1.4e9, 95e9,
+                       activation_budget=8 * 2**30)
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """One training step's size, from the layer shapes (one image of ``side`` x ``side``)."""
+
+    arch: str
+    side: int
+    host_dtype: str
+    activation_bytes: int
+    forward_flops: int
+    train_flops: int
+    bus_bytes: int
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What one step needs on a machine (bytes, seconds); ``spilled`` when a host budget binds."""
+
+    in_ram_bytes: int  # host RAM the step needs with everything in RAM
+    host_bytes: int  # host RAM it uses under the budget
+    disk_written: int
+    disk_read: int
+    kernel_s: float
+    bus_s: float
+    disk_s: float
+
+    @property
+    def step_s(self) -> float:
+        return max(self.kernel_s, self.bus_s, self.disk_s)
+
+    @property
+    def bound(self) -> str:
+        return max(("kernels", self.kernel_s), ("bus", self.bus_s), ("disk", self.disk_s),
+                   key=lambda t: t[1])[0]
+
+
+def conv_shapes(arch: str, side: int) -> list[tuple[tuple, tuple, tuple, int]]:
+    """(input shape, output shape, kernel shape HWIO, multiply-adds) of every conv of ``arch`` on one
+    ``side``² RGB image, in the order the forward runs them: read from the jaxpr of the model's forward (abstract
+    shapes, nothing computed, any side)."""
+    graph, state = nnx.split(_model(arch))
+
+    def forward(state, x):
+        return nnx.merge(graph, state)(x, train=False)
+
+    jaxpr = jax.make_jaxpr(forward)(state, jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32))
+    return [_conv(e) for e in _equations(jaxpr.jaxpr) if e.primitive.name == "conv_general_dilated"]
+
+
+def _conv(eqn) -> tuple[tuple, tuple, tuple, int]:
+    """(input, output, kernel shape, multiply-adds) of one NHWC/HWIO conv; the multiply-adds count
+    only the kernel taps that land inside the input (not on its zero padding), as XLA does."""
+    x, y, k = (tuple(v.aval.shape) for v in (eqn.invars[0], eqn.outvars[0], eqn.invars[1]))
+    p = eqn.params
+    taps = [_valid_taps(x[1 + d], y[1 + d], k[d], p["window_strides"][d], p["rhs_dilation"][d],
+                        p["padding"][d][0]) for d in (0, 1)]
+    return x, y, k, y[0] * taps[0] * taps[1] * k[2] * k[3] // p["feature_group_count"]
+
+
+def _valid_taps(n_in: int, n_out: int, k: int, stride: int, dilation: int, pad: int) -> int:
+    """Pairs (output position, kernel tap) along one axis whose input index is inside the input."""
+    total = 0
+    for j in range(k):
+        offset = j * dilation - pad  # input index = o * stride + offset
+        first = max(0, -(offset // stride) if offset < 0 else 0)
+        last = min(n_out - 1, (n_in - 1 - offset) // stride)
+        total += max(0, last - first + 1)
+    return total
+
+
+def _equations(jaxpr):
+    """Every equation of ``jaxpr`` and of the jaxprs inside it (jit, custom_vjp, ...), in order."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _equations(inner)
+
+
+def _model(arch: str) -> ResNet:
+    """The architecture's ResNet with abstract parameters (shapes only: no initialisation runs)."""
+    if arch not in ARCHS:
+        raise ValueError(f"--arch={arch}: choose one of {', '.join(ARCHS)}")
+    return nnx.eval_shape(lambda: ResNet(ARCHS[arch], rngs=nnx.Rngs(0)))
+
+
+def footprint(arch: str, side: int, host_dtype: str = "float32") -> Footprint:
+    """Activation bytes stored once, FLOPs and bus bytes of one all-big step on a ``side``² image."""
+    if host_dtype not in HOST_DTYPES:
+        raise ValueError(f"--host_dtype={host_dtype}: choose one of {', '.join(HOST_DTYPES)}")
+    if side < 32:
+        raise ValueError(f"--side={side}: a ResNet needs at least 32 px (five stride-2 reductions)")
+    convs = conv_shapes(arch, side)
+    size = HOST_DTYPES[host_dtype]
+    ins, outs = [math.prod(c[0]) for c in convs], [math.prod(c[1]) for c in convs]
+    macs = [c[3] for c in convs]
+    forward = 2 * sum(macs)
+    return Footprint(arch, side, host_dtype,
+                     activation_bytes=size * (ins[0] + sum(outs)),
+                     forward_flops=forward,
+                     train_flops=3 * forward - 2 * macs[0],  # no input gradient for the image
+                     bus_bytes=size * (3 * sum(ins) + 2 * sum(outs)))
+
+
+def predict(fp: Footprint, machine: Machine, host_budget: int | None = None,
+            copies: float = COPIES) -> Prediction:
+    """Host RAM, disk bytes and time of the step ``fp`` on ``machine``, within ``host_budget`` bytes
+    of host RAM for activations (None: everything in RAM)."""
+    need = int(copies * fp.activation_bytes)
+    written = 0 if host_budget is None else max(0, need - host_budget)
+    working = PARTITIONS_IN_FLIGHT * machine.partition_budget if written else 0
+    host = need - written + working
+    return Prediction(in_ram_bytes=need + PROCESS_BYTES, host_bytes=host + PROCESS_BYTES,
+                      disk_written=written, disk_read=written,
+                      kernel_s=fp.train_flops / machine.kernel_throughput,
+                      bus_s=0.0 if machine.bus is None else fp.bus_bytes / machine.bus,
+                      disk_s=written / machine.disk_write + written / machine.disk_read)
+
+
+def largest_side(arch: str, ram: int, host_dtype: str = "float32", copies: float = COPIES,
+                 reference: int = 4096) -> int:
+    """The largest square side whose in-RAM step fits ``ram`` bytes (activations scale with area)."""
+    fp = footprint(arch, reference, host_dtype)
+    per_pixel = copies * fp.activation_bytes / reference**2
+    return int(math.sqrt(max(ram - PROCESS_BYTES, 0) / per_pixel))
+
+
+def measure_throughput(side: int = 256, channels: int = 64, repeats: int = 3) -> float:
+    """FLOP/s of a jitted 3x3 conv's forward, input and weight gradient (one ``side``² image of
+    ``channels`` in and out) on the default device: the median of ``repeats`` after a compile.
+
+    On a CPU the time is the process's CPU time over its cores (on a machine shared with other jobs,
+    the wall clock measures their load too); on an accelerator, the wall clock."""
+    x = jnp.ones((1, side, side, channels), jnp.float32)
+    w = jnp.ones((3, 3, channels, channels), jnp.float32) * 0.01
+
+    def loss(x, w):
+        y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.sum(y * y)
+
+    step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    jax.block_until_ready(step(x, w))
+    cpu = jax.devices()[0].platform == "cpu"
+    clock = (lambda: time.process_time() / len(os.sched_getaffinity(0))) if cpu else time.perf_counter
+    seconds = []
+    for _ in range(repeats):
+        start = clock()
+        jax.block_until_ready(step(x, w))
+        seconds.append(clock() - start)
+    return 3 * 2 * side * side * 9 * channels * channels / float(np.median(seconds))
+
+
+def measure_step(arch: str, side: int, budget: int = 64 * 2**20, host_dtype: str = "float32") -> dict:
+    """One all-big training step of ``arch`` on a ``side``² image, measured: ``{"rss_rise"}`` (the
+    peak resident set's rise over the resident set before the step, VmHWM - VmRSS, bytes),
+    ``{"seconds"}`` and ``{"cpu_seconds"}`` (the process's CPU time: on a shared machine, divided
+    by the cores, what the step would take alone); a first step at the same shape compiles the
+    kernels beforehand."""
+    from bigjax.bench.memory import host_peak_bytes, host_rss_bytes, reset_host_peak
+    from bigjax.layers.execution import Execution
+    from bigjax.models.resnet import BigResNet
+
+    model = BigResNet(ARCHS[arch], big_stages=4, rngs=nnx.Rngs(0))
+    ex = Execution(budget, host_dtype=None if host_dtype == "float32" else jnp.dtype(host_dtype))
+    x = np.random.default_rng(0).normal(size=(1, side, side, 3)).astype(np.float32)
+
+    def step():
+        grads = nnx.grad(lambda m, x: jnp.mean(m(x, train=True, execution=ex) ** 2))(model, x)
+        jax.block_until_ready(jax.tree.leaves(grads))
+
+    step()
+    reset_host_peak()
+    before = host_rss_bytes()
+    start, cpu = time.perf_counter(), time.process_time()
+    step()
+    return {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
+            "rss_rise": host_peak_bytes() - before}
+
+
+def table(machines: list[Machine], arch: str, sides, host_dtype: str, copies: float) -> list[str]:
+    """Markdown rows: per machine and side, the in-RAM need, the budgeted run and its step time."""
+    gib = lambda n: f"{n / 2**30:,.1f}"  # noqa: E731
+    rows = ["| machine | side | activations once (GiB) | in RAM (GiB) | host budget (GiB) | host used "
+            "(GiB) | disk written / read (GiB) | kernels (s) | bus (s) | disk floor (s) | step (s), "
+            "bound |", "|---" * 11 + "|"]
+    for m in machines:
+        for side in sides:
+            fp = footprint(arch, side, host_dtype)
+            p = predict(fp, m, m.host_budget, copies)
+            rows.append(f"| {m.name} | {side:,}² | {gib(fp.activation_bytes)} | {gib(p.in_ram_bytes)} | "
+                        f"{gib(m.host_budget)} | {gib(p.host_bytes)} | {gib(p.disk_written)} / "
+                        f"{gib(p.disk_read)} | {p.kernel_s:,.1f} | {p.bus_s:,.1f} | {p.disk_s:,.1f} | "
+                        f"{p.step_s:,.1f}, {p.bound} |")
+    return rows
+
+
+def main(argv=None) -> int:
+    """``python -m bigjax.models.machine_fit``: the anchors' sides on a GPU server and this machine;
+    with machine flags, one machine; ``--check 512,1024`` measures steps here against the prediction."""
+    a = _flags(argv)
+    copies = a.copies
+    throughput = measure_throughput() if a.measure else a.kernel_throughput
+    if a.measure:
+        print(f"measured kernel throughput: {throughput / 1e9:,.1f} GFLOP/s (3x3 conv step, jitted)",
+              flush=True)
+    if a.check:
+        return _check(a, throughput or THIS_MACHINE.kernel_throughput, copies)
+    given = [a.device_memory, a.host_memory, a.disk_read, a.disk_write, throughput]
+    if all(v is not None for v in given):
+        machines = [Machine("given", *given[:2], *given[2:], bus=a.bus, activation_budget=a.budget)]
+    else:
+        here = replace(THIS_MACHINE, kernel_throughput=throughput or THIS_MACHINE.kernel_throughput)
+        machines = [SERVER, here]
+    sides = a.side or ANCHOR_SIDES
+    print(f"{a.arch}, host activations {a.host_dtype}, {copies:g} copies in RAM (the engine's measured "
+          "ratio); step = max(kernels, bus, disk floor)")
+    print("\n".join(table(machines, a.arch, sides, a.host_dtype, copies)))
+    for m in machines:
+        side = largest_side(a.arch, m.host_memory, a.host_dtype, copies)
+        print(f"{m.name}: largest side in RAM {side:,}²")
+    return 0
+
+
+def _check(a, throughput: float, copies: float) -> int:
+    """Predicted vs measured peak-RSS rise and step time of all-big steps at ``--check``'s sides."""
+    here = replace(THIS_MACHINE, kernel_throughput=throughput)
+    cores = len(os.sched_getaffinity(0))
+    print(f"| side | activations once (MiB) | RSS rise predicted / measured (MiB) | ratio measured | "
+          f"step predicted / measured (s) | CPU s / {cores} cores |\n|---|---|---|---|---|---|")
+    for side in a.check:
+        fp = footprint(a.arch, side, a.host_dtype)
+        p, m = predict(fp, here, None, copies), measure_step(a.arch, side, host_dtype=a.host_dtype)
+        mib = lambda n: f"{n / 2**20:,.0f}"  # noqa: E731
+        print(f"| {side:,}² | {mib(fp.activation_bytes)} | {mib(p.in_ram_bytes - PROCESS_BYTES)} / "
+              f"{mib(m['rss_rise'])} | {m['rss_rise'] / fp.activation_bytes:.2f} | "
+              f"{p.step_s:.2f} / {m['seconds']:.2f} | {m['cpu_seconds'] / cores:.2f} |", flush=True)
+    return 0
+
+
+def _flags(argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--arch", default="resnet18", choices=tuple(ARCHS))
+    p.add_argument("--host_dtype", default="float32", choices=tuple(HOST_DTYPES))
+    p.add_argument("--side", type=_sides, help="square sides, comma-separated (default the anchors')")
+    p.add_argument("--device_memory", type=_size("device_memory"), help="e.g. 80GB")
+    p.add_argument("--host_memory", type=_size("host_memory"), help="host RAM, e.g. 512GB")
+    p.add_argument("--budget", type=_size("budget"), help="host RAM for activations (the run's "
+                                                          "--host_memory; default: what RAM leaves)")
+    p.add_argument("--disk_read", type=_rate("disk_read"), help="e.g. 3GB/s")
+    p.add_argument("--disk_write", type=_rate("disk_write"), help="e.g. 2GB/s")
+    p.add_argument("--bus", type=_rate("bus"), help="host<->device, e.g. 25GB/s (default: none, a CPU)")
+    p.add_argument("--kernel_throughput", type=float, help="FLOP/s of the kernels, e.g. 4.4e10")
+    p.add_argument("--measure", action="store_true", help="measure the kernel throughput here")
+    p.add_argument("--copies", type=float, default=COPIES,
+                   help=f"the engine's peak RSS over the activations stored once (default {COPIES})")
+    p.add_argument("--check", type=_sides, help="measure all-big steps at these sides here (<= 2048 "
+                                                "stays under 4 GiB)")
+    return p.parse_args(argv)
+
+
+def _sides(text: str) -> tuple[int, ...]:
+    try:
+        sides = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give sides in pixels, e.g. 16384,65536") from None
+    if any(s < 32 for s in sides):
+        raise argparse.ArgumentTypeError(f"{text!r}: a ResNet needs sides of at least 32 px")
+    return sides
+
+
+def _size(name: str):
+    def parse(text: str) -> int:
+        try:
+            return parse_bytes(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"--{name}={text}: {e}") from None
+    return parse
+
+
+def _rate(name: str):
+    def parse(text: str) -> float:
+        try:
+            return parse_rate(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"--{name}={text}: {e}") from None
+    return parse
+
+
+if __name__ == "__main__":
+    import sys
+
+    from bigjax.errors import run_cli
+
+    sys.exit(run_cli(main))
