@@ -46,7 +46,7 @@ from bigjax.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LoadedRun", "SlideScores", "load_run", "slide_scores", "class_names", "predict",
+__all__ = ["LoadedRun", "SlideScores", "read_config", "load_run", "head_of", "slide_scores", "class_names", "predict",
            "PredictOptions"]
 
 TILE_READ = 1024  # tiles read and embedded at a time (bounds host memory on 10^5-tile slides)
@@ -79,22 +79,33 @@ class SlideScores:
     scores: dict[str, np.ndarray]  # name -> (N,) or (N, C)
 
 
-def load_run(workdir: str | os.PathLike) -> LoadedRun:
-    """Restore the best checkpoint of the run in ``workdir``.
+def read_config(workdir: str | os.PathLike) -> TrainConfig:
+    """The configuration of the run in ``workdir``.
 
     Raises:
-      FileNotFoundError: no run there, or no best checkpoint yet (naming what the folder holds).
+      FileNotFoundError: no run there (naming what the folder holds).
     """
-    from bigjax.train.loop import build_model
-
     workdir = Path(workdir)
     saved = workdir / "config.json"
     if not saved.is_file():
         held = ", ".join(sorted(p.name for p in workdir.iterdir())[:6]) if workdir.is_dir() else "no such folder"
         raise FileNotFoundError(f"--workdir {workdir} holds no run (no config.json; it has: {held or 'nothing'})")
-    config = TrainConfig.from_json(saved.read_text(), workdir=str(workdir), progress=False)
+    return TrainConfig.from_json(saved.read_text(), workdir=str(workdir), progress=False)
+
+
+def load_run(workdir: str | os.PathLike) -> LoadedRun:
+    """Restore the best checkpoint of the run in ``workdir``.
+
+    Raises:
+      FileNotFoundError: no run there, no best checkpoint yet (naming the steps there are), or no
+        record of how the run's slides were tiled.
+    """
+    from bigjax.train.loop import build_model
+
+    workdir = Path(workdir)
+    config = read_config(workdir)
     if not (workdir / "checkpoints").is_dir():
-        raise FileNotFoundError(f"run {workdir} has no checkpoints/ folder: nothing trained yet")
+        raise FileNotFoundError(f"run {workdir} has no best checkpoint (no checkpoints/ folder): nothing trained yet")
     tiling = stored_tiling(config.store)
     if tiling is None:
         raise FileNotFoundError(f"run {workdir}: its tile store {config.store} has no tiling.json, so the run's "
@@ -116,6 +127,15 @@ def load_run(workdir: str | os.PathLike) -> LoadedRun:
         raise FileNotFoundError(f"run {workdir} has no best checkpoint (checkpoints: "
                                 f"{', '.join(map(str, steps)) or 'none'}); train until an epoch ends")
     return LoadedRun(workdir, config, mode, model, int(meta["step"]), tiling)
+
+
+def head_of(config: TrainConfig):
+    """An untrained aggregator of the run's kind (what scores it has), without restoring anything."""
+    from flax import nnx
+
+    from bigjax.models import mil
+
+    return mil.build(config.aggregator, 8, config.n_classes, rngs=nnx.Rngs(0))
 
 
 def slide_scores(run: LoadedRun, store: TileStore, row: ManifestRow) -> SlideScores:
@@ -247,10 +267,12 @@ def predict(workdir: str | os.PathLike, *, entries: Sequence[SlideEntry] | None 
     """
     from bigjax.train import prediction_files
 
+    config = read_config(workdir)
+    head = head_of(config)
+    score = options.score or mil_scores.default_score(head)
+    prediction_files.check_score(head, score, options.heatmaps, config.aggregator)
     run = load_run(workdir)
     out = Path(out) if out else Path(workdir) / "predictions"
-    score = options.score or run.default_score
-    prediction_files.check_score(run.model.head, score, options.heatmaps, run.config.aggregator)
     out.mkdir(parents=True, exist_ok=True)
     store = Path(store) if store is not None else tile_new_slides(run, entries, out, options)
     rows = stored_rows(run, store, split)
