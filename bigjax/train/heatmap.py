@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage, stats
 
-from bigjax.data.slides import open_slide, otsu_tissue_mask
+from bigjax.data.slides import PANDA_GREY_RANGE, greyscale, open_slide
 
 __all__ = ["draw", "rank_normalise", "score_canvas", "thumbnail", "HEADER", "BAR"]
 
@@ -129,9 +129,12 @@ class TileImages:
 
 
 def _outline(image: np.ndarray) -> np.ndarray:
-    """bool (h, w): the tissue's boundary (Otsu on saturation), 2 px wide."""
-    tissue = otsu_tissue_mask(image)
-    return tissue & ~ndimage.binary_erosion(tissue, iterations=2)
+    """bool (h, w): the tissue's boundary, 2 px wide. Tissue is not-white and not-black (PANDA's grey
+    range), smoothed: Otsu's split would cut a slide that is all tissue in two."""
+    lo, hi = PANDA_GREY_RANGE
+    grey = greyscale(image)
+    tissue = ndimage.binary_opening(ndimage.binary_closing((grey >= lo) & (grey <= hi), iterations=2), iterations=2)
+    return tissue & ~ndimage.binary_erosion(tissue, iterations=2, border_value=1)
 
 
 def _page(heat: np.ndarray, colours, lo: float, hi: float, raw: bool, title: str) -> Image.Image:
