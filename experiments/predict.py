@@ -26,7 +26,7 @@ from bigjax.data.masks import mask_path, providers
 from bigjax.errors import UserError, run_cli
 from bigjax.logs import quiet_libraries
 from bigjax.train.interrupt import stop_on_interrupt
-from bigjax.train.predict import PredictOptions, predict
+from bigjax.train.predict import PredictOptions, predict, read_config
 
 SLIDE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".bif")
 POSITIVE_GRADE = 3  # experiments.camelyon's binary labels of generated slides: ISUP >= 3
@@ -87,16 +87,6 @@ def masks_of(sources: dict[str, Path]) -> dict[str, tuple[Path, str]]:
     return found
 
 
-def run_test_store(workdir: str) -> Path:
-    """The run's own store, when no slides are given: its test slides are predicted."""
-    import json
-
-    config = Path(workdir) / "config.json"
-    if not config.is_file():
-        raise UserError(f"--workdir {workdir} holds no run (no config.json)")
-    return Path(json.loads(config.read_text())["store"]) / "manifest.csv"
-
-
 def main(argv=None) -> int:
     a = parse_flags(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
@@ -104,9 +94,10 @@ def main(argv=None) -> int:
     options = PredictOptions(score=a.score, raw_scores=a.raw_scores, heatmaps=not a.no_heatmaps,
                              heatmap_side=a.heatmap_side, alpha=a.alpha, blur=a.blur, cmap=a.cmap, top_k=a.top_k,
                              workers=a.workers, progress=not a.no_progress)
-    task = _task(a.workdir)
-    entries = slides_from_flags(a, task)
-    manifest = a.manifest or (None if entries is not None else run_test_store(a.workdir))
+    config = read_config(a.workdir)
+    entries = slides_from_flags(a, config.task)
+    # no slides given: the run's own test slides
+    manifest = a.manifest or (None if entries is not None else config.manifest_path)
     if manifest is not None and not Path(manifest).is_file():
         raise UserError(f"--manifest={manifest}: no such file")
     rows = [] if manifest is None else read_manifest(manifest)
@@ -117,13 +108,6 @@ def main(argv=None) -> int:
                           masks=masks_of(sources), options=options, should_stop=stop.requested)
     print(_summary_line(summary, a.out or Path(a.workdir) / "predictions"))
     return 0
-
-
-def _task(workdir: str) -> str:
-    import json
-
-    config = Path(workdir) / "config.json"
-    return json.loads(config.read_text()).get("task", "panda") if config.is_file() else "panda"
 
 
 def _summary_line(summary: dict, out) -> str:

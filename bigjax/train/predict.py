@@ -23,7 +23,6 @@ checkpoint step): rerunning after a Ctrl-C reuses the slides already done with t
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from pathlib import Path

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -23,8 +22,6 @@ from bigjax.errors import UserError
 from bigjax.models.mil import scores as mil_scores
 from bigjax.train import heatmap, html_report
 from bigjax.train.evaluate import METRIC_NAMES, TASK_METRICS, score as metric_score
-
-log = logging.getLogger(__name__)
 
 
 def check_score(head, score: str, heatmaps: bool, aggregator: str) -> None:
