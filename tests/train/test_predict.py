@@ -134,3 +134,19 @@ def test_cli_tiles_new_slides_and_the_report_loads_in_chromium(trained, store, t
     from PIL import Image
     pixels = np.asarray(Image.open(shot).convert("RGB"))
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 1000  # text, tables and images: not blank
+
+
+def test_localisation_study_measures_the_finished_runs(trained, store, tmp_path, capsys):
+    """experiments.localisation --phase=measure on a study folder holding one finished run."""
+    from experiments import localisation
+
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "store").symlink_to(store)
+    (tmp_path / "data").symlink_to(store.parent / "data")
+    (tmp_path / "runs" / "precomputed_s0").symlink_to(trained)
+    assert localisation.main([f"--root={tmp_path}", "--phase=measure", "--encoders", "precomputed", "big",
+                              "--seeds", "0"]) == 0
+    table = capsys.readouterr().out
+    assert re.search(r"\| precomputed \| 0 \| (\d\.\d{3}|nan) \[", table) and "not finished: big_s0" in table
+    saved = json.loads((tmp_path / "localisation.json").read_text())
+    assert saved["slides"] == 4 and saved["runs"]["precomputed_s0"]["score"] == "attention"
