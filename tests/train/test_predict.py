@@ -6,12 +6,14 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from bigjax.data.masks import mask_path
-from bigjax.data.manifest import read_manifest
+from bigjax.data.layouts import SlideEntry
+from bigjax.data.manifest import NO_LABEL, read_manifest
 from bigjax.errors import Interrupted, run_cli
 from bigjax.train import predict as predict_lib
 from bigjax.train.config import TrainConfig
@@ -61,6 +63,19 @@ def test_predictions_scores_heatmaps_report(trained, store, tmp_path):
     assert set(summary["metrics"]) == {"QWK", "accuracy"} and "localisation" in summary
     page = (out / "report.html").read_text()
     assert "http" not in page.replace("http-equiv", "") and page.count("data:image/") == 4  # 2 thumbs, 2 heatmaps
+
+
+def test_new_slides_without_labels_are_tiled_with_the_runs_settings(trained, store, tmp_path):
+    rows = read_manifest(store / "manifest.csv")[:2]
+    entries = [SlideEntry(r.slide_id, Path(r.source), NO_LABEL, "test") for r in rows]
+    out = tmp_path / "pred"
+    summary = predict(trained, entries=entries, out=out, options=SMALL)
+    assert summary["metrics"] == {} and "localisation" not in summary
+    assert json.loads((out / "store" / "tiling.json").read_text())["tile_size"] == 16  # the run's tiles
+    predicted = _rows(out / "predictions.csv")
+    assert [r["slide_id"] for r in predicted] == [r.slide_id for r in rows]
+    assert all(r["label"] == "" and r["correct"] == "" for r in predicted)
+    assert "no labels: no metrics" in (out / "report.html").read_text()
 
 
 def test_interrupted_prediction_resumes_with_the_slides_done(trained, store, tmp_path, monkeypatch):
