@@ -199,8 +199,7 @@ def check_slides(entries: Sequence[SlideEntry], tiling: dict) -> None:
 
 
 def tile_new_slides(run: LoadedRun, entries: Sequence[SlideEntry], out: Path, options: PredictOptions) -> Path:
-    """Tile ``entries`` with the run's settings into ``<out>/store``; its folder."""
-    check_slides(entries, run.tiling)
+    """Tile ``entries`` (checked by ``check_slides``) with the run's settings into ``<out>/store``; its folder."""
     store = out / "store"
     t = run.tiling
     config = TilingConfig(tile_size=t["tile_size"], rule=t["rule"], mpp=t["mpp"], base_mpp=t.get("base_mpp"))
@@ -270,6 +269,9 @@ def predict(workdir: str | os.PathLike, *, entries: Sequence[SlideEntry] | None 
     head = head_of(config)
     score = options.score or mil_scores.default_score(head)
     prediction_files.check_score(head, score, options.heatmaps, config.aggregator)
+    tiling = stored_tiling(config.store)
+    if entries is not None and tiling is not None:  # load_run says when the run's tiling is unknown
+        check_slides(entries, tiling)
     run = load_run(workdir)
     out = Path(out) if out else Path(workdir) / "predictions"
     out.mkdir(parents=True, exist_ok=True)
