@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from bigjax.errors import run_cli
+from bigjax.logs import quiet_libraries
 
 ENCODERS = ("big", "frozen", "precomputed", "local")
 
@@ -84,11 +85,9 @@ def train_all(a: argparse.Namespace, store: Path) -> None:
 
 def measure(a: argparse.Namespace, store: Path) -> dict:
     """Localisation AUC of each finished run on the val and test slides, and its summary per encoder."""
-    from bigjax import metrics
     from bigjax.data.masks import mask_path, tile_tumour_fraction
     from bigjax.data.manifest import read_manifest, select
     from bigjax.data.store import TileStore
-    from bigjax.train import predict
 
     tiles = TileStore(store)
     rows = [r for r in select(read_manifest(store / "manifest.csv")) if r.split in ("val", "test")]
@@ -104,13 +103,8 @@ def measure(a: argparse.Namespace, store: Path) -> dict:
             if not (workdir / "results.json").is_file():
                 out["not_finished"].append(workdir.name)
                 continue
-            model = predict.load_run(workdir)
-            scores = [predict.slide_scores(model, tiles, r).scores[model.default_score] for r in rows]
-            loc = metrics.localisation(scores, [truth[r.slide_id] for r in rows])
-            results = json.loads((workdir / "results.json").read_text())
-            out["runs"][workdir.name] = {"auc": loc.mean, "ci95": loc.ci, "slides": loc.n_slides,
-                                         "score": model.default_score, "results": results}
-            means.append(loc.mean)
+            out["runs"][workdir.name] = _measure_run(workdir, tiles, rows, truth)
+            means.append(out["runs"][workdir.name]["auc"])
         if means:
             out["encoders"][encoder] = {"mean": float(np.mean(means)), "std": float(np.std(means)),
                                         "seeds": len(means)}
@@ -118,13 +112,33 @@ def measure(a: argparse.Namespace, store: Path) -> dict:
     return out
 
 
+def _measure_run(workdir: Path, tiles, rows, truth: dict) -> dict:
+    """One run's localisation (kept in ``<run>/localisation.json``; measured again only for another
+    best checkpoint)."""
+    from bigjax import metrics
+    from bigjax.train import predict
+
+    saved = workdir / "localisation.json"
+    model = predict.load_run(workdir)
+    if saved.is_file() and json.loads(saved.read_text()).get("step") == model.best_step:
+        return json.loads(saved.read_text())
+    scores = [predict.slide_scores(model, tiles, r).scores[model.default_score] for r in rows]
+    loc = metrics.localisation(scores, [truth[r.slide_id] for r in rows])
+    result = {"auc": loc.mean, "ci95": loc.ci, "slides": loc.n_slides, "score": model.default_score,
+              "step": model.best_step, "results": json.loads((workdir / "results.json").read_text())}
+    saved.write_text(json.dumps(result, indent=1, default=str))
+    return result
+
+
 def table(out: dict) -> str:
     """The markdown table of docs/results.md."""
-    lines = ["| encoder | seed | localisation AUC [95 % CI over slides] | slides |", "|---|---|---|---|"]
+    lines = ["| encoder | seed | localisation AUC [95 % CI over slides] | slides | test QWK, all tiles |",
+             "|---|---|---|---|---|"]
     for name, r in out["runs"].items():
         encoder, seed = name.rsplit("_s", 1)
         lo, hi = r["ci95"]
-        lines.append(f"| {encoder} | {seed} | {r['auc']:.3f} [{lo:.3f}, {hi:.3f}] | {r['slides']} |")
+        qwk = next((x[len("test QWK "):] for x in r["results"]["lines"] if x.startswith("test QWK")), "")
+        lines.append(f"| {encoder} | {seed} | {r['auc']:.3f} [{lo:.3f}, {hi:.3f}] | {r['slides']} | {qwk} |")
     lines += ["", "| encoder | mean ± std over seeds | seeds |", "|---|---|---|"]
     lines += [f"| {e} | {s['mean']:.3f} ± {s['std']:.3f} | {s['seeds']} |" for e, s in out["encoders"].items()]
     if out["not_finished"]:
@@ -135,6 +149,7 @@ def table(out: dict) -> str:
 def main(argv=None) -> int:
     a = parse_flags(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
+    quiet_libraries()
     store = prepare(a)
     if a.phase in ("all", "train"):
         train_all(a, store)
