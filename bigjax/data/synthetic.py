@@ -11,7 +11,14 @@ for whole slides read at 5× (bigjax.local.wholeslide).
 
 The files follow the PANDA layout (`train.csv` + `train_images/<image_id>.tiff`, levels at
 downsample 1, 4, 16 with JPEG-compressed 256 px TIFF tiles and resolution tags), so the very same
-read -> tile -> store -> bags path runs on them.
+read -> tile -> store -> bags path runs on them. Each slide also gets its label mask,
+`train_label_masks/<image_id>_mask.tiff`, in PANDA's own format and the Radboud convention (the
+label in the red channel of an RGB pyramid with the image's levels, lossless): background 0, stroma
+1, gland-like tumour 3 (Gleason pattern 3: glands still formed), disordered tumour 4 (pattern 4:
+fused, poorly formed glands), or 5 on grade-5 slides (the one grade whose Gleason score, 4+5, has a
+pattern 5). Label 2 (benign epithelium) is never written: the generator has no benign glands. So
+every slide's `data_provider` is "radboud", and `bigjax.data.masks` reads these masks and real
+PANDA's alike.
 """
 from __future__ import annotations
 
@@ -29,7 +36,8 @@ GRADES = 6
 TUMOUR_SHARE = (0.0, 0.2, 0.35, 0.5, 0.65, 0.8)  # share of tissue with tumour texture, by ISUP grade
 DISORDERED_SHARE = (0.0, 0.0, 0.15, 0.4, 0.7, 0.95)  # share of tumour that is disordered, by grade
 GLEASON = ("0+0", "3+3", "3+4", "4+3", "4+4", "4+5")
-PROVIDERS = ("karolinska", "radboud")
+PROVIDER = "radboud"  # the masks' label convention (bigjax.data.masks)
+STROMA, GLAND_LIKE, DISORDERED = 1, 3, 4  # Radboud labels of the generator's regions (5: grade 5)
 PINK = np.array([232.0, 150.0, 196.0])  # eosin
 PURPLE = np.array([96.0, 52.0, 140.0])  # haematoxylin
 MIX_MEAN = 0.4  # every texture's mean purple fraction: the mean-colour balance
@@ -43,7 +51,8 @@ def make_panda_like(out_dir: str | os.PathLike, *, n_slides: int = 96, seed: int
     """Write a PANDA-layout data set of generated slides, balanced over ISUP grades 0-5.
 
     Args:
-      out_dir: folder to create; gets `train.csv` and `train_images/<image_id>.tiff`.
+      out_dir: folder to create; gets `train.csv`, `train_images/<image_id>.tiff` and
+        `train_label_masks/<image_id>_mask.tiff`.
       n_slides: number of slides (grades cycle 0..5, then are shuffled).
       seed: every pixel and label is a function of (seed, slide index).
       side: inclusive range of slide height and width in level-0 pixels.
@@ -58,6 +67,7 @@ def make_panda_like(out_dir: str | os.PathLike, *, n_slides: int = 96, seed: int
         raise ValueError(f"region_scale={region_scale}: must be positive")
     out = Path(out_dir)
     (out / "train_images").mkdir(parents=True, exist_ok=True)
+    (out / "train_label_masks").mkdir(exist_ok=True)
     grades = np.random.default_rng([seed, 0]).permutation(np.arange(n_slides) % GRADES)
     jobs = [(out, seed, i, int(g), side, mpp, region_scale) for i, g in enumerate(grades)]
     if workers > 1:
@@ -122,11 +132,64 @@ def _write_one(job) -> dict:
     out, seed, index, grade, side, mpp, region_scale = job
     rng = np.random.default_rng([seed, 1, index])
     height, width = (int(rng.integers(side[0], side[1] + 1)) for _ in range(2))
-    rgb, _ = render_slide(rng, grade, height, width, region_scale)
+    rgb, masks = render_slide(rng, grade, height, width, region_scale)
     slide_id = image_id(seed, index)
     write_pyramid_tiff(out / "train_images" / f"{slide_id}.tiff", rgb, mpp)
-    return {"image_id": slide_id, "data_provider": PROVIDERS[int(rng.integers(2))], "isup_grade": grade,
-            "gleason_score": GLEASON[grade]}
+    write_mask_tiff(out / "train_label_masks" / f"{slide_id}_mask.tiff", radboud_labels(masks, grade), mpp)
+    return {"image_id": slide_id, "data_provider": PROVIDER, "isup_grade": grade, "gleason_score": GLEASON[grade]}
+
+
+def radboud_labels(masks: dict, grade: int) -> np.ndarray:
+    """uint8 (h, w) Radboud labels of `render_slide`'s masks: 0 background, 1 stroma, 3 gland-like,
+    4 disordered (5 on a grade-5 slide)."""
+    labels = np.where(masks["tissue"], STROMA, 0).astype(np.uint8)
+    labels[masks["tumour"]] = GLAND_LIKE
+    labels[masks["disordered"]] = 5 if grade == GRADES - 1 else DISORDERED
+    return labels
+
+
+def write_mask_tiff(path: Path, labels: np.ndarray, mpp: float) -> None:
+    """Write labels (h, w) as PANDA writes its masks: RGB, the label in red, the image's levels
+    (nearest, not averaged: a label is a class), deflate-compressed 256 px tiles (temp name, then rename)."""
+    import tifffile
+
+    tmp = path.with_name(path.name + ".tmp")
+    with tifffile.TiffWriter(tmp) as tif:
+        for d in DOWNSAMPLES:
+            h, w = labels.shape[0] // d, labels.shape[1] // d
+            level = labels[d // 2::d, d // 2::d][:h, :w]
+            rgb = np.zeros((h, w, 3), np.uint8)
+            rgb[..., 0] = level
+            tif.write(rgb, photometric="rgb", tile=(256, 256), compression="zlib",
+                      subfiletype=0 if d == 1 else 1, resolution=(1e4 / (mpp * d),) * 2,
+                      resolutionunit="CENTIMETER")
+    os.replace(tmp, path)
+
+
+def make_planted(out_dir: str | os.PathLike, box: tuple[int, int, int, int], *, shape=(256, 256),
+                 seed: int = 0, mpp: float = 0.5) -> Path:
+    """One PANDA-layout slide of tissue everywhere with a single disordered tumour rectangle
+    `box` = (y0, x0, y1, x1) in level-0 pixels, its mask and a one-row train.csv (grade 4): where the
+    tumour is, exactly, for heatmap tests.
+
+    Returns:
+      `out_dir` as a Path; the slide's id is `image_id(seed, 0)`.
+    """
+    out = Path(out_dir)
+    (out / "train_images").mkdir(parents=True, exist_ok=True)
+    (out / "train_label_masks").mkdir(exist_ok=True)
+    rng = np.random.default_rng([seed, 2])
+    tumour = np.zeros(shape, bool)
+    tumour[box[0]:box[2], box[1]:box[3]] = True
+    mix = np.where(tumour, _disordered(rng, shape), _stroma(rng, shape))
+    rgb = PINK * (1 - mix[..., None]) + PURPLE * mix[..., None] + rng.normal(0, 3.0, (*shape, 3))
+    slide_id = image_id(seed, 0)
+    write_pyramid_tiff(out / "train_images" / f"{slide_id}.tiff", np.clip(np.rint(rgb), 0, 255).astype(np.uint8), mpp)
+    masks = {"tissue": np.ones(shape, bool), "tumour": tumour, "disordered": tumour}
+    write_mask_tiff(out / "train_label_masks" / f"{slide_id}_mask.tiff", radboud_labels(masks, 4), mpp)
+    (out / "train.csv").write_text("image_id,data_provider,isup_grade,gleason_score\n"
+                                   f"{slide_id},{PROVIDER},4,{GLEASON[4]}\n")
+    return out
 
 
 def _jitter(rng, share: float) -> float:
