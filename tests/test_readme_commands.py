@@ -64,6 +64,11 @@ TINY = {
     "python -m bigjax.local.memory --side 3072 --modules 1,2,4,8": Tiny("--side 512 --modules 1,2", "stdout:"),
     "python -m bigjax.parallel.launch -n 2 -- MODULE ARGS": Tiny("", "stdout:"),
     "python -m experiments.seeds runs/results": Tiny("", "stdout:"),
+    "python -m experiments.wholeslide --mpp=0.5 --host_memory=8GiB --spill_dir=/tmp/spill": Tiny(
+        "--n_slides=3 --side=96 --epochs=1 --n_boot=5 --modules=1 --no_progress --workers=1", "stdout:"),
+    "python -m bigjax.models.machine_fit": Tiny("--side 64", "stdout:"),
+    "python -m experiments.predict --workdir=runs/panda": Tiny(
+        "--no_progress --heatmap_side=128 --top_k=2 --out={workdir}/pred", "pred/predictions.csv"),
     "pytest -m slow": Tiny("", "slow suite: run by .ci/run"),
 }
 NOT_RUN_HERE = {"pytest -m slow"}  # the heavy tests themselves: .ci/run's second pytest runs them
@@ -112,6 +117,10 @@ def data(tmp_path_factory):
         f.write("path,label,split,slide_id\n" + "".join(
             f"PANDA/train_images/{r['image_id']}.tiff,{int(int(r['isup_grade']) >= 3)},{s},{r['image_id']}\n"
             for r, s in zip(rows, splits)))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    subprocess.run([sys.executable, "-m", "experiments.panda", "--encoder=precomputed",
+                    *shlex.split(GENERATED.format(store=root / "store")), f"--workdir={root / 'run'}"],
+                   cwd=root, env=env, check=True, capture_output=True, timeout=900)  # for predict
     for seed in (0, 1):
         run = root / "results" / f"panda_s{seed}"
         run.mkdir(parents=True)
@@ -129,6 +138,8 @@ def _substitute(command: str, data: Path, workdir: Path) -> str:
                      ("--arch=uni --init=uni.safetensors", "--arch=vit_small_patch16_224"),
                      ("slides.csv", str(data / "slides.csv")), ("runs/results", str(data / "results")),
                      ("--out=store", f"--out={workdir / 'store'}"),
+                     ("--workdir=runs/panda", f"--workdir={data / 'run'}"),
+                     ("--spill_dir=/tmp/spill", f"--spill_dir={workdir / 'spill'}"),
                      ("--out=runs/sweep", f"--out={workdir / 'runs/sweep'}"),
                      ("MODULE ARGS", "experiments.seeds " + str(data / "results"))):
         command = command.replace(old, new)
@@ -137,9 +148,9 @@ def _substitute(command: str, data: Path, workdir: Path) -> str:
 
 def _argv(command: str, tiny: Tiny, data: Path, workdir: Path) -> list[str]:
     argv = shlex.split(_substitute(command, data, workdir))
-    argv += shlex.split(tiny.flags.format(store=data / "store", splits=data / "splits.csv"))
+    argv += shlex.split(tiny.flags.format(store=data / "store", splits=data / "splits.csv", workdir=workdir))
     if argv[1] == "-m" and argv[2].startswith("experiments.") and argv[2] not in (
-            "experiments.benchmark", "experiments.seeds", "experiments.tile"):
+            "experiments.benchmark", "experiments.seeds", "experiments.tile", "experiments.predict"):
         argv.append(f"--workdir={workdir}")
     return [sys.executable, *argv[1:]] if argv[0] == "python" else argv
 
