@@ -367,22 +367,22 @@ def _sides(text: str) -> tuple[int, ...]:
     return sides
 
 
-def _size(name: str):
-    def parse(text: str) -> int:
+def _flag(name: str, parse_value):
+    """An argparse type: ``parse_value``'s ValueError as a one-line error naming the flag."""
+    def parse(text: str):
         try:
-            return parse_bytes(text)
+            return parse_value(text)
         except ValueError as e:
             raise argparse.ArgumentTypeError(f"--{name}={text}: {e}") from None
     return parse
+
+
+def _size(name: str):
+    return _flag(name, parse_bytes)
 
 
 def _rate(name: str):
-    def parse(text: str) -> float:
-        try:
-            return parse_rate(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(f"--{name}={text}: {e}") from None
-    return parse
+    return _flag(name, parse_rate)
 
 
 if __name__ == "__main__":
