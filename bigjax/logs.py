@@ -54,9 +54,17 @@ class _DropEventLoopClosed(logging.Filter):
 
 
 class _LibraryFile(logging.FileHandler):
+    """The libraries' log file. A record that cannot be written (the file is on the disk that just filled
+    up) is dropped: logging's default prints "--- Logging error ---" and a traceback on the console,
+    burying the run's own one-line error about that disk."""
+
     def __init__(self, path):
         super().__init__(path, encoding="utf-8")
         self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handleError(record)
 
 
 class _ToRoot(logging.Handler):

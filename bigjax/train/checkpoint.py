@@ -37,6 +37,8 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import jax
@@ -166,7 +168,10 @@ class RunCheckpoints:
         self._delete_old()
 
     def _disk_full(self, step: int, tree: dict) -> "DiskFull":
-        """Remove the step's unfinished folder (the space it took) and say what a checkpoint needs."""
+        """Remove the step's unfinished folder (the space it took) and say what a checkpoint needs.
+
+        orbax's writer threads may still be failing on that folder: they are waited for first."""
+        _join_orbax_threads()
         for unfinished in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
             shutil.rmtree(unfinished, ignore_errors=True)
         kept = self.latest_step()
@@ -291,6 +296,18 @@ def unreadable_reason(error: BaseException) -> str:
     files = re.findall(r'local file "([^"]+)"', text)
     reason = text.rsplit(": ", 1)[-1] or type(error).__name__
     return f"{files[-1]}: {reason}" if files else f"{type(error).__name__}: {reason}"[:300]
+
+
+def _join_orbax_threads(timeout: float = 10.0) -> None:
+    """Wait (bounded) for orbax's background threads: after a failed save its metadata writers still
+    run, and one of them would recreate the unfinished folder after it is removed."""
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and type(thread).__module__.startswith("orbax"):
+            try:
+                thread.join(max(0.0, deadline - time.monotonic()))
+            except Exception:  # noqa: BLE001 -- orbax's join re-raises the thread's error: the full disk
+                pass
 
 
 def _folder_bytes(folder: Path) -> int:
