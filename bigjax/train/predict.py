@@ -39,9 +39,10 @@ from bigjax.data.store import TileStore
 from bigjax.data.tiling import TilingConfig, check_tiling, stored_tiling, tile_dataset
 from bigjax.errors import Interrupted, UserError
 from bigjax.models.mil import scores as mil_scores
-from bigjax.train import modes
+from bigjax.train import modes, prediction_files
 from bigjax.train.checkpoint import RunCheckpoints
 from bigjax.train.config import TrainConfig
+from bigjax.train.prediction_files import SlideScores, class_names
 
 log = logging.getLogger(__name__)
 
@@ -65,17 +66,6 @@ class LoadedRun:
     @property
     def default_score(self) -> str:
         return mil_scores.default_score(self.model.head)
-
-
-@dataclasses.dataclass
-class SlideScores:
-    """One slide's prediction and per-tile scores."""
-
-    slide_id: str
-    probs: np.ndarray  # (C,)
-    coords: np.ndarray  # int64 (N, 2) level-0 (y, x)
-    tile_size: float  # a tile's side in level-0 pixels
-    scores: dict[str, np.ndarray]  # name -> (N,) or (N, C)
 
 
 def read_config(workdir: str | os.PathLike) -> TrainConfig:
@@ -150,13 +140,6 @@ def slide_scores(run: LoadedRun, store: TileStore, row: ManifestRow) -> SlideSco
                        meta["tile_size"] * meta["downsample"], scores)
 
 
-def class_names(task: str, n_classes: int) -> list[str]:
-    """Names of the classes in predictions.csv: ISUP grades 0-5 for PANDA, normal/tumour for CAMELYON."""
-    if task == "camelyon":
-        return ["normal", "tumour"]
-    return [str(c) for c in range(n_classes)]
-
-
 @dataclasses.dataclass(frozen=True)
 class PredictOptions:
     """How ``predict`` draws and reports (the CLI's flags).
@@ -228,8 +211,6 @@ def score_all(run: LoadedRun, store: Path, rows: Sequence[ManifestRow], out: Pat
     Raises:
       Interrupted: ``should_stop()`` turned true; the slides done so far are saved.
     """
-    from bigjax.train import prediction_files
-
     tiles = TileStore(store)
     done = []
     for i, row in enumerate(tqdm(rows, desc="predicting", unit="slide", disable=not progress)):
@@ -263,8 +244,6 @@ def predict(workdir: str | os.PathLike, *, entries: Sequence[SlideEntry] | None 
     Returns:
       the report's summary (metrics, localisation, files written).
     """
-    from bigjax.train import prediction_files
-
     config = read_config(workdir)
     head = head_of(config)
     score = options.score or mil_scores.default_score(head)

@@ -3,11 +3,15 @@
 Per slide: ``tiles/<slide>.csv`` (y, x, size in level-0 px, then every per-tile score; (N, C) scores
 as ``name_0..name_{C-1}``; ``tumour_fraction`` where a mask exists) and ``tiles/<slide>.json``
 (class probabilities, the checkpoint step, the score names), so a rerun reuses finished slides.
+
+``SlideScores`` (one slide's result) and ``class_names`` live here, below ``bigjax.train.predict``,
+which imports this module and is never imported by it.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 from typing import Sequence
@@ -22,6 +26,24 @@ from bigjax.errors import UserError
 from bigjax.models.mil import scores as mil_scores
 from bigjax.train import heatmap, html_report
 from bigjax.train.evaluate import METRIC_NAMES, TASK_METRICS, score as metric_score
+
+
+@dataclasses.dataclass
+class SlideScores:
+    """One slide's prediction and per-tile scores."""
+
+    slide_id: str
+    probs: np.ndarray  # (C,)
+    coords: np.ndarray  # int64 (N, 2) level-0 (y, x)
+    tile_size: float  # a tile's side in level-0 pixels
+    scores: dict[str, np.ndarray]  # name -> (N,) or (N, C)
+
+
+def class_names(task: str, n_classes: int) -> list[str]:
+    """Names of the classes in predictions.csv: ISUP grades 0-5 for PANDA, normal/tumour for CAMELYON."""
+    if task == "camelyon":
+        return ["normal", "tumour"]
+    return [str(c) for c in range(n_classes)]
 
 
 def check_score(head, score: str, heatmaps: bool, aggregator: str) -> None:
@@ -60,8 +82,6 @@ def save_slide(out: Path, result, step: int, fraction: np.ndarray | None = None)
 
 def load_slide(out: Path, slide_id: str, step: int):
     """A slide's saved scores when they came from checkpoint ``step``, else None."""
-    from bigjax.train.predict import SlideScores
-
     meta_path, path = out / "tiles" / f"{slide_id}.json", _tiles_csv(out, slide_id)
     if not (meta_path.is_file() and path.is_file()):
         return None
@@ -111,8 +131,6 @@ def labelled_metrics(task: str, labels: np.ndarray, probs: np.ndarray) -> dict:
 
 def write_outputs(run, store: Path, rows, results, out: Path, score: str, masks: dict, options) -> dict:
     """Tumour fractions (where masks exist), predictions.csv, heatmaps, report.html and summary.json."""
-    from bigjax.train.predict import class_names
-
     names = class_names(run.config.task, run.config.n_classes)
     fractions = {}
     for row, r in zip(rows, results):
