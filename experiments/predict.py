@@ -3,12 +3,14 @@
     python -m experiments.predict --workdir=runs/panda                          # the run's own test slides
     python -m experiments.predict --workdir=runs/panda --data_dir=PANDA         # a PANDA-layout folder
     python -m experiments.predict --workdir=runs/panda --slides a.tiff b.svs    # any slides, no labels
+    python -m experiments.predict --workdir=runs/panda --slides a.tiff --labels=PANDA/train.csv  # labelled
     python -m experiments.predict --workdir=runs/panda --manifest=STORE/manifest.csv  # a tiled store
 
 The slides are tiled with the run's own settings (tile size, foreground rule, µm per pixel) into
 <out>/store, the best checkpoint is restored and every tile of each slide is scored (bigjax.train.predict).
 Outputs go to --out (default <workdir>/predictions): predictions.csv, tiles/<slide>.csv,
-heatmaps/<slide>.png, report.html. Labels are used where known (a PANDA train.csv, a manifest);
+heatmaps/<slide>.png, report.html. Labels are used where known (a PANDA train.csv, a manifest, or
+--labels: a CSV slide_id,label or PANDA's train.csv, see bigjax.train.prediction_labels);
 PANDA label masks (train_label_masks/) give the localisation of tumour by the tile scores.
 Ctrl-C stops after the current slide; the same command again reuses the slides done.
 """
@@ -21,12 +23,13 @@ import sys
 from pathlib import Path
 
 from bigjax.data import layouts
-from bigjax.data.manifest import NO_LABEL, read_manifest
+from bigjax.data.manifest import NO_LABEL, read_manifest, select
 from bigjax.data.masks import mask_path, providers
 from bigjax.errors import UserError, run_cli
 from bigjax.logs import quiet_libraries
 from bigjax.train.interrupt import stop_on_interrupt
-from bigjax.train.predict import PredictOptions, predict, read_config
+from bigjax.train.predict import PredictOptions, class_names, predict, read_config
+from bigjax.train.prediction_labels import read_labels
 
 SLIDE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".bif")
 POSITIVE_GRADE = 3  # experiments.camelyon's binary labels of generated slides: ISUP >= 3
@@ -40,6 +43,8 @@ def parse_flags(argv=None) -> argparse.Namespace:
     given.add_argument("--slides", nargs="+", help="slide files")
     given.add_argument("--manifest", help="a tile store's manifest.csv (tiled with the run's settings)")
     p.add_argument("--out", help="output folder (default <workdir>/predictions)")
+    p.add_argument("--labels", help="CSV of slide_id,label (class index or name: an ISUP grade, normal/tumour) "
+                                    "or PANDA's train.csv (image_id, isup_grade): replaces known labels")
     p.add_argument("--score", help="tile score to draw (default: the aggregator's: attention, or "
                                    "instance / cam scores of mean/max pooling and DTFD)")
     p.add_argument("--raw_scores", action="store_true", help="colour raw scores, not per-slide ranks")
@@ -101,11 +106,16 @@ def main(argv=None) -> int:
     if manifest is not None and not Path(manifest).is_file():
         raise UserError(f"--manifest={manifest}: no such file")
     rows = [] if manifest is None else read_manifest(manifest)
+    split = "test" if a.manifest is None and entries is None else None
     sources = {e.slide_id: e.path for e in entries} if entries is not None else {r.slide_id: Path(r.source) for r in rows}
+    labels = None
+    if a.labels:
+        ids = list(sources) if entries is not None else [r.slide_id for r in select(rows, split)]
+        labels = read_labels(a.labels, ids, class_names(config.task, config.n_classes), grade_cut=POSITIVE_GRADE)
     with stop_on_interrupt() as stop:
         summary = predict(a.workdir, entries=entries, store=None if manifest is None else Path(manifest).parent,
-                          out=a.out, split="test" if a.manifest is None and entries is None else None,
-                          masks=masks_of(sources), options=options, should_stop=stop.requested)
+                          out=a.out, split=split, masks=masks_of(sources), labels=labels, options=options,
+                          should_stop=stop.requested)
     print(_summary_line(summary, a.out or Path(a.workdir) / "predictions"))
     return 0
 

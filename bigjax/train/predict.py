@@ -228,7 +228,7 @@ def score_all(run: LoadedRun, store: Path, rows: Sequence[ManifestRow], out: Pat
 def predict(workdir: str | os.PathLike, *, entries: Sequence[SlideEntry] | None = None,
             store: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
             split: str | None = None, masks: dict[str, tuple[Path, str]] | None = None,
-            options: PredictOptions = PredictOptions(),
+            labels: dict[str, int] | None = None, options: PredictOptions = PredictOptions(),
             should_stop: Callable[[], bool] | None = None) -> dict:
     """Predict slides with the best checkpoint of a run and write every output (see the module doc).
 
@@ -239,6 +239,8 @@ def predict(workdir: str | os.PathLike, *, entries: Sequence[SlideEntry] | None 
       split: only the store's slides of this split (e.g. the run's own "test").
       out: output folder (default ``<workdir>/predictions``).
       masks: slide_id -> (mask file, provider) for the slides that have a PANDA label mask.
+      labels: slide_id -> class, replacing the entries' or store's label of those slides
+        (``bigjax.train.prediction_labels.read_labels``).
       options: see ``PredictOptions``.
       should_stop: polled after each slide (Ctrl-C).
     Returns:
@@ -255,7 +257,7 @@ def predict(workdir: str | os.PathLike, *, entries: Sequence[SlideEntry] | None 
     out = Path(out) if out else Path(workdir) / "predictions"
     out.mkdir(parents=True, exist_ok=True)
     store = Path(store) if store is not None else tile_new_slides(run, entries, out, options)
-    rows = stored_rows(run, store, split)
+    rows = [dataclasses.replace(r, label=(labels or {}).get(r.slide_id, r.label)) for r in stored_rows(run, store, split)]
     if not rows:
         raise UserError(f"no slide with tissue tiles to predict in {store}")
     results = score_all(run, store, rows, out, options.progress, should_stop)

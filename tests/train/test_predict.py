@@ -78,6 +78,28 @@ def test_new_slides_without_labels_are_tiled_with_the_runs_settings(trained, sto
     assert "no labels: no metrics" in (out / "report.html").read_text()
 
 
+def test_labels_file_gives_slides_labels_correctness_and_metrics(trained, store, tmp_path, capsys):
+    """--slides with --labels: predictions.csv gets label and correct, the report its metrics."""
+    rows = read_manifest(store / "manifest.csv")[:3]
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide_id,label\n" + "".join(f"{r.slide_id},{(r.label + 1) % 6}\n" for r in rows[:2]))
+    out = tmp_path / "pred"
+    argv = ["--workdir", str(trained), "--slides", *(r.source for r in rows), "--labels", str(labels),
+            "--out", str(out), "--no_heatmaps", "--no_progress"]
+    assert run_cli(predict_cli.main, argv) == 0
+    assert re.search(r"QWK -?\d\.\d{3} \[95% CI", capsys.readouterr().out)
+    predicted = {r["slide_id"]: r for r in _rows(out / "predictions.csv")}
+    for r in rows[:2]:  # the file's labels, not the store's
+        assert predicted[r.slide_id]["label"] == str((r.label + 1) % 6)
+        assert predicted[r.slide_id]["correct"] == str(int(predicted[r.slide_id]["prediction"] == str((r.label + 1) % 6)))
+    assert predicted[rows[2].slide_id]["label"] == "" == predicted[rows[2].slide_id]["correct"]
+    assert "Confusion matrix" in (out / "report.html").read_text()
+    labels.write_text("slide_id,label\n" + "".join(f"{r.slide_id},7\n" for r in rows))
+    err = _fail([*argv[:-4], "--out", str(tmp_path / "refused")], capsys)
+    assert err == f"error: --labels={labels}, line 2, column label: '7' is not a class of this run (one of 0, 1, 2, 3, 4, 5)"
+    assert not (tmp_path / "refused").exists()  # refused before any work
+
+
 def test_interrupted_prediction_resumes_with_the_slides_done(trained, store, tmp_path, monkeypatch):
     out = tmp_path / "pred"
     with pytest.raises(Interrupted, match="stopped after 1 of 2 slides"):
