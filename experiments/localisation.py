@@ -8,8 +8,9 @@ One generated PANDA-like data set (with its label masks) is tiled once into ``<r
 subprocess each, resumable: a run with results.json is not trained again), seeds outermost so that
 an interrupted study still has whole seeds. ``measure`` restores each run's best checkpoint, scores
 every tile of the val and test slides (``bigjax.train.predict``) and reports the localisation AUC
-(``bigjax.metrics.localisation``) of the aggregator's default tile score against the masks: per run
-the mean over slides with its 95 % bootstrap interval, per encoder the mean and spread over seeds.
+(``bigjax.metrics.localisation``) of each tile score the aggregator has (attention, and the instance
+scores of mean/max pooling or DTFD's tile CAMs) against the masks: per run and score the mean over
+slides with its 95 % bootstrap interval, per encoder and score the mean and spread over seeds.
 Results go to ``<root>/localisation.json`` and a markdown table on stdout.
 """
 
@@ -97,17 +98,18 @@ def measure(a: argparse.Namespace, store: Path) -> dict:
         truth[r.slide_id] = tile_tumour_fraction(mask_path(r.source, r.slide_id), tiles.coords(r.slide_id), size)
     out = {"slides": len(rows), "runs": {}, "encoders": {}, "not_finished": []}
     for encoder in a.encoders:
-        means = []
+        means: dict[str, list[float]] = {}
         for seed in a.seeds:
             workdir = run_dir(a, encoder, seed)
             if not (workdir / "results.json").is_file():
                 out["not_finished"].append(workdir.name)
                 continue
             out["runs"][workdir.name] = _measure_run(workdir, tiles, rows, truth)
-            means.append(out["runs"][workdir.name]["auc"])
+            for kind, loc in out["runs"][workdir.name]["scores"].items():
+                means.setdefault(kind, []).append(loc["auc"])
         if means:
-            out["encoders"][encoder] = {"mean": float(np.mean(means)), "std": float(np.std(means)),
-                                        "seeds": len(means)}
+            out["encoders"][encoder] = {kind: {"mean": float(np.mean(m)), "std": float(np.std(m)), "seeds": len(m)}
+                                        for kind, m in means.items()}
     (Path(a.root) / "localisation.json").write_text(json.dumps(out, indent=1, default=str))
     return out
 
@@ -115,32 +117,36 @@ def measure(a: argparse.Namespace, store: Path) -> dict:
 def _measure_run(workdir: Path, tiles, rows, truth: dict) -> dict:
     """One run's localisation (kept in ``<run>/localisation.json``; measured again only for another
     best checkpoint)."""
-    from bigjax import metrics
-    from bigjax.train import predict
+    from bigjax.models.mil import scores as mil_scores
+    from bigjax.train import predict, prediction_files
 
     saved = workdir / "localisation.json"
     model = predict.load_run(workdir)
-    if saved.is_file() and json.loads(saved.read_text()).get("step") == model.best_step:
+    if saved.is_file() and json.loads(saved.read_text()).get("step") == model.best_step \
+            and "scores" in json.loads(saved.read_text()):  # older files kept only the default score
         return json.loads(saved.read_text())
-    scores = [predict.slide_scores(model, tiles, r).scores[model.default_score] for r in rows]
-    loc = metrics.localisation(scores, [truth[r.slide_id] for r in rows])
-    result = {"auc": loc.mean, "ci95": loc.ci, "slides": loc.n_slides, "score": model.default_score,
-              "step": model.best_step, "results": json.loads((workdir / "results.json").read_text())}
+    results = [predict.slide_scores(model, tiles, r) for r in rows]
+    kinds = mil_scores.informative_scores(model.model.head)
+    result = {"scores": prediction_files.localisations(results, truth, kinds), "step": model.best_step,
+              "results": json.loads((workdir / "results.json").read_text())}
     saved.write_text(json.dumps(result, indent=1, default=str))
     return result
 
 
 def table(out: dict) -> str:
     """The markdown table of docs/results.md."""
-    lines = ["| encoder | seed | localisation AUC [95 % CI over slides] | slides | test QWK, all tiles |",
-             "|---|---|---|---|---|"]
+    lines = ["| encoder | seed | tile score | localisation AUC [95 % CI over slides] | slides | test QWK, all tiles |",
+             "|---|---|---|---|---|---|"]
     for name, r in out["runs"].items():
         encoder, seed = name.rsplit("_s", 1)
-        lo, hi = r["ci95"]
         qwk = next((x[len("test QWK "):] for x in r["results"]["lines"] if x.startswith("test QWK")), "")
-        lines.append(f"| {encoder} | {seed} | {r['auc']:.3f} [{lo:.3f}, {hi:.3f}] | {r['slides']} | {qwk} |")
-    lines += ["", "| encoder | mean ± std over seeds | seeds |", "|---|---|---|"]
-    lines += [f"| {e} | {s['mean']:.3f} ± {s['std']:.3f} | {s['seeds']} |" for e, s in out["encoders"].items()]
+        for kind, loc in r["scores"].items():
+            lo, hi = loc["ci95"]
+            lines.append(f"| {encoder} | {seed} | {kind} | {loc['auc']:.3f} [{lo:.3f}, {hi:.3f}] | {loc['slides']} "
+                         f"| {qwk} |")
+    lines += ["", "| encoder | tile score | mean ± std over seeds | seeds |", "|---|---|---|---|"]
+    lines += [f"| {e} | {kind} | {s['mean']:.3f} ± {s['std']:.3f} | {s['seeds']} |"
+              for e, kinds in out["encoders"].items() for kind, s in kinds.items()]
     if out["not_finished"]:
         lines += ["", "not finished: " + ", ".join(out["not_finished"])]
     return "\n".join(lines)

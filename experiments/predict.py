@@ -124,9 +124,8 @@ def _summary_line(summary: dict, out) -> str:
     parts = [f"{summary['slides']} slides predicted into {out}"]
     parts += [f"{name} {m['value']:.3f} [95% CI {m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"
               for name, m in summary["metrics"].items()]
-    if "localisation" in summary:
-        loc = summary["localisation"]
-        parts.append(f"localisation AUC {loc['auc']:.3f} [95% CI {loc['ci95'][0]:.3f}, {loc['ci95'][1]:.3f}]")
+    parts += [f"localisation AUC of {kind} {loc['auc']:.3f} [95% CI {loc['ci95'][0]:.3f}, {loc['ci95'][1]:.3f}]"
+              for kind, loc in summary.get("localisation", {}).items()]
     return "; ".join(parts)
 
 

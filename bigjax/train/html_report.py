@@ -2,7 +2,7 @@
 
 It shows the run's settings, the metrics with their 95 % intervals when labels exist (QWK/accuracy
 or accuracy/AUC), the confusion matrix, the ROC curve of a binary task, the localisation of tumour
-when masks exist, and a table of slides (thumbnail, heatmap, prediction, confidence, label) that sorts
+by each tile score kind when masks exist, and a table of slides (thumbnail, heatmap, prediction, confidence, label) that sorts
 by any column when its header is clicked (a few lines of inline JavaScript).
 """
 
@@ -71,12 +71,21 @@ def _metrics(summary: dict) -> str:
              for name, m in summary["metrics"].items()]
     if not lines:
         lines = ["<li>no labels: no metrics</li>"]
-    loc = summary.get("localisation")
-    if loc:
-        lines.append(f"<li>Localisation AUC (tile score vs. tumour mask, mean over {loc['slides']} slides with "
-                     f"tumour and non-tumour tiles) {loc['auc']:.3f} [95% CI {loc['ci95'][0]:.3f}, "
-                     f"{loc['ci95'][1]:.3f}]</li>")
-    return "<h2>Metrics</h2><ul>" + "".join(lines) + "</ul>"
+    return "<h2>Metrics</h2><ul>" + "".join(lines) + "</ul>" + _localisation(summary.get("localisation", {}))
+
+
+def _localisation(found: dict) -> str:
+    """One row per tile-score kind: its localisation AUC against the tumour masks, with its interval."""
+    if not found:
+        return ""
+    rows = "".join(f"<tr><td>{html.escape(kind)}</td><td class='num'>{loc['auc']:.3f}</td>"
+                   f"<td class='num'>{loc['ci95'][0]:.3f} – {loc['ci95'][1]:.3f}</td>"
+                   f"<td class='num'>{loc['slides']} of {loc['slides_with_mask']}</td></tr>"
+                   for kind, loc in found.items())
+    return ("<h2>Localisation of tumour</h2><p>Per slide, the ROC AUC of the tile score for &ldquo;tile is "
+            "&ge; 50 % tumour&rdquo; in the label mask, over its tissue tiles; mean over the slides that have "
+            "tumour and non-tumour tiles, 95 % bootstrap interval over slides.</p><table><tr><th>tile score</th>"
+            f"<th>AUC</th><th>95 % CI</th><th>slides</th></tr>{rows}</table>")
 
 
 def _confusion(labels: np.ndarray, results, names) -> str:

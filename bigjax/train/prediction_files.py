@@ -129,6 +129,24 @@ def labelled_metrics(task: str, labels: np.ndarray, probs: np.ndarray) -> dict:
     return out
 
 
+def localisations(results: Sequence[SlideScores], fractions: dict[str, np.ndarray],
+                  kinds: Sequence[str]) -> dict[str, dict]:
+    """Per tile-score kind (attention, instance, cam: those the head has), the localisation of tumour
+    over the slides with a mask (``bigjax.metrics.localisation``: mean per-slide AUC, 95 % bootstrap
+    interval over slides).
+
+    Returns:
+      kind -> {"auc", "ci95", "slides" (with a defined AUC), "slides_with_mask"}, in ``kinds``' order.
+    """
+    with_mask = [r for r in results if r.slide_id in fractions]
+    truth = [fractions[r.slide_id] for r in with_mask]
+    found = {}
+    for kind in kinds:
+        loc = metrics.localisation([r.scores[kind] for r in with_mask], truth)
+        found[kind] = {"auc": loc.mean, "ci95": loc.ci, "slides": loc.n_slides, "slides_with_mask": len(with_mask)}
+    return found
+
+
 def write_outputs(run, store: Path, rows, results, out: Path, score: str, masks: dict, options) -> dict:
     """Tumour fractions (where masks exist), predictions.csv, heatmaps, report.html and summary.json."""
     names = class_names(run.config.task, run.config.n_classes)
@@ -144,10 +162,7 @@ def write_outputs(run, store: Path, rows, results, out: Path, score: str, masks:
     summary = {"run": str(run.workdir), "checkpoint_step": run.best_step, "slides": len(rows), "score": score,
                "classes": names, "metrics": labelled_metrics(run.config.task, labels, probs)}
     if fractions:
-        with_mask = [(r.scores[score], fractions[r.slide_id]) for r in results if r.slide_id in fractions]
-        loc = metrics.localisation(*zip(*with_mask))
-        summary["localisation"] = {"auc": loc.mean, "ci95": loc.ci, "slides": loc.n_slides,
-                                   "slides_with_mask": len(with_mask)}
+        summary["localisation"] = localisations(results, fractions, mil_scores.informative_scores(run.model.head))
     images = draw_heatmaps(store, rows, results, out, score, options) if options.heatmaps else {}
     html_report.write(out / "report.html", run, summary, rows, results, labels, images)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

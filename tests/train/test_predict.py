@@ -25,14 +25,18 @@ from experiments import predict as predict_cli
 SMALL = PredictOptions(heatmap_side=64, top_k=2, progress=False)
 
 
-@pytest.fixture(scope="module")
-def trained(store, tmp_path_factory):
-    """A run trained one epoch on the tiny store (precomputed encoder, ABMIL)."""
-    workdir = tmp_path_factory.mktemp("run")
+def _train(store, workdir, aggregator="abmil"):
+    """A run trained one epoch on the tiny store (precomputed encoder)."""
     train(TrainConfig(workdir=str(workdir), store=str(store), encoder="precomputed", epochs=1, batch_size=2,
                       tiles_per_bag=4, optim=OptimizerConfig(lr=1e-3, accum=1), val_draws=1, val_tiles=4,
-                      eval_draws=0, embed_chunk=16, progress=False))
+                      eval_draws=0, embed_chunk=16, aggregator=aggregator, progress=False))
     return workdir
+
+
+@pytest.fixture(scope="module")
+def trained(store, tmp_path_factory):
+    """An ABMIL run trained one epoch on the tiny store."""
+    return _train(store, tmp_path_factory.mktemp("run"))
 
 
 def _masks(store):
@@ -60,9 +64,46 @@ def test_predictions_scores_heatmaps_report(trained, store, tmp_path):
         assert len(tiles) == int(row["n_tiles"]) and {"y", "x", "size", "attention", "tumour_fraction"} <= set(tiles[0])
         assert abs(sum(float(t["attention"]) for t in tiles) - 1) < 1e-3
         assert (out / "heatmaps" / f"{row['slide_id']}.png").is_file()
-    assert set(summary["metrics"]) == {"QWK", "accuracy"} and "localisation" in summary
+    assert set(summary["metrics"]) == {"QWK", "accuracy"} and list(summary["localisation"]) == ["attention"]
     page = (out / "report.html").read_text()
+    assert re.search(r"Localisation of tumour.*<td>attention</td><td class='num'>(\d\.\d{3}|nan)</td>", page)
     assert "http" not in page.replace("http-equiv", "") and page.count("data:image/") == 4  # 2 thumbs, 2 heatmaps
+
+
+def test_localisation_of_every_score_kind():
+    """One localisation per tile-score kind: 1 for a score equal to the mask, about 0.5 for noise."""
+    from bigjax.train.prediction_files import SlideScores, localisations
+
+    rng = np.random.default_rng(0)
+    results, fractions = [], {}
+    for i in range(20):
+        fraction = (rng.random(200) < 0.3).astype(float)
+        results.append(SlideScores(f"s{i}", np.ones(2) / 2, np.zeros((200, 2), int), 16.0,
+                                   {"instance": fraction + 0.1, "attention": rng.random(200)}))
+        fractions[f"s{i}"] = fraction
+    results.append(SlideScores("no_mask", np.ones(2) / 2, np.zeros((3, 2), int), 16.0,
+                               {"instance": np.ones(3), "attention": np.ones(3)}))
+    found = localisations(results, fractions, ["instance", "attention"])
+    assert list(found) == ["instance", "attention"]
+    assert found["instance"] == {"auc": 1.0, "ci95": (1.0, 1.0), "slides": 20, "slides_with_mask": 20}
+    lo, hi = found["attention"]["ci95"]
+    assert abs(found["attention"]["auc"] - 0.5) < 0.05 and lo < 0.5 < hi and hi - lo < 0.1
+
+
+@pytest.mark.slow
+def test_max_pooling_reports_instance_and_attention_localisation(store, tmp_path):
+    """A head with instance scores: its tile CSVs, summary and report carry each kind's localisation."""
+    run = _train(store, tmp_path / "max", aggregator="max")
+    out = tmp_path / "pred"
+    summary = predict(run, store=store, split="test", out=out, masks=_masks(store), options=SMALL)
+    assert summary["score"] == "instance" and list(summary["localisation"]) == ["instance", "attention"]
+    for loc in summary["localisation"].values():
+        assert loc["slides_with_mask"] == 2 and (np.isnan(loc["auc"]) or loc["ci95"][0] <= loc["auc"] <= loc["ci95"][1])
+    tiles = _rows(out / "tiles" / f"{_rows(out / 'predictions.csv')[0]['slide_id']}.csv")
+    assert {"instance", "attention", *(f"instance_logits_{c}" for c in range(6))} <= set(tiles[0])
+    assert all(0 <= float(t["instance"]) <= 1 for t in tiles)
+    page = (out / "report.html").read_text()
+    assert page.count("<tr><td>instance</td>") == 1 and page.count("<tr><td>attention</td>") == 1
 
 
 def test_new_slides_without_labels_are_tiled_with_the_runs_settings(trained, store, tmp_path):
@@ -184,6 +225,6 @@ def test_localisation_study_measures_the_finished_runs(trained, store, tmp_path,
     assert localisation.main([f"--root={tmp_path}", "--phase=measure", "--encoders", "precomputed", "big",
                               "--seeds", "0"]) == 0
     table = capsys.readouterr().out
-    assert re.search(r"\| precomputed \| 0 \| (\d\.\d{3}|nan) \[", table) and "not finished: big_s0" in table
+    assert re.search(r"\| precomputed \| 0 \| attention \| (\d\.\d{3}|nan) \[", table) and "not finished: big_s0" in table
     saved = json.loads((tmp_path / "localisation.json").read_text())
-    assert saved["slides"] == 4 and saved["runs"]["precomputed_s0"]["score"] == "attention"
+    assert saved["slides"] == 4 and list(saved["runs"]["precomputed_s0"]["scores"]) == ["attention"]
