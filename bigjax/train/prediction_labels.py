@@ -17,11 +17,11 @@ then most likely do not match (a typo, a suffix, another data set).
 
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 from typing import Sequence
 
+from bigjax.data import layouts
 from bigjax.errors import UserError
 
 __all__ = ["read_labels", "ID_COLUMNS", "LABEL_COLUMNS"]
@@ -47,10 +47,11 @@ def read_labels(path: str | os.PathLike, slide_ids: Sequence[str], names: Sequen
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--labels={path}: no such file")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        rows = [(reader.line_num, row) for row in reader]
-        header = reader.fieldnames or []
+    try:  # the layouts' reader: (line, row) pairs, every row as many fields as the header
+        rows = layouts._read_csv(path, ())
+    except ValueError as err:
+        raise UserError(f"--labels={path}: {err}") from err
+    header = list(rows[0][1])
     id_col = next((c for c in ID_COLUMNS if c in header), None)
     label_col = next((c for c in LABEL_COLUMNS if c in header), None)
     if id_col is None or label_col is None:
@@ -59,7 +60,7 @@ def read_labels(path: str | os.PathLike, slide_ids: Sequence[str], names: Sequen
     lookup = _label_lookup(names, grades=label_col == "isup_grade", grade_cut=grade_cut)
     wanted, labels, unknown, seen = set(slide_ids), {}, None, {}
     for line, row in rows:
-        slide_id, value = (row.get(id_col) or "").strip(), (row.get(label_col) or "").strip()
+        slide_id, value = row[id_col].strip(), row[label_col].strip()
         if slide_id in seen:
             raise UserError(f"--labels={path}, line {line}: slide {slide_id!r} is also on line {seen[slide_id]}")
         seen[slide_id] = line

@@ -36,6 +36,8 @@ def test_panda_train_csv_may_list_more_slides_and_isup_grades_cut_for_two_classe
     ("image_id,isup_grade\na,normal\n", CAMELYON, r"line 2, column isup_grade: 'normal' is not a class of this "
                                                   r"run \(one of normal, tumour or its index\)"),
     ("slide_id,label\na,1\na,2\n", PANDA, r"line 3: slide 'a' is also on line 2"),
+    ("slide_id,label\na,1\nb,2,3\n", PANDA, r"labels.csv, line 3: more fields than the header's 2"),
+    ("slide_id,label\n", PANDA, r"labels.csv: no rows"),
     ("slide_id,label\na,1\nb.tiff,2\n", PANDA, r"line 3: slide 'b.tiff' is not among the 2 slides predicted "
                                                r"\(e.g. a, b\), and 1 of those have no label here"),
 ])
