@@ -47,7 +47,7 @@ def parse_flags(argv=None) -> argparse.Namespace:
                                     "or PANDA's train.csv (image_id, isup_grade): replaces known labels")
     p.add_argument("--score", help="tile score to draw (default: the aggregator's: attention, or "
                                    "instance / cam scores of mean/max pooling and DTFD)")
-    p.add_argument("--raw_scores", action="store_true", help="colour raw scores, not per-slide ranks")
+    p.add_argument("--raw_scores", "--raw", action="store_true", help="colour raw scores, not per-slide ranks")
     p.add_argument("--no_heatmaps", action="store_true")
     p.add_argument("--heatmap_side", type=int, default=1024, help="heatmap thumbnail's long side (px)")
     p.add_argument("--alpha", type=float, default=0.5, help="heatmap colour opacity (0..1)")

@@ -164,6 +164,21 @@ class PredictOptions:
     workers: int = 1
     progress: bool = True
 
+    def __post_init__(self):
+        """Refuse a bad drawing option before any slide is read (the flag's name and value, one line)."""
+        import matplotlib
+
+        bad = {"--alpha": not 0 <= self.alpha <= 1, "--blur": self.blur < 0, "--heatmap_side": self.heatmap_side < 16,
+               "--top_k": self.top_k < 0, "--workers": self.workers < 1}
+        must = {"--alpha": "in 0..1", "--blur": ">= 0 (tiles)", "--heatmap_side": ">= 16 (px)", "--top_k": ">= 0",
+                "--workers": ">= 1"}
+        for flag, wrong in bad.items():
+            if wrong:
+                value = getattr(self, flag[2:])
+                raise UserError(f"{flag}={value}: must be {must[flag]}")
+        if self.cmap not in matplotlib.colormaps:
+            raise UserError(f"--cmap={self.cmap}: not a matplotlib colour map (e.g. jet, viridis, coolwarm, inferno)")
+
 
 def check_slides(entries: Sequence[SlideEntry], tiling: dict) -> None:
     """Refuse, before any work, a slide that does not open or cannot be tiled with the run's settings."""

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 
 from bigjax.data.masks import mask_path
 from bigjax.data.layouts import SlideEntry
@@ -175,6 +176,14 @@ def test_bad_inputs_are_one_line(trained, tmp_path, capsys):
     err = _fail(["--workdir", str(mean), "--score", "attention"], capsys)
     assert re.search(r"aggregator mean has no attention to draw .*--score=instance", err)
     assert "--score=cam" in _fail(["--workdir", str(trained), "--score", "cam"], capsys)
+    for flag, message in [("--alpha=1.5", "--alpha=1.5: must be in 0..1"), ("--blur=-1", "--blur=-1.0: must be >= 0"),
+                          ("--cmap=nope", "--cmap=nope: not a matplotlib colour map")]:
+        assert message in _fail(["--workdir", str(tmp_path / "nowhere"), flag], capsys)  # before the run is read
+    small = tmp_path / "small"
+    small.mkdir()
+    tifffile.imwrite(small / "tiny.tiff", np.full((12, 40, 3), 200, np.uint8), photometric="rgb")
+    err = _fail(["--workdir", str(trained), "--slides", str(small / "tiny.tiff"), "--out", str(tmp_path / "o")], capsys)
+    assert err == f"error: slide {small / 'tiny.tiff'}: level 0 is 40 x 12 px, smaller than one 16 px tile of the run"
 
 
 def test_cli_error_in_a_subprocess_is_one_line(tmp_path):
