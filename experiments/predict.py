@@ -12,7 +12,8 @@ Outputs go to --out (default <workdir>/predictions): predictions.csv, tiles/<sli
 heatmaps/<slide>.png, report.html. Labels are used where known (a PANDA train.csv, a manifest, or
 --labels: a CSV slide_id,label or PANDA's train.csv, see bigjax.train.prediction_labels);
 PANDA label masks (train_label_masks/) give the localisation of tumour by the tile scores.
-Ctrl-C stops after the current slide; the same command again reuses the slides done.
+Ctrl-C stops after the current slide (while tiling: the current few); the same command again reuses
+the slides tiled and scored.
 """
 
 from __future__ import annotations

@@ -50,6 +50,7 @@ __all__ = ["LoadedRun", "SlideScores", "read_config", "load_run", "head_of", "sl
            "PredictOptions"]
 
 TILE_READ = 1024  # tiles read and embedded at a time (bounds host memory on 10^5-tile slides)
+TILE_CHUNK = 4  # slides tiled per worker between two looks at a Ctrl-C
 
 
 @dataclasses.dataclass
@@ -196,12 +197,28 @@ def check_slides(entries: Sequence[SlideEntry], tiling: dict) -> None:
             raise UserError(f"slide {entry.path}: {err}") from err
 
 
-def tile_new_slides(run: LoadedRun, entries: Sequence[SlideEntry], out: Path, options: PredictOptions) -> Path:
-    """Tile ``entries`` (checked by ``check_slides``) with the run's settings into ``<out>/store``; its folder."""
+def tile_new_slides(run: LoadedRun, entries: Sequence[SlideEntry], out: Path, options: PredictOptions,
+                    should_stop: Callable[[], bool] | None = None) -> Path:
+    """Tile ``entries`` (checked by ``check_slides``) with the run's settings into ``<out>/store``; its folder.
+
+    The slides are tiled a few at a time (``TILE_CHUNK`` per worker) so that a Ctrl-C stops after the
+    current few; ``tile_dataset`` resumes a store, so the same command again tiles only the rest.
+
+    Raises:
+      Interrupted: ``should_stop()`` turned true.
+    """
     store = out / "store"
     t = run.tiling
     config = TilingConfig(tile_size=t["tile_size"], rule=t["rule"], mpp=t["mpp"], base_mpp=t.get("base_mpp"))
-    manifest = tile_dataset(entries, store, config, workers=options.workers, progress=options.progress)
+    step = TILE_CHUNK * options.workers
+    with tqdm(total=len(entries), desc="tiling slides", unit="slide", disable=not options.progress) as bar:
+        for start in range(0, len(entries), step):
+            tile_dataset(entries[start:start + step], store, config, workers=options.workers, progress=False)
+            bar.update(len(entries[start:start + step]))
+            if should_stop is not None and should_stop() and start + step < len(entries):
+                raise Interrupted(f"stopped after tiling {start + step} of {len(entries)} slides into {store}; "
+                                  "run the same command again to finish (tiled slides are reused)")
+    manifest = tile_dataset(entries, store, config, workers=options.workers, progress=False)  # all done: the manifest
     failed = [r for r in read_manifest(manifest) if r.status == "failed"]
     if failed:
         raise UserError(f"tiling failed for {len(failed)} slide(s): {failed[0].error}")
@@ -257,7 +274,7 @@ def predict(workdir: str | os.PathLike, *, entries: Sequence[SlideEntry] | None 
       labels: slide_id -> class, replacing the entries' or store's label of those slides
         (``bigjax.train.prediction_labels.read_labels``).
       options: see ``PredictOptions``.
-      should_stop: polled after each slide (Ctrl-C).
+      should_stop: polled after each slide scored and every few tiled (Ctrl-C).
     Returns:
       the report's summary (metrics, localisation, files written).
     """
@@ -271,7 +288,7 @@ def predict(workdir: str | os.PathLike, *, entries: Sequence[SlideEntry] | None 
     run = load_run(workdir)
     out = Path(out) if out else Path(workdir) / "predictions"
     out.mkdir(parents=True, exist_ok=True)
-    store = Path(store) if store is not None else tile_new_slides(run, entries, out, options)
+    store = Path(store) if store is not None else tile_new_slides(run, entries, out, options, should_stop)
     rows = [dataclasses.replace(r, label=(labels or {}).get(r.slide_id, r.label)) for r in stored_rows(run, store, split)]
     if not rows:
         raise UserError(f"no slide with tissue tiles to predict in {store}")

@@ -153,6 +153,22 @@ def test_interrupted_prediction_resumes_with_the_slides_done(trained, store, tmp
     assert len(calls) == 1 and len(_rows(out / "predictions.csv")) == 2
 
 
+def test_interrupted_tiling_resumes_with_the_slides_tiled(trained, store, tmp_path, monkeypatch):
+    """A Ctrl-C while new slides are tiled stops after the current few; the rerun tiles only the rest."""
+    rows = read_manifest(store / "manifest.csv")[:3]
+    entries = [SlideEntry(r.slide_id, Path(r.source), NO_LABEL, "test") for r in rows]
+    monkeypatch.setattr(predict_lib, "TILE_CHUNK", 2)
+    out = tmp_path / "pred"
+    with pytest.raises(Interrupted, match="stopped after tiling 2 of 3 slides"):
+        predict(trained, entries=entries, out=out, options=SMALL, should_stop=lambda: True)
+    assert len(list((out / "store" / "slides").iterdir())) == 2 and not (out / "predictions.csv").exists()
+    tiled = []
+    original = predict_lib.tile_dataset
+    monkeypatch.setattr(predict_lib, "tile_dataset", lambda e, *a, **k: tiled.append(len(e)) or original(e, *a, **k))
+    predict(trained, entries=entries, out=out, options=SMALL)
+    assert tiled == [2, 1, 3] and len(_rows(out / "predictions.csv")) == 3
+
+
 def _fail(argv, capsys):
     status = run_cli(predict_cli.main, [*argv, "--no_progress"])
     err = capsys.readouterr().err.strip()
