@@ -122,9 +122,9 @@ def _measure_run(workdir: Path, tiles, rows, truth: dict) -> dict:
 
     saved = workdir / "localisation.json"
     model = predict.load_run(workdir)
-    if saved.is_file() and json.loads(saved.read_text()).get("step") == model.best_step \
-            and "scores" in json.loads(saved.read_text()):  # older files kept only the default score
-        return json.loads(saved.read_text())
+    cached = json.loads(saved.read_text()) if saved.is_file() else {}
+    if cached.get("step") == model.best_step and "scores" in cached:  # older files kept only the default score
+        return cached
     results = [predict.slide_scores(model, tiles, r) for r in rows]
     kinds = mil_scores.informative_scores(model.model.head)
     result = {"scores": prediction_files.localisations(results, truth, kinds), "step": model.best_step,

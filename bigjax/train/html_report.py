@@ -2,8 +2,8 @@
 
 It shows the run's settings, the metrics with their 95 % intervals when labels exist (QWK/accuracy
 or accuracy/AUC), the confusion matrix, the ROC curve of a binary task, the localisation of tumour
-by each tile score kind when masks exist, and a table of slides (thumbnail, heatmap, prediction, confidence, label) that sorts
-by any column when its header is clicked (a few lines of inline JavaScript).
+by each tile score kind when masks exist, and a table of slides (thumbnail, heatmap, prediction,
+confidence, label) that sorts by any column when its header is clicked (a few lines of inline JavaScript).
 """
 
 from __future__ import annotations

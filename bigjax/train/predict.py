@@ -289,7 +289,8 @@ def predict(workdir: str | os.PathLike, *, entries: Sequence[SlideEntry] | None 
     out = Path(out) if out else Path(workdir) / "predictions"
     out.mkdir(parents=True, exist_ok=True)
     store = Path(store) if store is not None else tile_new_slides(run, entries, out, options, should_stop)
-    rows = [dataclasses.replace(r, label=(labels or {}).get(r.slide_id, r.label)) for r in stored_rows(run, store, split)]
+    labels = labels or {}
+    rows = [dataclasses.replace(r, label=labels.get(r.slide_id, r.label)) for r in stored_rows(run, store, split)]
     if not rows:
         raise UserError(f"no slide with tissue tiles to predict in {store}")
     results = score_all(run, store, rows, out, options.progress, should_stop)

@@ -132,13 +132,15 @@ def test_labels_file_gives_slides_labels_correctness_and_metrics(trained, store,
     assert re.search(r"QWK -?\d\.\d{3} \[95% CI", capsys.readouterr().out)
     predicted = {r["slide_id"]: r for r in _rows(out / "predictions.csv")}
     for r in rows[:2]:  # the file's labels, not the store's
-        assert predicted[r.slide_id]["label"] == str((r.label + 1) % 6)
-        assert predicted[r.slide_id]["correct"] == str(int(predicted[r.slide_id]["prediction"] == str((r.label + 1) % 6)))
+        given = predicted[r.slide_id]
+        assert given["label"] == str((r.label + 1) % 6)
+        assert given["correct"] == str(int(given["prediction"] == given["label"]))
     assert predicted[rows[2].slide_id]["label"] == "" == predicted[rows[2].slide_id]["correct"]
     assert "Confusion matrix" in (out / "report.html").read_text()
     labels.write_text("slide_id,label\n" + "".join(f"{r.slide_id},7\n" for r in rows))
     err = _fail([*argv[:-4], "--out", str(tmp_path / "refused")], capsys)
-    assert err == f"error: --labels={labels}, line 2, column label: '7' is not a class of this run (one of 0, 1, 2, 3, 4, 5)"
+    assert err == (f"error: --labels={labels}, line 2, column label: '7' is not a class of this run "
+                   "(one of 0, 1, 2, 3, 4, 5)")
     assert not (tmp_path / "refused").exists()  # refused before any work
 
 
@@ -250,6 +252,7 @@ def test_localisation_study_measures_the_finished_runs(trained, store, tmp_path,
     assert localisation.main([f"--root={tmp_path}", "--phase=measure", "--encoders", "precomputed", "big",
                               "--seeds", "0"]) == 0
     table = capsys.readouterr().out
-    assert re.search(r"\| precomputed \| 0 \| attention \| (\d\.\d{3}|nan) \[", table) and "not finished: big_s0" in table
+    assert re.search(r"\| precomputed \| 0 \| attention \| (\d\.\d{3}|nan) \[", table)
+    assert "not finished: big_s0" in table
     saved = json.loads((tmp_path / "localisation.json").read_text())
     assert saved["slides"] == 4 and list(saved["runs"]["precomputed_s0"]["scores"]) == ["attention"]
