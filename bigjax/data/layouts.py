@@ -48,11 +48,11 @@ def panda_layout(data_dir: str | os.PathLike, *, splits_csv: str | os.PathLike |
     """
     data_dir = Path(data_dir)
     table = data_dir / "train.csv"
-    rows = _read_csv(table, ("image_id", "isup_grade"))
+    rows = read_csv(table, ("image_id", "isup_grade"))
     ids = _unique_ids(table, rows, "image_id")
     labels = [_label(table, line, row, "isup_grade", ISUP_GRADES) for line, row in rows]
     if splits_csv is not None:
-        split_rows = _read_csv(Path(splits_csv), ("image_id", "split"))
+        split_rows = read_csv(Path(splits_csv), ("image_id", "split"))
         given = dict(zip(_unique_ids(splits_csv, split_rows, "image_id"),
                          (_split(splits_csv, line, row["split"]) for line, row in split_rows)))
         splits = [given.get(i) for i in ids]
@@ -73,7 +73,7 @@ def camelyon_layout(csv_path: str | os.PathLike, *, root: str | os.PathLike | No
       n_val: without a split column, this many label-stratified slides go to "val", the rest to "train".
       seed: seed of that draw.
     """
-    rows = _read_csv(Path(csv_path), ("path", "label"))
+    rows = read_csv(Path(csv_path), ("path", "label"))
     entries = csv_layout(csv_path, root=root, split="train", n_classes=2)
     for (line, _), e in zip(rows, entries):
         if e.label == NO_LABEL and e.split != "test":
@@ -97,7 +97,7 @@ def csv_layout(csv_path: str | os.PathLike, *, root: str | os.PathLike | None = 
     """
     csv_path = Path(csv_path)
     root = Path(root) if root is not None else csv_path.parent
-    rows = _read_csv(csv_path, ("path",))
+    rows = read_csv(csv_path, ("path",))
     for line, row in rows:
         if not row.get("slide_id"):
             row["slide_id"] = Path(row["path"]).stem
@@ -136,7 +136,7 @@ def _stratified_pick(labels, n: int, seed: int) -> list[int]:
     return [int(order[int(k * step)]) for k in range(min(n, len(order)))]
 
 
-def _read_csv(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict]]:
+def read_csv(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict]]:
     """(line, row) pairs of a CSV with a header; every row has exactly the header's fields."""
     if not path.is_file():
         raise FileNotFoundError(f"layout file {path} not found")

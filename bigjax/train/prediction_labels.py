@@ -48,7 +48,7 @@ def read_labels(path: str | os.PathLike, slide_ids: Sequence[str], names: Sequen
     if not path.is_file():
         raise UserError(f"--labels={path}: no such file")
     try:  # the layouts' reader: (line, row) pairs, every row as many fields as the header
-        rows = layouts._read_csv(path, ())
+        rows = layouts.read_csv(path, ())
     except ValueError as err:
         raise UserError(f"--labels={path}: {err}") from err
     header = list(rows[0][1])
