@@ -28,6 +28,8 @@ AGGREGATORS = {
     "max": MaxPool,
 }
 
+BINARY_ONLY = ("abmil_bernoulli", "gated_abmil_bernoulli")  # one sigmoid output: two classes
+
 
 def build(name: str, in_dim: int, n_classes: int, *, rngs: nnx.Rngs, **kwargs) -> nnx.Module:
     """Construct the aggregator registered under name.
@@ -48,6 +50,6 @@ def build(name: str, in_dim: int, n_classes: int, *, rngs: nnx.Rngs, **kwargs) -
     return AGGREGATORS[name](in_dim, n_classes, rngs=rngs, **kwargs)
 
 
-__all__ = ["AGGREGATORS", "build", "bag_loss", "ABMIL", "GatedABMIL", "BernoulliABMIL",
+__all__ = ["AGGREGATORS", "BINARY_ONLY", "build", "bag_loss", "ABMIL", "GatedABMIL", "BernoulliABMIL",
            "BernoulliGatedABMIL", "DTFD", "TransMIL", "GMA",
            "MeanPool", "MaxPool"]
