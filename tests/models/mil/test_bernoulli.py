@@ -24,9 +24,12 @@ def np_bernoulli_nll(prob: float, y: int) -> float:
     return -(y * np.log(p) + (1 - y) * np.log(1 - p))
 
 
+def lin(layer, v):
+    return v @ np.asarray(layer.kernel[...], np.float64) + np.asarray(layer.bias[...], np.float64)
+
+
 def _np_prob(model, x):
     """Y_prob of the official forward, in float64 numpy."""
-    lin = lambda l, v: v @ np.asarray(l.kernel[...], np.float64) + np.asarray(l.bias[...], np.float64)  # noqa: E731
     h = np.maximum(lin(model.embed, np.asarray(x, np.float64)), 0)
     raw = lin(model.score.weights, np.tanh(lin(model.score.tanh_branch, h)))[:, 0]
     a = np.exp(raw - raw.max()) / np.exp(raw - raw.max()).sum()
