@@ -41,7 +41,7 @@ class TrainConfig:
         train / val / test slides.
       task: "panda" (6 ISUP grades; QWK, accuracy) or "camelyon" (binary; accuracy, AUC).
       encoder: an encoder mode name (``bigjax.train.modes.names()``: big, inmemory, frozen, ...).
-      aggregator: a name of ``bigjax.models.mil.AGGREGATORS``.
+      aggregator: a name of ``bigjax.models.mil.AGGREGATORS`` (the ``BINARY_ONLY`` ones for camelyon only).
       arch: the encoder architecture (``bigjax.models.arch.names()``: resnet18|34|50, ViTs by timm
         name such as vit_base_patch16_224, pathology foundation models such as uni).
       compute_dtype: the ViT encoder's matmul dtype: "bfloat16" is mixed precision as torch AMP
@@ -133,12 +133,15 @@ class TrainConfig:
     def __post_init__(self):
         """Refuse a bad setting before any work, naming it (the CLIs' flags have the same names)."""
         from bigjax.models import arch
-        from bigjax.models.mil import AGGREGATORS
+        from bigjax.models.mil import AGGREGATORS, BINARY_ONLY
         from bigjax.parallel.encoder import REMAT
 
         _choose("remat", self.remat, REMAT)
         _choose("task", self.task, TASKS)
         _choose("aggregator", self.aggregator, AGGREGATORS)
+        if self.aggregator in BINARY_ONLY and self.n_classes != 2:
+            raise ValueError(f"--aggregator={self.aggregator}: a one-class (sigmoid) head for binary "
+                             f"tasks, not --task={self.task} ({self.n_classes} classes)")
         _choose("arch", self.arch, arch.names())
         _choose("compute_dtype", self.compute_dtype, arch.DTYPES)
         if self.compute_dtype != "float32" and arch.is_resnet(self.arch):

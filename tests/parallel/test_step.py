@@ -116,7 +116,7 @@ def test_per_shard_batch_norm_differs_and_equals_each_shard_on_its_own(reference
         stats0 = per_shard_running_stats(to_float64(tiny_resnet), shards)
         encoder, agg = _models()
         loss, (g_enc, g_head) = _mesh(encoder, agg, sync_bn=False)
-    assert rel(loss, loss_sync) > 1e-3
+    assert rel(loss, loss_sync) > 1e-4  # 4.6e-4 under the heads' PyTorch init; exact is 1e-10
     assert rel(g_enc["conv1"]["kernel"], g_enc_sync["conv1"]["kernel"]) > 1e-3
     assert rel(loss, loss0) < EXACT
     assert_close(g_enc, g_enc0, EXACT)

@@ -11,9 +11,7 @@ import jax
 from flax import nnx
 
 from bigjax.models.mil.abmil import AttentionScore
-
-# The official code re-initialises every Linear with xavier_normal_ and zero bias.
-_XAVIER = nnx.initializers.xavier_normal()
+from bigjax.models.mil.init import xavier_linear
 
 
 class GMA(nnx.Module):
@@ -21,7 +19,9 @@ class GMA(nnx.Module):
 
     Layout of the official `GMA(size_arg="big")`: `Linear(in_dim, 512) ReLU [Dropout]
     Linear(512, 512) ReLU [Dropout]`, gated attention with L=512, D=384 (dropout after the tanh and
-    sigmoid branches), classifier `Linear(512, n_classes)`.
+    sigmoid branches), classifier `Linear(512, n_classes)`. The official modules.py re-initialises
+    every `nn.Linear` as CLAM's `initialize_weights` (untruncated xavier_normal_ weights, zero
+    biases): `xavier_linear`.
 
     Args:
         in_dim: size of each tile feature (`ndim` in the official code).
@@ -38,12 +38,12 @@ class GMA(nnx.Module):
 
     def __init__(self, in_dim: int, n_classes: int, *, rngs: nnx.Rngs, hidden: int = 512,
                  attn_dim: int = 384, dropout: float = 0.0):
-        self.fc1 = nnx.Linear(in_dim, hidden, kernel_init=_XAVIER, rngs=rngs)
-        self.fc2 = nnx.Linear(hidden, hidden, kernel_init=_XAVIER, rngs=rngs)
+        self.fc1 = xavier_linear(in_dim, hidden, rngs=rngs)
+        self.fc2 = xavier_linear(hidden, hidden, rngs=rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
         self.score = AttentionScore(hidden, attn_dim, gated=True, dropout=dropout,
-                                    kernel_init=_XAVIER, rngs=rngs)
-        self.classifier = nnx.Linear(hidden, n_classes, kernel_init=_XAVIER, rngs=rngs)
+                                    linear=xavier_linear, rngs=rngs)
+        self.classifier = xavier_linear(hidden, n_classes, rngs=rngs)
 
     def __call__(self, features: jax.Array, *, train: bool) -> dict:
         h = self.dropout(jax.nn.relu(self.fc1(features)), deterministic=not train)

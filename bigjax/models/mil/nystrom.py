@@ -8,12 +8,15 @@ V along the sequence as a residual.
 References:
     Xiong et al. Nyströmformer: A Nyström-based algorithm for approximating self-attention.
     AAAI 2021.
-    The module TransMIL imports: https://github.com/lucidrains/nystrom-attention.
+    The module TransMIL imports: https://github.com/lucidrains/nystrom-attention (its layers keep
+    PyTorch's default init, as here).
 """
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from bigjax.models.mil.init import torch_conv, torch_linear
 
 
 def iterative_pinv(x: jax.Array, iterations: int) -> jax.Array:
@@ -65,14 +68,13 @@ class NystromAttention(nnx.Module):
                  rngs: nnx.Rngs):
         self.heads, self.dim_head = heads, dim_head
         self.n_landmarks, self.pinv_iterations = n_landmarks, pinv_iterations
-        self.to_qkv = nnx.Linear(dim, 3 * heads * dim_head, use_bias=False, rngs=rngs)
-        self.to_out = nnx.Linear(heads * dim_head, dim, rngs=rngs)
+        self.to_qkv = torch_linear(dim, 3 * heads * dim_head, use_bias=False, rngs=rngs)
+        self.to_out = torch_linear(heads * dim_head, dim, rngs=rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
         # One kernel per head, shared over that head's dim_head channels (the reference's
         # Conv2d(heads, heads, (k, 1), groups=heads)).
-        self.res_conv = nnx.Conv(heads, heads, kernel_size=(residual_kernel,),
-                                 padding=residual_kernel // 2, feature_group_count=heads,
-                                 use_bias=False, rngs=rngs)
+        self.res_conv = torch_conv(heads, heads, (residual_kernel,), padding=residual_kernel // 2,
+                                   groups=heads, use_bias=False, rngs=rngs)
 
     def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, jax.Array]:
         n, m = x.shape[0], self.n_landmarks

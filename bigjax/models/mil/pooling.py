@@ -2,7 +2,9 @@
 
 Both score every tile with the same small MLP, `Linear(in_dim, 512) ReLU [Dropout]
 Linear(512, n_classes)`, and pool the per-tile logits over the bag (instance-level pooling, the
-"mi-Net" form of Wang et al.), as the Mean-/Max-pooling baselines the MIL papers report.
+"mi-Net" form of Wang et al.), as the Mean-/Max-pooling baselines the MIL papers report. These
+baselines have no official PyTorch code of their own; their layers take PyTorch's `nn.Linear`
+defaults like the other heads (`bigjax.models.mil.init.torch_linear`).
 
 References:
     Wang, Yan, Tang, Bai, Liu. Revisiting multiple instance neural networks.
@@ -13,14 +15,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bigjax.models.mil.init import torch_linear
+
 
 class _InstanceHead(nnx.Module):
     """Per-tile logits: `Linear(in_dim, hidden) ReLU Dropout Linear(hidden, n_classes)`."""
 
     def __init__(self, in_dim: int, n_classes: int, hidden: int, dropout: float, rngs: nnx.Rngs):
-        self.fc1 = nnx.Linear(in_dim, hidden, rngs=rngs)
+        self.fc1 = torch_linear(in_dim, hidden, rngs=rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
-        self.fc2 = nnx.Linear(hidden, n_classes, rngs=rngs)
+        self.fc2 = torch_linear(hidden, n_classes, rngs=rngs)
 
     def __call__(self, features: jax.Array, train: bool) -> jax.Array:
         h = self.dropout(jax.nn.relu(self.fc1(features)), deterministic=not train)

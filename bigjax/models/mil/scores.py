@@ -77,7 +77,7 @@ def dtfd_cam(head: dtfd.DTFD, features: jax.Array) -> jax.Array:
     eval-mode pseudo-bag, h_i its reduced feature and W1 the tier-1 classifier's weight (official
     ``get_cam_1d(classifier, tattFeats)``)."""
     h = jax.nn.relu(head.reduce(features))
-    members = head._pseudo_bags(h.shape[0], min(head.n_groups, h.shape[0]), False)
+    members = head._pseudo_bags(h.shape[0], False)
     attention = dtfd._group_softmax(head.score1(h, train=False), members)
     return (attention[:, None] * h) @ head.classifier1.kernel[...]
 

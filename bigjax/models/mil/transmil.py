@@ -4,6 +4,10 @@ References:
     Shao et al. TransMIL: Transformer based correlated multiple instance learning for whole slide
     image classification. NeurIPS 2021. Official code: https://github.com/szc19990412/TransMIL
     (models/TransMIL.py).
+
+Initialisation: the official code sets none, so every Linear and Conv2d (its own and those of
+the nystrom-attention module) has PyTorch's defaults (`bigjax.models.mil.init`), LayerNorms are
+ones and zeros, and the class token is `torch.randn`.
 """
 
 import math
@@ -12,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bigjax.models.mil.init import torch_conv, torch_linear
 from bigjax.models.mil.nystrom import NystromAttention
 
 # torch.nn.LayerNorm's default, which the official code uses.
@@ -47,8 +52,7 @@ class PPEG(nnx.Module):
 
     def __init__(self, dim: int, *, rngs: nnx.Rngs):
         self.convs = nnx.List([
-            nnx.Conv(dim, dim, kernel_size=(k, k), padding=k // 2, feature_group_count=dim,
-                     rngs=rngs)
+            torch_conv(dim, dim, (k, k), padding=k // 2, groups=dim, rngs=rngs)
             for k in (7, 5, 3)
         ])
 
@@ -78,14 +82,14 @@ class TransMIL(nnx.Module):
 
     def __init__(self, in_dim: int, n_classes: int, *, rngs: nnx.Rngs, dim: int = 512,
                  heads: int = 8, dropout: float = 0.1):
-        self.fc1 = nnx.Linear(in_dim, dim, rngs=rngs)
+        self.fc1 = torch_linear(in_dim, dim, rngs=rngs)
         # torch.randn init, as the official nn.Parameter(torch.randn(1, 1, 512))
         self.cls_token = nnx.Param(jax.random.normal(rngs.params(), (1, dim)))
         self.layer1 = TransLayer(dim, heads=heads, dropout=dropout, rngs=rngs)
         self.pos_layer = PPEG(dim, rngs=rngs)
         self.layer2 = TransLayer(dim, heads=heads, dropout=dropout, rngs=rngs)
         self.norm = nnx.LayerNorm(dim, epsilon=_LN_EPS, rngs=rngs)
-        self.fc2 = nnx.Linear(dim, n_classes, rngs=rngs)
+        self.fc2 = torch_linear(dim, n_classes, rngs=rngs)
 
     def __call__(self, features: jax.Array, *, train: bool) -> dict:
         n = features.shape[0]

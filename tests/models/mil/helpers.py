@@ -12,6 +12,8 @@ IN_DIM, N_CLASSES = 12, 3
 SMALL = {
     "abmil": dict(hidden=24, attn_dim=16),
     "gated_abmil": dict(hidden=24, attn_dim=16),
+    "abmil_bernoulli": dict(hidden=24, attn_dim=16),
+    "gated_abmil_bernoulli": dict(hidden=24, attn_dim=16),
     "dtfd": dict(dim=24, attn_dim=16),
     "transmil": dict(dim=32, heads=4),  # 16 landmarks: bags of 37 tiles exercise the padding
     "gma": dict(hidden=24, attn_dim=16),
@@ -37,9 +39,14 @@ def _loss_and_out(model: nnx.Module, features: jax.Array, label: int) -> tuple:
     return bag_loss(out, label), out
 
 
+def n_classes(name: str) -> int:
+    """The classes of the small aggregator: the one-class (Bernoulli) heads are binary."""
+    return 2 if name.endswith("_bernoulli") else N_CLASSES
+
+
 def make(name: str, seed: int = 0, **kwargs) -> nnx.Module:
     """A small aggregator with parameter and dropout streams."""
-    return build(name, IN_DIM, N_CLASSES, rngs=nnx.Rngs(params=seed, dropout=seed + 1),
+    return build(name, IN_DIM, n_classes(name), rngs=nnx.Rngs(params=seed, dropout=seed + 1),
                  **{**SMALL[name], **kwargs})
 
 

@@ -19,7 +19,9 @@ def test_iterative_pinv_inverts_a_row_stochastic_matrix():
 
 def test_nystrom_is_exact_softmax_attention_with_one_token_per_landmark():
     n, dim, heads = 8, 16, 2
-    attn = NystromAttention(dim, heads=heads, dim_head=8, n_landmarks=n, pinv_iterations=10,
+    # 16 Newton iterations: under PyTorch's init (weights std 1/sqrt(3 fan_in)) this softmax is
+    # nearly uniform, so ill-conditioned; 10 left 1.6e-4 of convergence error, 16 none visible
+    attn = NystromAttention(dim, heads=heads, dim_head=8, n_landmarks=n, pinv_iterations=16,
                             rngs=nnx.Rngs(0))
     attn.res_conv.kernel[...] = jnp.zeros_like(attn.res_conv.kernel[...])
     x = jax.random.normal(jax.random.key(1), (n, dim))
