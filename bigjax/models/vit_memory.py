@@ -5,8 +5,8 @@ against the streamed-attention block's kernels under a partition budget.
 
 Nothing runs: each kernel is lowered for abstract shapes and compiled, and XLA's ``memory_analysis()``
 gives its temp + argument + output bytes (on a CPU, XLA:CPU's plan; on a GPU, the device's). The
-plain kernel (``vit_big._backward_kernel``) holds a tile's whole sequence and its (L, L) attention per
-head; the streamed block's kernels — the "qkv" and "out" token-wise stages at the token partitions
+plain kernel (``vit_streamed.stage_backward`` of a BigViT block) holds a tile's whole sequence and its
+(L, L) attention per head; the streamed block's kernels — the "qkv" and "out" token-wise stages at the token partitions
 ``token_bytes`` allows and the attention steps at the block ``attention_block`` allows — are bounded
 by the budget whatever the sequence length. Sequences over ``--plain_up_to`` tokens skip the plain
 kernel (its estimate, ``tile_bytes``, is printed instead).
@@ -42,7 +42,7 @@ def _stage_bytes(kind, parts, config, length, budget, dtype) -> tuple[int, int]:
              "h": jax.ShapeDtypeStruct((1, h, tokens, d // h), dtype)}
     ins, outs = {"qkv": ("x", "hhh"), "out": ("xh", "x")}[kind]
     args = tuple(shape[a] for a in ins), tuple(shape[a] for a in outs)
-    kernel = vit_streamed._backward_kernel.lower(graphdef, kind, h, state, state, *args)
+    kernel = vit_streamed.stage_backward.lower(vit_streamed._run, graphdef, kind, h, state, state, *args)
     return tokens, _bytes(kernel.compile())
 
 
@@ -68,7 +68,7 @@ def block_memory(name: str, side: int, dtype: str, budget: int, plain_up_to: int
     if length <= plain_up_to:
         graphdef, state = nnx.split(block)
         t = jax.ShapeDtypeStruct((1, length, c.embed_dim), jnp.float32)
-        row["plain"] = _bytes(vit_big._backward_kernel.lower(graphdef, "block", c, state, state, t, t)
+        row["plain"] = _bytes(vit_streamed.stage_backward.lower(vit_big._run, graphdef, "block", c, state, state, t, t)
                               .compile())
     else:
         row["plain_estimate"] = vit_big.tile_bytes("block", c, (length, c.embed_dim))

@@ -27,7 +27,8 @@ def test_the_benchmark_prints_every_figure_of_each_engine(capsys):
     moved = []
     for row, engine in zip(rows, ("eager", "compiled")):
         cells = row.split()
-        assert cells[:2] == ["1x48x40x3", engine] and int(cells[3]) >= 20  # every conv of ResNet-18
+        # conv kernel calls: the convs of the blocks that run op by op (a block that fits runs whole)
+        assert cells[:2] == ["1x48x40x3", engine] and int(cells[3]) >= 5
         assert 0 < float(cells[10]) and 0 <= float(cells[11].rstrip("%")) <= 100
         moved.append(cells[7:9])
     assert moved[0] == moved[1]  # the engines move the same bytes

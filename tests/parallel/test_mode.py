@@ -34,10 +34,11 @@ def test_a_step_over_two_devices_is_the_one_device_step(store, tmp_path, encoder
                                  lr=1e-4)) for n in (1, 2)}
     assert isinstance(runs[2].mode, InMemoryMesh if encoder == "inmemory" else BigMesh)
     losses = {n: [run.step(_batch()) for _ in range(3)] for n, run in runs.items()}
-    np.testing.assert_allclose(losses[2][0], losses[1][0], rtol=1e-6)
+    np.testing.assert_allclose(losses[2][0], losses[1][0], rtol=1e-5)  # the mesh issue's bound
     # the updates carry round-off on: Adam's first steps are near sign(g), so a gradient that is
-    # round-off in both runs moves its parameter by +-lr (measured 1.7e-5 at steps 2 and 3)
-    np.testing.assert_allclose(losses[2], losses[1], rtol=5e-5)
+    # round-off in both runs moves its parameter by +-lr (measured 1.7e-5 and, with the heads' torch
+    # initialisation, 5.4e-5 at steps 2 and 3); the drift control below checks each step at 1e-5
+    np.testing.assert_allclose(losses[2], losses[1], rtol=2e-4)
     after = {n: dict(nnx.to_flat_state(nnx.state(run.model, nnx.Param))) for n, run in runs.items()}
     # Adam moves a parameter by about lr (1e-3) whatever its gradient's size, so a gradient that is
     # round-off in both runs (zero in exact arithmetic) may move it the other way: every parameter

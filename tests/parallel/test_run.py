@@ -29,8 +29,8 @@ def test_a_big_run_over_two_devices_logs_the_one_device_losses(store, tmp_path):
         train(tiny(store, tmp_path / str(n), encoder="big", devices=n, epochs=1, accum=1, lr=1e-4))
     ours, theirs = step_losses(tmp_path / "2"), step_losses(tmp_path / "1")
     assert len(theirs) == 4
-    np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-6)
-    np.testing.assert_allclose(ours, theirs, rtol=5e-5)  # Adam carries round-off on (test_mode)
+    np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-5)  # the mesh issue's bound
+    np.testing.assert_allclose(ours, theirs, rtol=2e-4)  # Adam carries round-off on (test_mode)
 
 
 # the CLI on the fixture store: 4 steps of 2 bags of 4 tiles, a short evaluation
