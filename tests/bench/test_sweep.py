@@ -17,7 +17,7 @@ from bigjax.models.resnet_paths import InMemory
 
 
 def _two_point_sweep(tmp_path, configs, compiled_memory):
-    cfg = SweepConfig(depth=18, sides=(32, 48), configs=configs, budget=8 * 2**20, warmup=1, reps=2,
+    cfg = SweepConfig(depth=18, sides=(32, 48), configs=configs, budget=24 * 2**20, warmup=1, reps=2,
                       compiled_memory=compiled_memory)
     seen = []
     result = run_sweep(cfg, progress=False, after_side=lambda part: seen.append(len(part.points)))
