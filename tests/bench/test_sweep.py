@@ -175,3 +175,14 @@ def test_a_peer_gives_the_in_memory_gradients_of_the_whole_resnet(forward):
     x = jnp.asarray(np.random.default_rng(1).normal(size=(1, 37, 29, 3)), jnp.float32)
     _assert_same_grads(_grads(forward, ResNet(18, rngs=nnx.Rngs(3)), x),
                        _grads(lambda m, x: m(x, train=True), ResNet(18, rngs=nnx.Rngs(3)), x))
+
+
+def test_sweep_quick_is_three_sides_of_three_configurations_one_rep():
+    """``--sweep --quick`` (timed in docs/benchmarks.md): its sides and configurations, one rep;
+    explicit --sides still win (the README row's test runs the sweep at tiny sides)."""
+    from experiments.benchmark import QUICK_CONFIGS, QUICK_SIDES, parse
+    cfg, out = parse(["--sweep", "--quick"])
+    assert (cfg.sides, cfg.configs, cfg.reps, out) == (QUICK_SIDES, QUICK_CONFIGS, 1, "runs/sweep")
+    assert set(QUICK_CONFIGS) <= set(sweep.CONFIGS) and len(QUICK_SIDES) >= 3  # a power-law fit
+    cfg, _ = parse(["--sweep", "--quick", "--sides=32,48"])
+    assert cfg.sides == (32, 48) and cfg.configs == QUICK_CONFIGS and cfg.reps == 1
