@@ -5,9 +5,12 @@
 
 One markdown table:
 
-* every engine (eager, compiled, whole blocks, bfloat16 host activations) on the compute device
-  against the in-memory twin's loss and gradients computed on the CPU (float32, "highest" matmul
-  precision: Hopper would use TF32 otherwise), each within its bound;
+* every float32 engine (eager, compiled, whole blocks) on the compute device against the in-memory
+  twin's loss and gradients computed on the CPU (float32, "highest" matmul precision: Hopper would use
+  TF32 otherwise), each within its bound; bfloat16 host activations against the same engine with the
+  same storage on the CPU (its difference from float32 storage is tens of percent on a random ResNet,
+  whose gradient is not smooth in its activations: docs/benchmarks.md, "Gradient error"; what the
+  device must show is that it computes what the CPU does from the same rounded activations);
 * the device's peak (``memory_stats()["peak_bytes_in_use"]``) after an eager step against the bound
   ``resnet_fit.choose_big_stages`` predicts for it (CPU devices report none: "n/a");
 * pinned-host staging in use: device->host copies of a step that land in ``pinned_host`` memory;
@@ -45,8 +48,9 @@ MiB = 2**20
 ENGINES = {"eager": (dict(engine="eager", whole_blocks=False), 1e-4),
            "compiled": (dict(engine="compiled", whole_blocks=False), 1e-4),
            "whole blocks": (dict(engine="eager", whole_blocks=True), 1e-4),
-           "bf16 host": (dict(engine="eager", whole_blocks=False, host_dtype="bfloat16"), 0.1)}
-# bfloat16 keeps ~3 digits per activation: its bound is on the L2 error (relative), not the largest
+           "bf16 host": (dict(engine="eager", whole_blocks=False, host_dtype="bfloat16"), 0.05)}
+# bfloat16 host activations are compared with the same storage on the CPU, as a relative L2 error: a
+# kernel's float32 round-off that differs between devices flips a few bf16 roundings (2^-8 each)
 # docs/benchmarks.md, GPU table: (shape, budget, fused)
 LINES = (((1, 1024, 1024, 3), 32 * MiB, True), ((32, 256, 256, 3), 32 * MiB, True),
          ((1, 1024, 1024, 3), 256 * MiB, True), ((32, 256, 256, 3), 32 * MiB, False))
@@ -87,11 +91,14 @@ def engine_rows(shape, budget, base: Execution) -> tuple[list[tuple], _Staged]:
     rows, staged = [], _Staged()
     for name, (settings, bound) in ENGINES.items():
         ex = base.replace(max_partition_bytes=budget, observer=staged, **settings)
-        model = nnx.clone(big)
-        value, grads = nnx.value_and_grad(loss)(model, ex.to_host(x), ex)
-        err = max(_error(grads, g0, l2="host_dtype" in settings),
-                  abs(float(value) - float(loss0)) / abs(float(loss0)))
-        rows.append((f"engine {name} = CPU twin", f"{err:.1e}", f"< {bound:.0e}", err < bound))
+        value, grads = nnx.value_and_grad(loss)(nnx.clone(big), ex.to_host(x), ex)
+        narrow = "host_dtype" in settings
+        if narrow:  # the reference: the same engine and storage, every device the CPU
+            on_cpu = ex.replace(compute=cpu, host=cpu, observer=None, pinned_staging=None)
+            loss0, g0 = nnx.value_and_grad(loss)(nnx.clone(big), on_cpu.to_host(x), on_cpu)
+        err = max(_error(grads, g0, l2=narrow), abs(float(value) - float(loss0)) / abs(float(loss0)))
+        what = "CPU, same bf16 storage" if narrow else "CPU twin"
+        rows.append((f"engine {name} = {what}", f"{err:.1e}", f"< {bound:.0e}", err < bound))
     return rows, staged
 
 
