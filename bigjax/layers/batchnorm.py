@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bigjax.layers import moments
+from bigjax.layers import moments, spill
 from bigjax.layers.bands import join_on_host, take_band
 from bigjax.layers.execution import Execution, ensure_eager, zeros_like
 from bigjax.layers.plan import IDENTITY, Footprint, plan_partitions
@@ -93,8 +93,9 @@ _moments_pull = jax.jit(moments.moments_cotangent)
 
 
 def _moments_bwd(ex, res, cts):
-    x, mean = res
-    x = ex.restore(x)
+    saved, mean = res
+    x = ex.restore(saved)
+    spill.release(saved)  # ``x`` holds the array until this backward returns
     g_mean, g_var = map(ex.to_compute, cts)
     count = ex.to_compute(np.float32(x.size // x.shape[-1]))
     return (_join(ex, [_to_host(ex, p, ex.call("batch_norm", _moments_pull, xb, mean, g_mean, g_var,
@@ -137,8 +138,9 @@ def _affine_fwd(ex, x, a, b):
 
 
 def _affine_bwd(ex, res, g):
-    x, a = res
-    x = ex.restore(x)
+    saved, a = res
+    x = ex.restore(saved)
+    spill.release(saved)  # ``x`` holds the array until this backward returns
     acc, bands = zeros_like((a, a)), []
     for p, xb, gb in _to_compute_bands(ex, 2, 1, x, ex.to_host(g)):
         acc, dx = ex.call("batch_norm", _affine_pull, acc, xb, gb, a)

@@ -229,10 +229,13 @@ def _backward(spec, res, cts):
         g_mean, g_var = ex.to_compute(cts[1]), ex.to_compute(cts[2])
     if ex.engine == "compiled":
         res = (ex.restore(x), kernel, bias, a, b, ex.restore(y), mean)
+        spill.release(x, y)  # ``res`` holds the arrays until the pass ends
         return _compiled_backward(spec, res, g, (mean, g_mean, g_var, count))
     plan = _plan(spec, x, kernel, a, backward=True)
     if not spec.input_grad:
-        return _parameter_backward(spec, plan, res, g, (mean, g_mean, g_var, count))
+        grads = _parameter_backward(spec, plan, res, g, (mean, g_mean, g_var, count))
+        spill.release(x, y)
+        return grads
     acc = zeros_like((kernel, bias, a, b))
     bands, carry = [], None
     xs, ys = _residual_bands(spec, plan, x, y)
@@ -253,6 +256,8 @@ def _backward(spec, res, cts):
         bands.append((p, ex.to_host_async(out)))
         ex.window.track(bands[-1][1])
         del xb, gb, out
+    del xs, ys
+    spill.release(x, y)  # the last read of this op's residuals: freed now, not when the pass ends
     return (join_on_host(ex, bands), *acc)
 
 

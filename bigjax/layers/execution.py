@@ -166,8 +166,9 @@ class Execution:
 
     def keep(self, x):
         """A residual activation as the backward will get it: ``x`` itself, or, beyond
-        ``host_memory``, a handle to its copy in the spill store (``spill``)."""
-        return x if self.spill is None else self.spill.keep(self, x)
+        ``host_memory``, a handle to its copy in the spill store (``spill``); one in RAM behind a
+        ``spill.Kept`` handle its readers' backwards ``release``, freed after the last."""
+        return spill.keep_in_ram(self, x if self.spill is None else self.spill.keep(self, x))
 
     def restore(self, v):
         """What ``keep`` gave (or a tuple/list of them), every spilled one (or an input store,

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from bigjax.layers import spill
 from bigjax.layers.execution import Execution, ensure_eager, zeros_like
 
 __all__ = ["host_op", "relu", "add", "max_pool", "global_avg_pool", "affine_relu", "affine_add_relu",
@@ -55,8 +56,9 @@ def host_op(fn: Callable, name: str, channel_groups: int = 1) -> Callable:
     def apply_fwd(ex, *args):
         return run(ex, args), tuple(map(ex.keep, args))
 
-    def apply_bwd(ex, args, g):
-        args = ex.restore(args)
+    def apply_bwd(ex, saved, g):
+        args = ex.restore(saved)
+        spill.release(saved)  # ``args`` holds the arrays until this backward returns
         cts = ex.call("host_backward", pull, tuple(map(ex.to_host, args)), ex.to_host(g))
         return tuple(ex.to_device_of(ct, arg) for ct, arg in zip(cts, args))
 

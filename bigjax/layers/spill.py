@@ -42,8 +42,8 @@ import jax
 import numpy as np
 import tensorstore as ts
 
-__all__ = ["SpillStore", "Spilled", "SpillStats", "from_store", "restore", "bands",
-           "return_freed_buffers", "PENDING_BYTES", "CHUNK_BYTES"]
+__all__ = ["SpillStore", "Spilled", "Kept", "SpillStats", "from_store", "keep_in_ram", "release",
+           "restore", "bands", "return_freed_buffers", "PENDING_BYTES", "CHUNK_BYTES"]
 
 CHUNK_BYTES = 8 * 2**20  # target bytes of one chunk (a row band of one image)
 PENDING_BYTES = 64 * 2**20  # writes in flight beyond which the forward waits for the oldest
@@ -78,6 +78,69 @@ class Spilled:
 
 
 jax.tree_util.register_pytree_node(Spilled, lambda s: ((), s), lambda s, _: s)
+
+
+class Kept:
+    """A residual kept in host RAM, behind a handle counting the op backwards that will read it.
+
+    Like ``Spilled`` a pytree node with no children, so what JAX's eager pullback keeps until the
+    whole backward ends is the empty handle: each op's backward ``release``s it after its last read,
+    and at zero the handle drops its array, whose memory returns at once (goal 1 of issue 21, "free
+    what the backward no longer needs as it goes"). A forward with no backward frees the array when
+    the handle dies."""
+
+    def __init__(self, array: jax.Array):
+        self._array, self.readers = array, 0
+        self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self._array is None else self._array.nbytes
+
+    def get(self) -> jax.Array:
+        if self._array is None:
+            raise RuntimeError(f"a released residual (shape {self.shape}) was read: an op's "
+                               "backward read it after its last reader released it")
+        return self._array
+
+    def release(self) -> None:
+        self.readers -= 1
+        if self.readers == 0:
+            _KEPT.pop(_key(self._array), None)
+            self._array = None
+
+
+jax.tree_util.register_pytree_node(Kept, lambda s: ((), s), lambda s, _: s)
+_KEPT: dict[int, "weakref.ref[Kept]"] = {}  # buffer -> the live handle holding it
+
+
+def _key(x: jax.Array) -> int:
+    return x.unsafe_buffer_pointer()
+
+
+def keep_in_ram(ex, x):
+    """``x`` behind a ``Kept`` handle, one handle per buffer however many ops keep it (each keep is
+    one more reader). Tracers (``jit``) and anything but a concrete host 4-D array stay as they are:
+    under a trace a residual must be a real array."""
+    if (not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer) or x.ndim != 4
+            or x.devices() != {ex.host}):
+        return x
+    ref = _KEPT.get(_key(x))
+    handle = ref() if ref is not None else None
+    if handle is None or handle._array is not x:
+        handle = Kept(x)
+        _KEPT[_key(x)] = weakref.ref(handle)
+    handle.readers += 1
+    return handle
+
+
+def release(*residuals) -> None:
+    """The calling backward has read these residuals for the last time (tuples/lists leaf by leaf)."""
+    for v in residuals:
+        if isinstance(v, (tuple, list)):
+            release(*v)
+        elif isinstance(v, Kept):
+            v.release()
 
 
 def from_store(store: ts.TensorStore, dtype=None) -> Spilled:
@@ -222,9 +285,12 @@ class SpillStore:
 
 
 def restore(ex, v):
-    """A spilled ``v`` read back whole onto the host device (every band's read started first);
-    anything else as is. A tuple or list is restored leaf by leaf."""
+    """A spilled ``v`` read back whole onto the host device (every band's read started first), a
+    ``Kept`` one's array; anything else as is. A tuple or list is restored leaf by leaf."""
+    if isinstance(v, Kept):
+        return v.get()
     if isinstance(v, (tuple, list)):
+        v = type(v)(u.get() if isinstance(u, Kept) else u for u in v)
         reads = [read_start(ex, u) if isinstance(u, Spilled) else u for u in v]
         return type(v)(read_finish(ex, r) if isinstance(u, Spilled) else r
                        for u, r in zip(v, reads))
@@ -260,6 +326,8 @@ def bands(ex, v, ranges, take):
 
     A spilled ``v`` is read from disk with the next band's read started before the current band is
     yielded (its kernels then overlap the read); an array in RAM is cut by ``take`` (as before)."""
+    if isinstance(v, Kept):
+        v = v.get()
     if not isinstance(v, Spilled):
         for rng in ranges:
             yield take(v, *rng)

@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from bigjax.layers.execution import Execution, ensure_eager, zeros_like
+from bigjax.layers import spill
 from bigjax.layers.spill import Spilled
 
 __all__ = ["run_whole", "whole_programs", "WholePrograms"]
@@ -198,8 +199,9 @@ def _whole_fwd(programs, ex, new_rest, params, rest, x):
 
 
 def _whole_bwd(programs, ex, _, saved, g):
-    params, rest, x, kept = saved
-    x, kept = ex.restore(x), ex.restore(kept)
+    params, rest, saved_x, saved_kept = saved
+    x, kept = ex.restore(saved_x), ex.restore(saved_kept)
+    spill.release(saved_x, saved_kept)  # ``x``, ``kept`` hold the arrays until this backward returns
     ex.window.admit(ex)
     g_params, g_x = ex.call("whole_backward", programs.backward, _on_compute(ex, kept),
                             _on_compute(ex, [*params, x]), ex.to_compute(g))

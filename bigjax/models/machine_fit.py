@@ -51,9 +51,12 @@ __all__ = ["Footprint", "Machine", "Prediction", "footprint", "predict", "larges
 
 ARCHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50}
 HOST_DTYPES = {"float32": 4, "bfloat16": 2}
-# the engine's peak-RSS rise over the activations stored once: 3.89 at 4096² (ResNet-18, float32, main at
-# 6381d35, issue 21); it grows slowly with the side (3.25 at 1024²), so the largest is the one to plan with
-COPIES = 3.9
+# the engine's peak-RSS rise over the activations stored once, residuals freed as the backward goes
+# (``spill.Kept``): 1.66 at 1024², 1.39 at 2048² (ResNet-18, float32, `python -m bigjax.bench.host_memory
+# --sides S --mmap_threshold`, branch onecopy at 20ac146, docs/benchmarks.md); it falls with the side
+# (the fixed working set around one layer weighs less), so the smallest measured side's is the one to
+# plan with (before: 3.9, main at 6381d35, issue 21)
+COPIES = 1.7
 PROCESS_BYTES = 1 * 2**30  # Python, JAX, the compiled kernels, parameters: the process before a step
 PARTITIONS_IN_FLIGHT = 2  # Execution(prefetch=1): the band being computed and the next one
 ANCHOR_SIDES = (16_384, 65_536, 75_000)  # StreamingCNN/prostate; StreamingCLAM; HMS2
