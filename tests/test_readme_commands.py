@@ -71,9 +71,9 @@ TINY = {
     "python -m bigjax.models.machine_fit": Tiny("--side 64", "stdout:"),
     "python -m experiments.predict --workdir=runs/panda": Tiny(
         "--no_progress --heatmap_side=128 --top_k=2 --out={workdir}/pred", "pred/predictions.csv"),
-    "pytest -m slow": Tiny("", "slow suite: run by .ci/run"),
+    "pytest -m slow": Tiny("", "slow suite: its subset run by .ci/run"),
 }
-NOT_RUN_HERE = {"pytest -m slow"}  # the heavy tests themselves: .ci/run's second pytest runs them
+NOT_RUN_HERE = {"pytest -m slow"}  # the heavy tests themselves: .ci/run runs their subset (SLOW_SUBSET)
 
 
 def readme_commands() -> list[str]:
