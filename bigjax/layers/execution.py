@@ -260,12 +260,11 @@ class Execution:
         return self.call("to_compute", self._to_compute, x)
 
     def _to_compute(self, x):
-        if (isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.committed
-                and x.devices() == {self.compute} and not _pinned(x)):
-            return x  # an uncommitted one is committed (no copy): kernels see one placement
-        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and _pinned(x):
-            # the memory kind named: JAX's CPU backend refuses a pinned buffer put to a bare device
-            return jax.device_put(x, SingleDeviceSharding(self.compute, memory_kind="device"))
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+            if _pinned(x):  # the memory kind named: JAX's CPU backend refuses a bare device
+                return jax.device_put(x, SingleDeviceSharding(self.compute, memory_kind="device"))
+            if x.committed and x.devices() == {self.compute}:
+                return x  # an uncommitted one is committed (no copy): kernels see one placement
         return jax.device_put(x, self.compute)
 
     def to_device_of(self, x, like) -> jax.Array:

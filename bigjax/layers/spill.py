@@ -118,12 +118,17 @@ def _key(x: jax.Array) -> int:
     return x.unsafe_buffer_pointer()
 
 
+def _host_activation(ex, x) -> bool:
+    """Whether ``x`` is what the residual policies handle: a concrete 4-D array on the host device
+    (a tracer, under ``jit``, must stay a real array)."""
+    return (isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.ndim == 4
+            and x.devices() == {ex.host})
+
+
 def keep_in_ram(ex, x):
     """``x`` behind a ``Kept`` handle, one handle per buffer however many ops keep it (each keep is
-    one more reader). Tracers (``jit``) and anything but a concrete host 4-D array stay as they are:
-    under a trace a residual must be a real array."""
-    if (not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer) or x.ndim != 4
-            or x.devices() != {ex.host}):
+    one more reader). Anything but a host activation (``_host_activation``) stays as it is."""
+    if not _host_activation(ex, x):
         return x
     ref = _KEPT.get(_key(x))
     handle = ref() if ref is not None else None
@@ -230,10 +235,9 @@ class SpillStore:
 
         Only concrete 4-D arrays on the host device (activations) are considered; anything else is
         returned as is."""
-        if (not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer) or x.ndim != 4
-                or x.devices() != {ex.host}):
+        if not _host_activation(ex, x):
             return x
-        key = x.unsafe_buffer_pointer()
+        key = _key(x)
         ref, handle = self._known.get(key, (None, None))
         if ref is not None and ref() is x:
             if handle is None:
