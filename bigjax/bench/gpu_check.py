@@ -87,12 +87,13 @@ def engine_rows(shape, budget, base: Execution) -> tuple[list[tuple], _Staged]:
     x, big, twin, loss = step_setup(18, shape)
     cpu = jax.devices("cpu")[0]
     with jax.default_device(cpu):
-        loss0, g0 = nnx.jit(nnx.value_and_grad(loss))(twin, jax.device_put(x, cpu))
+        twin_result = nnx.jit(nnx.value_and_grad(loss))(twin, jax.device_put(x, cpu))
     rows, staged = [], _Staged()
     for name, (settings, bound) in ENGINES.items():
         ex = base.replace(max_partition_bytes=budget, observer=staged, **settings)
         value, grads = nnx.value_and_grad(loss)(nnx.clone(big), ex.to_host(x), ex)
         narrow = "host_dtype" in settings
+        loss0, g0 = twin_result
         if narrow:  # the reference: the same engine and storage, every device the CPU
             on_cpu = ex.replace(compute=cpu, host=cpu, observer=None, pinned_staging=None)
             loss0, g0 = nnx.value_and_grad(loss)(nnx.clone(big), on_cpu.to_host(x), on_cpu)
