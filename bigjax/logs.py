@@ -6,7 +6,8 @@ print "RuntimeError: Event loop is closed" tracebacks by the hundred, burying th
 ``quiet_libraries()`` keeps those libraries' warnings and errors on the console, sends their INFO to a
 log file when one is given (the run's workdir), as well as their records that carry a traceback (those
 reach the console only without a log file), and drops the event-loop noise from logging, thread
-exceptions and unraisable exceptions. Call it once, early in a CLI, before importing orbax if possible
+exceptions and unraisable exceptions, and the "coroutine ... was never awaited" warnings that Python
+prints at exit for the writes orbax abandoned (bigjax has no coroutines of its own). Call it once, early in a CLI, before importing orbax if possible
 (orbax logs at import).
 """
 
@@ -15,12 +16,14 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 __all__ = ["NOISY_LOGGERS", "quiet_libraries"]
 
 NOISY_LOGGERS = ("absl", "orbax", "etils", "tensorstore", "jax._src.xla_bridge", "asyncio")
 EVENT_LOOP_CLOSED = "Event loop is closed"
+NEVER_AWAITED = r"coroutine '.*' was never awaited"
 
 
 def quiet_libraries(log_file: str | Path | None = None) -> None:
@@ -46,6 +49,7 @@ def quiet_libraries(log_file: str | Path | None = None) -> None:
             logger.addHandler(_LibraryFile(log_file))
             logger.addHandler(_ToRoot(logging.WARNING))
     _drop_event_loop_closed_elsewhere()
+    warnings.filterwarnings("ignore", message=NEVER_AWAITED, category=RuntimeWarning)
 
 
 class _DropEventLoopClosed(logging.Filter):

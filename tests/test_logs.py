@@ -1,7 +1,10 @@
 """Library INFO off the console (or into a file), warnings kept, event-loop noise dropped."""
 
 import logging
+import os
+import subprocess
 import sys
+import textwrap
 import threading
 
 import numpy as np
@@ -96,3 +99,24 @@ def test_event_loop_closed_noise_is_dropped(console):
     logging.getLogger("absl").error("Event loop is closed")
     logging.getLogger("absl").error("No space left on device")
     assert [r.getMessage() for r in console.records] == ["No space left on device"]
+
+
+def test_coroutines_a_library_abandoned_print_nothing_at_exit(tmp_path):
+    """After a failed save (a full disk), orbax leaves write coroutines that never ran; Python warns
+    about each when it collects them, at exit, after the run's one-line error."""
+    script = tmp_path / "abandon.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        from bigjax.logs import quiet_libraries
+        if sys.argv[1] == "quiet":
+            quiet_libraries()
+        async def write_fragment():
+            pass
+        abandoned = write_fragment()
+        del abandoned
+    """))
+    runs = {how: subprocess.run([sys.executable, str(script), how], capture_output=True, text=True,
+                                env=dict(os.environ, PYTHONPATH=os.getcwd()), timeout=120)
+            for how in ("loud", "quiet")}
+    assert "was never awaited" in runs["loud"].stderr  # what the filter is for
+    assert runs["quiet"].returncode == 0 and runs["quiet"].stderr == ""
