@@ -144,13 +144,14 @@ def main(argv=None) -> None:
 def _spilled(cfg: Config) -> None:
     """Per shape: a spilled step's time and peak RSS, its disk bytes against the disk floor."""
     print(f"{'input':>14} {'step s':>7} {'RSS GiB':>8} {'wrote GiB':>9} {'read GiB':>8} "
-          f"{'disk GB/s':>9} {'floor s':>7} {'kernel s':>8} {'ratio':>6}")
+          f"{'disk peak':>9} {'disk GB/s':>9} {'floor s':>7} {'kernel s':>8} {'ratio':>6}")
     for shape in cfg.shapes:
         for engine in cfg.engines:
             t = benchmark_spilled(shape, cfg.host_memory, cfg.spill_dir, cfg.budget,
                                   cfg.host_dtype, engine)
             print(f"{'x'.join(map(str, shape)):>14} {t.step_s:>7.1f} {t.peak_rss / 2**30:>8.2f} "
-                  f"{t.written / 2**30:>9.2f} {t.read / 2**30:>8.2f} {t.disk_s / 1e9:>9.2f} "
+                  f"{t.written / 2**30:>9.2f} {t.read / 2**30:>8.2f} {t.disk_peak / 2**30:>9.2f} "
+                  f"{t.disk_s / 1e9:>9.2f} "
                   f"{t.floor_s:>7.2f} {t.kernel_s:>8.1f} {t.ratio:>6.2f}", flush=True)
             if cfg.out:
                 with open(cfg.out, "a") as f:

@@ -118,6 +118,7 @@ class SpilledStep:
     kernel_s: float  # kernels of a profiled (blocking) step: conv, batch-norm, host ops, whole blocks
     disk_write: float  # bytes/s of the spill store's own layout in spill_dir, measured in the run
     disk_read: float
+    disk_peak: int  # the most bytes the step's spill files held at once (freed as the backward goes)
 
     @property
     def disk_s(self) -> float:
@@ -170,14 +171,15 @@ def benchmark_spilled(shape: tuple, host_memory: int, spill_dir, budget: int = 6
     release_host()
     reset_host_peak()
     before = host_rss_bytes()
+    timed = ex.replace(observer=stats)
     start = time.perf_counter()
-    _block(grad(big, x, ex.replace(observer=stats)))
+    _block(grad(big, x, timed))
     seconds = time.perf_counter() - start
     rise = host_peak_bytes() - before
     profile = profile_step(lambda e: grad(big, x, e), ex)
     kernels = sum(profile.get(c, 0.0) for c in KERNELS)
     return SpilledStep(tuple(shape), host_dtype or "float32", host_memory, seconds, rise,
-                       stats.written, stats.read, kernels, write, read)
+                       stats.written, stats.read, kernels, write, read, timed.spill.peak_on_disk)
 
 
 def _block(result):

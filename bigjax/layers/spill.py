@@ -17,10 +17,11 @@ their halos from one or two chunks. Writes are tensorstore futures started in th
 only when too many bytes are in flight (``PENDING_BYTES``); in a conv's backward the next band's read
 is started before the current band's kernels run (``bands``).
 
-Lifetime: the arrays live in ``<spill_dir>/bigjax-spill-<pid>/``; an array's files are removed when its
-handle is dropped (JAX drops the residuals once the backward consumed them), the process directory at
-exit; a run killed before that leaves a directory whose pid is dead, which the next store in that
-``spill_dir`` removes before writing (``SpillStore``).
+Lifetime: the arrays live in ``<spill_dir>/bigjax-spill-<pid>/``; an array's files are removed once
+the last op backward that reads it ``release``s its handle (as the backward goes, like ``Kept``), or
+when the handle is dropped (a forward with no backward), the process directory at exit; a run killed
+before that leaves a directory whose pid is dead, which the next store in that ``spill_dir`` removes
+before writing (``SpillStore``). ``SpillStore.peak_on_disk`` is the most bytes its files held at once.
 
 Events (``Execution.observer``): ``spill_write`` per band written, ``spill_read`` per band read; their
 first argument is the band's byte count. ``SpillStats`` is an observer adding them up.
@@ -31,6 +32,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import ctypes.util
+import functools
 import itertools
 import os
 import shutil
@@ -58,13 +60,27 @@ _RAW = [{"name": "bytes", "configuration": {"endian": "little"}}]
 class Spilled:
     """A host activation written to the spill store: its tensorstore array and its shape and dtype.
 
-    A pytree node with no children, so a custom_vjp residual holding it carries no array."""
+    A pytree node with no children, so a custom_vjp residual holding it carries no array. Like
+    ``Kept`` it counts the op backwards that will read it (``readers``); the last ``release`` removes
+    its files (``removed``), as does the handle's death, whichever comes first."""
 
-    def __init__(self, store: ts.TensorStore, path: Path | None, shape, dtype, pending):
+    def __init__(self, store: ts.TensorStore, path: Path | None, shape, dtype, pending,
+                 on_removal=None):
         self.store, self.path, self.shape, self.dtype = store, path, tuple(shape), np.dtype(dtype)
         self._pending = pending  # the write futures, waited on before the first read
+        self.readers = 0
+        self._remove = None
         if path is not None:  # the store's own files (not a caller's store, ``from_store``)
-            weakref.finalize(self, _remove, path, pending)
+            self._remove = weakref.finalize(self, _remove, path, pending, on_removal)
+
+    @property
+    def removed(self) -> bool:
+        return self._remove is not None and not self._remove.alive
+
+    def release(self) -> None:
+        self.readers -= 1
+        if self.readers == 0 and self._remove is not None:
+            self._remove()  # a finalizer runs once: the handle's death then does nothing
 
     @property
     def nbytes(self) -> int:
@@ -144,7 +160,7 @@ def release(*residuals) -> None:
     for v in residuals:
         if isinstance(v, (tuple, list)):
             release(*v)
-        elif isinstance(v, Kept):
+        elif isinstance(v, (Kept, Spilled)):
             v.release()
 
 
@@ -166,13 +182,15 @@ def from_store(store: ts.TensorStore, dtype=None) -> Spilled:
     return Spilled(store, None, store.shape, dtype, [])
 
 
-def _remove(path: Path, pending) -> None:
+def _remove(path: Path, pending, on_removal) -> None:
     for f in pending:  # a write still in flight would re-create files after the removal
         try:
             f.result()
         except Exception:  # noqa: BLE001 - removing anyway; the write's error was the op's
             pass
     shutil.rmtree(path, ignore_errors=True)
+    if on_removal is not None:
+        on_removal()
 
 
 def _alive(pid: int) -> bool:
@@ -227,6 +245,7 @@ class SpillStore:
         self.host_memory = host_memory
         self.spill_dir = Path(spill_dir).resolve()
         self.resident = 0  # bytes of kept activations in RAM that are alive
+        self.on_disk = self.peak_on_disk = 0  # bytes of spilled activations whose files exist
         self._known: dict[int, tuple] = {}  # buffer -> (array, handle or None: in RAM), both weak
         self._in_flight: deque = deque()  # (bytes, write future) of every band not yet written
 
@@ -242,14 +261,17 @@ class SpillStore:
         if ref is not None and ref() is x:
             if handle is None:
                 return x
-            if handle() is not None:  # still kept by an op's residuals: written once
-                return handle()
+            spilled = handle()
+            if spilled is not None and not spilled.removed:  # still kept by an op's residuals
+                spilled.readers += 1  # written once, read by one more backward
+                return spilled
         if self.resident + x.nbytes <= self.host_memory:
             self.resident += x.nbytes
             weakref.finalize(x, self._forget, key, x.nbytes)
             self._known[key] = (weakref.ref(x), None)
             return x
         spilled = self._write(ex, x)
+        spilled.readers = 1
         # both weak: the files go when the last residual holding the handle is dropped
         self._known[key] = (weakref.ref(x), weakref.ref(spilled))
         weakref.finalize(x, self._forget, key, 0)
@@ -278,7 +300,13 @@ class SpillStore:
                 pending.append(future)
                 self._in_flight.append((band.nbytes, future))
                 self._throttle()
-        return Spilled(store, path, x.shape, x.dtype, pending)
+        self.on_disk += x.nbytes
+        self.peak_on_disk = max(self.peak_on_disk, self.on_disk)
+        return Spilled(store, path, x.shape, x.dtype, pending,
+                       functools.partial(self._removed, x.nbytes))
+
+    def _removed(self, nbytes: int) -> None:
+        self.on_disk -= nbytes
 
     def _throttle(self) -> None:
         """Wait for the oldest writes while more than ``PENDING_BYTES`` are in flight."""
@@ -312,6 +340,9 @@ def _start_read(nbytes, view):
 def read_start(ex, v: Spilled, n0=0, n1=None, r0=0, r1=None):
     """Start reading images [n0, n1), rows [r0, r1) of ``v``: one ``spill_read``, which tensorstore
     serves from the chunks (row bands) the rows lie in, into one array."""
+    if v.removed:
+        raise RuntimeError(f"a released residual (shape {v.shape}) was read: an op's backward read "
+                           "it from the spill store after its last reader released it")
     v.written()
     n1 = v.shape[0] if n1 is None else n1
     r1 = v.shape[1] if r1 is None else r1

@@ -33,6 +33,7 @@ def test_a_spilled_step_is_measured(tmp_path):
 def test_the_benchmark_reports_a_spilled_step_against_its_floors(tmp_path):
     t = benchmark_spilled((1, 64, 64, 3), 0, tmp_path, budget=20_000_000, probe_bytes=2**20)
     assert t.written > 0 and t.read >= t.written and t.kernel_s > 0
+    assert 0 < t.disk_peak <= t.written  # every activation is written once, at most all at once
     assert t.floor_s == pytest.approx(t.written / t.disk_write + t.read / t.disk_read)
     assert t.ratio == pytest.approx(t.step_s / max(t.kernel_s, t.floor_s))
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bigjax.layers import Execution, big_conv2d_stats
+from bigjax.layers import Execution, big_conv2d, big_conv2d_stats
 from bigjax.layers.host import affine_relu
 from bigjax.layers.spill import CHUNK_BYTES, SpillStats
 from tests.layers.helpers import EX
@@ -67,3 +67,36 @@ def test_large_activations_are_written_in_row_bands(tmp_path, monkeypatch):
         assert np.array_equal(jax.device_get(u), jax.device_get(v))
     assert stats.writes == 2 * (5 + 7)  # per image: 37 rows of x by 8, of y (6 channels) by 6
     assert CHUNK_BYTES > 29 * 5 * 4 * 8
+
+
+def _spilled_arrays(root):
+    return sorted((p.name for p in root.glob("bigjax-spill-*/*")), key=int)  # in the order written
+
+
+def test_each_backward_removes_the_files_it_read_last(tmp_path):
+    """A conv, then a host op: once the host op's backward (run first) has read its input, that
+    input's files are gone while the conv's input waits on disk for the conv's backward; after the
+    pass nothing is left, and a second pass fails loudly instead of reading removed files."""
+    seen = []
+
+    def observer(event, fn, *args, **kwargs):
+        if event == "conv_backward" and not seen:
+            seen.append(_spilled_arrays(tmp_path))
+        return fn(*args, **kwargs)
+    ex = EX.replace(max_partition_bytes=8_000, host_memory=0, spill_dir=tmp_path, observer=observer)
+    x, kernel, a, b = _data(h=23, w=17, cout=5)
+
+    def loss(x, kernel):
+        z = affine_relu(big_conv2d(x, kernel, padding=1, execution=ex), a, b, execution=ex)
+        return jnp.sum(jax.device_put(z, ex.compute))
+
+    value, pull = jax.vjp(loss, x, kernel)
+    written = _spilled_arrays(tmp_path)
+    assert len(written) == 2 and ex.spill.on_disk == 2 * x.nbytes  # the conv's input, the host op's
+    one = jax.device_put(np.float32(1), value.sharding)
+    pull(one)
+    assert seen == [written[:1]]  # the conv's input (written first) is all that was left
+    assert _spilled_arrays(tmp_path) == [] and ex.spill.on_disk == 0
+    assert ex.spill.peak_on_disk == 2 * x.nbytes
+    with pytest.raises(RuntimeError, match="released residual"):
+        pull(one)
