@@ -10,7 +10,7 @@ from jax import lax
 
 from bigjax.layers.plan import Partition
 
-__all__ = ["take_band", "join_bands", "join_on_host"]
+__all__ = ["take_band", "join_bands", "join_on_host", "aligned_empty"]
 
 
 @functools.partial(jax.jit, static_argnames=("size",))
@@ -38,7 +38,7 @@ def join_bands(bands: list[tuple[Partition, jax.Array]]) -> jax.Array:
     if len(bands) == 1:
         return bands.pop()[1]
     sharding, dtype = bands[0][1].sharding, bands[0][1].dtype
-    out = _aligned_empty(_joined_shape(bands), dtype)
+    out = aligned_empty(_joined_shape(bands), dtype)
     bands.reverse()  # popped from the end: in plan order
     n0, row = None, 0
     while bands:
@@ -57,7 +57,7 @@ def _joined_shape(bands) -> tuple[int, ...]:
     return (max(p.n1 for p, _ in bands), rows, *bands[0][1].shape[2:])
 
 
-def _aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
+def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
     """An uninitialised numpy array whose data starts on an ``align``-byte boundary."""
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize

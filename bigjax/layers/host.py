@@ -22,13 +22,14 @@ import numpy as np
 from jax import lax
 
 from bigjax.layers import spill
+from bigjax.layers.bands import aligned_empty, take_band
 from bigjax.layers.execution import Execution, ensure_eager, zeros_like
 
 __all__ = ["host_op", "relu", "add", "max_pool", "global_avg_pool", "affine_relu", "affine_add_relu",
            "affine_relu_max_pool", "max_pool_plain"]
 
 
-def host_op(fn: Callable, name: str, channel_groups: int = 1) -> Callable:
+def host_op(fn: Callable, name: str, channel_groups: int = 1, row_wise: bool = False) -> Callable:
     """Make the pure array function ``fn`` a custom_vjp op that runs jitted on the host device.
 
     Args:
@@ -37,6 +38,9 @@ def host_op(fn: Callable, name: str, channel_groups: int = 1) -> Callable:
       channel_groups: run the VJP on this many groups of channels, one after the other, for a ``fn``
         that treats channels (the last axis of every argument and result) independently and whose
         pullback XLA gives large temporaries (max-pool's: 7x its input); 1 = at once.
+      row_wise: ``fn`` is elementwise along rows (every 4-D argument and the result share images
+        and rows, and a result row reads only the same row of each argument; other arguments are
+        per-channel vectors): its VJP then runs in row bands (``_row_band_pull``).
     Returns:
       ``op(*arrays, execution=...)`` returning ``fn``'s result in the execution's host memory; its
       VJP runs on the host too.
@@ -57,6 +61,8 @@ def host_op(fn: Callable, name: str, channel_groups: int = 1) -> Callable:
         return run(ex, args), tuple(map(ex.keep, args))
 
     def apply_bwd(ex, saved, g):
+        if row_wise:
+            return _row_band_pull(ex, _pull(fn), saved, g)
         args = ex.restore(saved)
         spill.release(saved)  # ``args`` holds the arrays until this backward returns
         cts = ex.call("host_backward", pull, tuple(map(ex.to_host, args)), ex.to_host(g))
@@ -69,6 +75,40 @@ def host_op(fn: Callable, name: str, channel_groups: int = 1) -> Callable:
 
     op.__name__ = op.__qualname__ = name
     return op
+
+
+def _row_band_pull(ex, pull, saved, g):
+    """The VJP of a row-wise op in row bands of at most ``max_partition_bytes`` (the band's rows of
+    ``g``, of each 4-D residual and of its cotangent): each band's residuals cut from RAM or read
+    from the spill store one band ahead (``spill.bands``), its cotangents written into preallocated
+    host arrays, the per-channel cotangents summed over the bands. The backward then holds ``g``,
+    the cotangents and one band, not every residual restored whole beside XLA's temporaries (issue
+    21, goal 1). One band (a small activation) is the whole-array VJP."""
+    g = ex.to_host(g)
+    n, h = g.shape[:2]
+    rowed = [i for i, v in enumerate(saved) if len(v.shape) == 4]
+    row_bytes = g.nbytes // h + sum(2 * saved[i].nbytes // h for i in rowed)
+    rows = max(1, min(h, ex.max_partition_bytes // max(1, row_bytes)))
+    ranges = [(0, n, r0, min(h, r0 + rows)) for r0 in range(0, h, rows)]
+    take = functools.partial(ex.call, "take_band", take_band)
+    residuals = {i: spill.bands(ex, saved[i], ranges, take) for i in rowed}
+    vectors = {i: ex.to_host(v) for i, v in enumerate(saved) if i not in residuals}
+    cts = {i: aligned_empty(saved[i].shape, saved[i].dtype) for i in rowed}
+    sums = {}
+    for rng in ranges:
+        args = tuple(ex.to_host(next(residuals[i])) if i in residuals else vectors[i]
+                     for i in range(len(saved)))
+        part = ex.call("host_backward", pull, args, take(g, *rng))
+        for i, ct in enumerate(part):
+            if i in cts:
+                cts[i][:, rng[2]:rng[3]] = np.asarray(ct)
+            else:
+                sums[i] = ct if i not in sums else sums[i] + ct
+        del args, part
+    del residuals
+    spill.release(saved)
+    return tuple(ex.to_host(cts[i]) if i in cts else ex.to_device_of(sums[i], saved[i])
+                 for i in range(len(saved)))
 
 
 @functools.cache
@@ -127,12 +167,12 @@ def _global_avg_pool(x):
     return jnp.mean(x, axis=(1, 2), dtype=jnp.promote_types(x.dtype, jnp.float32))
 
 
-relu = host_op(jax.nn.relu, "relu")
-add = host_op(jnp.add, "add")
+relu = host_op(jax.nn.relu, "relu", row_wise=True)
+add = host_op(jnp.add, "add", row_wise=True)
 global_avg_pool = host_op(_global_avg_pool, "global_avg_pool")
-affine_relu = host_op(_affine_relu, "affine_relu")
-_affine_add_relu_op = host_op(_affine_add_relu, "affine_add_relu")
-_affine2_add_relu_op = host_op(_affine2_add_relu, "affine_add_relu")
+affine_relu = host_op(_affine_relu, "affine_relu", row_wise=True)
+_affine_add_relu_op = host_op(_affine_add_relu, "affine_add_relu", row_wise=True)
+_affine2_add_relu_op = host_op(_affine2_add_relu, "affine_add_relu", row_wise=True)
 
 
 def affine_add_relu(x, a, b, shortcut, shortcut_a=None, shortcut_b=None, *, execution: Execution):

@@ -72,3 +72,38 @@ def to_compute_sum(y):
 def test_host_op_under_jit_is_a_clear_type_error():
     with pytest.raises(TypeError, match="outside jit"):
         jax.jit(functools.partial(host.relu, execution=EX))(X)
+
+
+@pytest.mark.parametrize("spilled", [False, True])
+def test_a_row_wise_backward_runs_in_row_bands(spilled, tmp_path):
+    """A budget of a few rows: the affine-add-ReLU pullback runs band by band, no band (nor spill
+    read) spans the whole residual, and its cotangents are the whole-array pullback's (the 4-D ones
+    bit for bit: the same elementwise ops; a, b summed over the bands, so to float32 round-off)."""
+    events = []
+
+    def observer(event, fn, *args, **kwargs):
+        if event in ("host_backward", "spill_read"):
+            events.append((event, args[0] if event == "spill_read" else None))
+        return fn(*args, **kwargs)
+    ex = EX.replace(max_partition_bytes=6 * 29 * 5 * 4 * 4, observer=observer)  # ~6 rows of each
+    if spilled:
+        ex = ex.replace(host_memory=0, spill_dir=tmp_path)
+    x, s = (jax.device_put(v, ex.host) for v in (X, S))
+    a, b = (jax.device_put(v, ex.compute) for v in (A, B))
+    weights = jax.device_put(RNG.normal(size=X.shape).astype(np.float32), ex.host)
+
+    def big(x, a, b, s):
+        return jnp.sum(host.affine_add_relu(x, a, b, s, execution=ex) * weights)
+
+    def plain(x, a, b, s):
+        return jnp.sum(jax.nn.relu(x * a + b + s) * weights)
+    got = grad(big, (0, 1, 2, 3))(x, a, b, s)
+    want = grad(jax.jit(plain), (0, 1, 2, 3))(*(jax.device_put(v, ex.host) for v in (X, A, B, S)))
+    assert sum(e == "host_backward" for e, _ in events) >= 6
+    for i in (0, 3):
+        assert np.array_equal(jax.device_get(got[i]), jax.device_get(want[i]))
+    assert rel_err(got[1:3], want[1:3]) < 1e-5
+    assert {d.platform for g in got for d in g.devices()} == {"cpu"}
+    assert got[1].devices() == {ex.compute} and got[0].devices() == {ex.host}
+    reads = [n for e, n in events if e == "spill_read"]
+    assert (len(reads) >= 12 and max(reads) < X.nbytes // 2) if spilled else not reads
