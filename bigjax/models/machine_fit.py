@@ -19,10 +19,10 @@ kernel throughput in FLOP/s, measured by ``measure_throughput``):
 
 * in RAM: host RAM = ``copies`` × activation bytes + the process (``PROCESS_BYTES``), where ``copies``
   is the engine's measured ratio of its step's peak-RSS rise to the activations stored once;
-* with a host budget H: what the engine keeps beyond H (``copies`` × activation bytes − H: the model
-  assumes everything the engine keeps goes through the spill store, so a leaner engine spills less)
-  is written once in the forward and read once in the backward; host RAM used = min(in-RAM need, H)
-  + the partitions in flight;
+* with a host budget H: the residuals the engine keeps (``RESIDUALS`` × activation bytes: the conv
+  outputs and the block outputs) beyond H are written once in the forward and read ``READS`` times
+  in the backward; host RAM used = the in-RAM need less what is written (the transients around one
+  layer stay) + the partitions in flight;
 * step time = max(kernel time, bus time, disk floor): the three overlap at best (the engine prefetches
   bands and spills asynchronously), so the slowest is a lower bound and the prediction.
 
@@ -57,6 +57,11 @@ HOST_DTYPES = {"float32": 4, "bfloat16": 2}
 # (the fixed working set around one layer weighs less), so the smallest measured side's is the one to
 # plan with (before: 3.9, main at 6381d35, issue 21)
 COPIES = 1.7
+# a spilled step (``host_memory`` below its residuals): residual bytes over the activations stored once,
+# and bytes read per byte written; measured 1.37 and 1.96 at 2048² (host_memory=0), 1.36 and 2.03 at
+# 8192² (8 GiB kept): `python -m experiments.benchmark --shapes=1xSxSx3 --host_memory=B --spill_dir=D`
+RESIDUALS = 1.36
+READS = 2.0
 PROCESS_BYTES = 1 * 2**30  # Python, JAX, the compiled kernels, parameters: the process before a step
 PARTITIONS_IN_FLIGHT = 2  # Execution(prefetch=1): the band being computed and the next one
 ANCHOR_SIDES = (16_384, 65_536, 75_000)  # StreamingCNN/prostate; StreamingCLAM; HMS2
@@ -209,14 +214,16 @@ def predict(fp: Footprint, machine: Machine, host_budget: int | None = None,
     """Host RAM, disk bytes and time of the step ``fp`` on ``machine``, within ``host_budget`` bytes
     of host RAM for activations (None: everything in RAM)."""
     need = int(copies * fp.activation_bytes)
-    written = 0 if host_budget is None else max(0, need - host_budget)
+    residuals = int(RESIDUALS * fp.activation_bytes)
+    written = 0 if host_budget is None else max(0, residuals - host_budget)
+    read = int(READS * written)
     working = PARTITIONS_IN_FLIGHT * machine.partition_budget if written else 0
     host = need - written + working
     return Prediction(in_ram_bytes=need + PROCESS_BYTES, host_bytes=host + PROCESS_BYTES,
-                      disk_written=written, disk_read=written,
+                      disk_written=written, disk_read=read,
                       kernel_s=fp.train_flops / machine.kernel_throughput,
                       bus_s=0.0 if machine.bus is None else fp.bus_bytes / machine.bus,
-                      disk_s=written / machine.disk_write + written / machine.disk_read)
+                      disk_s=written / machine.disk_write + read / machine.disk_read)
 
 
 def largest_side(arch: str, ram: int, host_dtype: str = "float32", copies: float = COPIES,

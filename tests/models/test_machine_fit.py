@@ -79,11 +79,12 @@ def test_prediction_in_ram_and_over_a_host_budget():
     assert in_ram.in_ram_bytes == in_ram.host_bytes == 20 * 2**30 + machine_fit.PROCESS_BYTES
     assert (in_ram.disk_written, in_ram.disk_s, in_ram.kernel_s, in_ram.bus_s) == (0, 0.0, 3.0, 2.0)
     assert (in_ram.step_s, in_ram.bound) == (3.0, "kernels")
-    spilled = predict(fp, gpu, 12 * 2**30, copies=2.0)
-    assert spilled.disk_written == spilled.disk_read == 8 * 2**30  # what the engine keeps beyond 12
-    assert spilled.host_bytes == (12 * 2**30 + machine_fit.PARTITIONS_IN_FLIGHT * gpu.partition_budget
-                                  + machine_fit.PROCESS_BYTES)
-    assert spilled.disk_s == pytest.approx(8 * 2**30 / 1e9 + 8 * 2**30 / 2e9)
+    spilled = predict(fp, gpu, 8 * 2**30, copies=2.0)
+    written = int(machine_fit.RESIDUALS * 10 * 2**30) - 8 * 2**30  # the residuals beyond 8 GiB
+    assert (spilled.disk_written, spilled.disk_read) == (written, int(machine_fit.READS * written))
+    assert spilled.host_bytes == (20 * 2**30 - written + machine_fit.PROCESS_BYTES
+                                  + machine_fit.PARTITIONS_IN_FLIGHT * gpu.partition_budget)
+    assert spilled.disk_s == pytest.approx(written / 1e9 + machine_fit.READS * written / 2e9)
     assert (spilled.step_s, spilled.bound) == (spilled.disk_s, "disk")
     assert predict(fp, replace_bus(gpu, None), None).bus_s == 0.0  # the host computes: no bus
 
