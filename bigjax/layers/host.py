@@ -14,6 +14,7 @@ one host pass, the BatchNorm statistics having come from the conv that produced 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable
 
 import jax
@@ -35,9 +36,11 @@ def host_op(fn: Callable, name: str, channel_groups: int = 1, row_wise: bool = F
     Args:
       fn: a function of arrays only, differentiable by JAX (static settings bound with partial).
       name: the op's name, for errors.
-      channel_groups: run the VJP on this many groups of channels, one after the other, for a ``fn``
-        that treats channels (the last axis of every argument and result) independently and whose
-        pullback XLA gives large temporaries (max-pool's: 7x its input); 1 = at once.
+      channel_groups: run the VJP on at least this many groups of channels, one after the other,
+        for a ``fn`` that treats channels (the last axis of every argument and result)
+        independently and whose pullback XLA gives large temporaries (max-pool's: ``POOL_PULL``
+        times its input); more where that many groups would exceed ``max_partition_bytes``, up to
+        one channel a group; 1 = at once.
       row_wise: ``fn`` is elementwise along rows (every 4-D argument and the result share images
         and rows, and a result row reads only the same row of each argument; other arguments are
         per-channel vectors): its VJP then runs in row bands (``_row_band_pull``).
@@ -46,8 +49,6 @@ def host_op(fn: Callable, name: str, channel_groups: int = 1, row_wise: bool = F
       VJP runs on the host too.
     """
     forward = jax.jit(fn)
-    pull = _pull(fn) if channel_groups == 1 else functools.partial(_grouped_pull, fn,
-                                                                   channel_groups)
 
     def run(ex, args):
         ensure_eager(name, args)
@@ -65,7 +66,10 @@ def host_op(fn: Callable, name: str, channel_groups: int = 1, row_wise: bool = F
             return _row_band_pull(ex, _pull(fn), saved, g)
         args = ex.restore(saved)
         spill.release(saved)  # ``args`` holds the arrays until this backward returns
-        cts = ex.call("host_backward", pull, tuple(map(ex.to_host, args)), ex.to_host(g))
+        on_host = tuple(map(ex.to_host, args))
+        pull = _pull(fn) if channel_groups == 1 else functools.partial(
+            _grouped_pull, fn, _groups(channel_groups, on_host, ex.max_partition_bytes))
+        cts = ex.call("host_backward", pull, on_host, ex.to_host(g))
         return tuple(ex.to_device_of(ct, arg) for ct, arg in zip(cts, args))
 
     apply.defvjp(apply_fwd, apply_bwd)
@@ -111,6 +115,10 @@ def _row_band_pull(ex, pull, saved, g):
                  for i in range(len(saved)))
 
 
+# XLA:CPU's max-pool pullback (select_and_scatter) keeps ~7x its input in temporaries
+POOL_PULL = 7
+
+
 @functools.cache
 def _pull(fn):
     return jax.jit(lambda args, g: jax.vjp(fn, *args)[1](g))
@@ -125,6 +133,12 @@ def _put_channels(buf, part, c0):
 @functools.partial(jax.jit, static_argnames=("c0", "c1"))
 def _channels(args, c0, c1):
     return tuple(a[..., c0:c1] for a in args)
+
+
+def _groups(least: int, args, budget: int) -> int:
+    """Channel groups whose pullback temporaries (``POOL_PULL`` x a group's inputs) fit ``budget``."""
+    nbytes = sum(a.nbytes for a in args if a.ndim == 4)
+    return max(least, math.ceil(POOL_PULL * nbytes / budget))
 
 
 def _grouped_pull(fn, groups, args, g):
@@ -187,8 +201,8 @@ def affine_add_relu(x, a, b, shortcut, shortcut_a=None, shortcut_b=None, *, exec
 def _max_pool_op(window, stride, padding, affine):
     pool = functools.partial(max_pool_plain, window=window, stride=stride, padding=padding)
     fn = (lambda x, a, b: pool(_affine_relu(x, a, b))) if affine else pool
-    # XLA:CPU's max-pool pullback (select_and_scatter) keeps ~7x its input in temporaries: by 8
-    # channel groups, the step's host peak at 1024^2 (the stem's) drops by ~0.4 GiB
+    # by channel groups (8, more at large sides), the step's host peak at 1024^2 (the stem's) drops
+    # by ~0.4 GiB, at 2048^2 by another 0.16 GiB (docs/benchmarks.md, issue 21)
     return host_op(fn, "affine_relu_max_pool" if affine else "max_pool", channel_groups=8)
 
 

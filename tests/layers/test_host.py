@@ -107,3 +107,15 @@ def test_a_row_wise_backward_runs_in_row_bands(spilled, tmp_path):
     assert got[1].devices() == {ex.compute} and got[0].devices() == {ex.host}
     reads = [n for e, n in events if e == "spill_read"]
     assert (len(reads) >= 12 and max(reads) < X.nbytes // 2) if spilled else not reads
+
+
+def test_max_pool_pullback_groups_grow_until_their_temporaries_fit_the_budget():
+    x = EX.to_host(X)
+    assert host._groups(8, (x,), 2**30) == 8  # the least, whatever the budget
+    assert host._groups(8, (x,), X.nbytes // 4) == 4 * host.POOL_PULL  # (5 channels: one a group)
+    tiny = EX.replace(max_partition_bytes=X.nbytes // 4)
+    weights = EX.to_compute(RNG.normal(size=(2, 19, 15, 5)).astype(np.float32))
+    got = grad(weighted_sum_loss(functools.partial(host.max_pool, execution=tiny), weights))(x)
+    plain = jax.jit(lambda x: _pool(x, 3, 2, 1))
+    want = grad(weighted_sum_loss(plain, weights))(jax.device_put(X, EX.compute))
+    assert rel_err(got, want) < 1e-6 and got.devices() == {EX.host}
