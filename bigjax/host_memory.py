@@ -5,7 +5,7 @@ not fit goes to a store in ``--spill_dir`` (``Execution(host_memory=, spill_dir=
 ``AUTO_SHARE`` of the kernel's ``MemAvailable`` when the run starts: the rest is left to the
 process's own memory (parameters, compiled programs, the slide being read) and to the page cache the
 spill store itself reads through. ``SpillMeter`` is an ``Execution`` observer adding the bytes of the
-engine's ``spill_write``/``spill_read`` events and the seconds spent in them.
+engine's ``spill_write``/``spill_read`` events and the seconds it waited on the store (``spill_wait``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ __all__ = ["AUTO", "AUTO_SHARE", "parse_host_memory", "host_budget", "spill_opti
 
 AUTO = "auto"
 AUTO_SHARE = 0.5  # of MemAvailable: half for spilled-engine activations, half for everything else
-SPILL_EVENTS = ("spill_write", "spill_read")
+SPILL_EVENTS = ("spill_write", "spill_read", "spill_wait")
 
 
 def parse_host_memory(text: str | int | None) -> int | str | None:
@@ -80,17 +80,20 @@ def shard_spill_options(options: dict, shard: int, shards: int) -> dict:
 
 
 class SpillMeter:
-    """An ``Execution`` observer adding the bytes and seconds of the engine's spill reads and writes.
+    """An ``Execution`` observer adding the bytes of the engine's spill reads and writes and the
+    seconds it waited on the store, over the wall-clock time since it started counting.
 
     A spill event's bytes are its ``nbytes`` keyword, else its first integer argument, else the
-    bytes of its array arguments; its seconds are the time inside the call (for an asynchronous
-    store: the time the engine waited on it).
+    bytes of its array arguments; its seconds are the time inside the call. The store is
+    asynchronous: ``spill_write``/``spill_read`` only start the I/O, ``spill_wait`` is the engine
+    blocked on it (a band it needs now, or too many writes in flight).
     """
 
     def __init__(self, chain: Callable | None = None):
         self.chain = chain  # another observer to pass every event on to
         self.bytes, self.seconds = Counter(), Counter()  # since the last ``take``
         self.total_bytes, self.total_seconds = Counter(), Counter()
+        self.started = self.since = time.perf_counter()
 
     def __call__(self, event: str, fn: Callable, *args, **kwargs):
         if event not in SPILL_EVENTS:
@@ -107,24 +110,27 @@ class SpillMeter:
 
     def take(self) -> dict:
         """``summary`` of the events since the last ``take`` (an epoch), then start counting anew."""
-        out = _summary(self.bytes, self.seconds)
+        now = time.perf_counter()
+        out = _summary(self.bytes, self.seconds, now - self.since)
         self.total_bytes.update(self.bytes)
         self.total_seconds.update(self.seconds)
-        self.bytes, self.seconds = Counter(), Counter()
+        self.bytes, self.seconds, self.since = Counter(), Counter(), now
         return out
 
     def total(self) -> dict:
         """``summary`` of every event so far."""
-        return _summary(self.total_bytes + self.bytes, self.total_seconds + self.seconds)
+        return _summary(self.total_bytes + self.bytes, self.total_seconds + self.seconds,
+                        time.perf_counter() - self.started)
 
 
-def _summary(nbytes: Counter, seconds: Counter) -> dict:
-    """``{"spill_written", "spill_read"}`` bytes and ``"disk_gb_s"``, the bytes moved over the
-    seconds spent in the spill events (0 when nothing spilled)."""
+def _summary(nbytes: Counter, seconds: Counter, elapsed: float) -> dict:
+    """``{"spill_written", "spill_read"}`` bytes; ``"disk_gb_s"``, the bytes moved over the
+    ``elapsed`` wall-clock seconds (what the disk achieved while the run went on: 0 when nothing
+    spilled); ``"spill_wait_s"``, the seconds the engine waited on the store."""
     moved = nbytes["spill_write"] + nbytes["spill_read"]
-    spent = seconds["spill_write"] + seconds["spill_read"]
     return {"spill_written": nbytes["spill_write"], "spill_read": nbytes["spill_read"],
-            "disk_gb_s": moved / spent / 1e9 if moved and spent > 0 else 0.0}
+            "disk_gb_s": moved / elapsed / 1e9 if moved and elapsed > 0 else 0.0,
+            "spill_wait_s": seconds["spill_wait"]}
 
 
 def _event_bytes(args: tuple, kwargs: dict) -> int:

@@ -2,6 +2,8 @@
 
 import json
 
+import time
+
 import pytest
 
 from bigjax.bench.memory import host_available_bytes
@@ -61,7 +63,15 @@ def test_the_spill_meter_adds_bytes_and_seconds_of_spill_events_only():
     assert seen == ["spill_write", "spill_read", "to_host"]
     epoch = meter.take()
     assert (epoch["spill_written"], epoch["spill_read"]) == (1000, 600) and epoch["disk_gb_s"] > 0
-    assert meter.take() == {"spill_written": 0, "spill_read": 0, "disk_gb_s": 0.0}
+    assert epoch["spill_wait_s"] == 0.0
+    meter("spill_wait", time.sleep, 0.05)  # blocked on the store: seconds, no bytes
+    second = meter.take()
+    assert second == {"spill_written": 0, "spill_read": 0, "disk_gb_s": 0.0,
+                      "spill_wait_s": pytest.approx(0.05, abs=0.04)}
+    meter("spill_read", lambda n: None, 10**8)
+    time.sleep(0.1)
+    third = meter.take()  # the bytes over the wall-clock seconds since the last take
+    assert 0.1 <= 10**8 / third["disk_gb_s"] / 1e9 < 5  # seconds: at least the sleep
     meter("spill_write", lambda n: None, 400)
     assert meter.total()["spill_written"] == 1400
 

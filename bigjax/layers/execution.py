@@ -83,6 +83,8 @@ EVENTS = {
     "spill_write": "a row band of an activation beyond host_memory written to the spill store "
                    "(asynchronous; its first argument is the band's bytes)",
     "spill_read": "a row band read back from the spill store (asynchronous; first argument: bytes)",
+    "spill_wait": "the engine blocked on the spill store: a band it needs now, or writes in flight "
+                  "beyond spill.PENDING_BYTES",
 }
 
 # observer(event, fn, *args, **kwargs) must return fn(*args, **kwargs)

@@ -24,7 +24,8 @@ before that leaves a directory whose pid is dead, which the next store in that `
 before writing (``SpillStore``). ``SpillStore.peak_on_disk`` is the most bytes its files held at once.
 
 Events (``Execution.observer``): ``spill_write`` per band written, ``spill_read`` per band read; their
-first argument is the band's byte count. ``SpillStats`` is an observer adding them up.
+first argument is the band's byte count; they start the I/O, and ``spill_wait`` is the engine blocked
+on it. ``SpillStats`` is an observer adding up the bytes.
 """
 
 from __future__ import annotations
@@ -299,7 +300,7 @@ class SpillStore:
                 future = ex.call("spill_write", _start_write, band.nbytes, store, i, r, band)
                 pending.append(future)
                 self._in_flight.append((band.nbytes, future))
-                self._throttle()
+                self._throttle(ex)
         self.on_disk += x.nbytes
         self.peak_on_disk = max(self.peak_on_disk, self.on_disk)
         return Spilled(store, path, x.shape, x.dtype, pending,
@@ -308,10 +309,10 @@ class SpillStore:
     def _removed(self, nbytes: int) -> None:
         self.on_disk -= nbytes
 
-    def _throttle(self) -> None:
+    def _throttle(self, ex) -> None:
         """Wait for the oldest writes while more than ``PENDING_BYTES`` are in flight."""
         while self._in_flight and sum(b for b, _ in self._in_flight) > PENDING_BYTES:
-            self._in_flight.popleft()[1].result()
+            ex.call("spill_wait", self._in_flight.popleft()[1].result)
         while self._in_flight and self._in_flight[0][1].done():
             self._in_flight.popleft()
 
@@ -343,7 +344,8 @@ def read_start(ex, v: Spilled, n0=0, n1=None, r0=0, r1=None):
     if v.removed:
         raise RuntimeError(f"a released residual (shape {v.shape}) was read: an op's backward read "
                            "it from the spill store after its last reader released it")
-    v.written()
+    if v._pending:
+        ex.call("spill_wait", v.written)
     n1 = v.shape[0] if n1 is None else n1
     r1 = v.shape[1] if r1 is None else r1
     nbytes = (n1 - n0) * (r1 - r0) * int(np.prod(v.shape[2:])) * v.dtype.itemsize
@@ -353,7 +355,7 @@ def read_start(ex, v: Spilled, n0=0, n1=None, r0=0, r1=None):
 def read_finish(ex, started) -> jax.Array:
     """The band whose read ``read_start`` started, on the host device."""
     future, dtype = started
-    return ex.to_host(future.result().astype(dtype, copy=False))
+    return ex.to_host(ex.call("spill_wait", future.result).astype(dtype, copy=False))
 
 
 def bands(ex, v, ranges, take):

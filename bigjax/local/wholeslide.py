@@ -206,7 +206,8 @@ def train_wholeslide(config: WholeSlideConfig, slides: Sequence[SlideEntry], *, 
       {"val"/"test": {"n", "accuracy", "qwk", their "..._ci95", "probs", "labels", "heads_qwk":
       A_1 … A_{K−1} and H's {"qwk", "qwk_ci95"}}, "losses": the last
       epoch's mean L_1..L_K, "best_epoch", "seconds_per_slide", "largest_slide": (H, W),
-      "host_memory": the run's bytes spilled ("spill_written", "spill_read"), "disk_gb_s" and
+      "host_memory": the run's bytes spilled ("spill_written", "spill_read"), "disk_gb_s" (those
+      bytes over the run's wall-clock seconds), "spill_wait_s" (seconds blocked on the disk) and
       "peak_rss" (also in every epoch's metrics.jsonl row, for that epoch)}; also written to
       results.json.
     """
@@ -263,8 +264,9 @@ def _host_use(spill: dict) -> dict:
 
 def _host_line(use: dict) -> str:
     gib = lambda n: f"{(n or 0) / 2**30:.2f} GiB"  # noqa: E731
-    return (f"spilled {gib(use['spill_written'])} written, {gib(use['spill_read'])} read at "
-            f"{use['disk_gb_s']:.2f} GB/s; peak RSS {gib(use['peak_rss'])}")
+    return (f"spilled {gib(use['spill_written'])} written, {gib(use['spill_read'])} read, "
+            f"{use['disk_gb_s']:.2f} GB/s achieved, {use['spill_wait_s']:.1f} s waited on the "
+            f"disk; peak RSS {gib(use['peak_rss'])}")
 
 
 def _end_epoch(state: "TrainingState", meta: dict, epoch: int, val: dict, host_use: dict) -> None:
