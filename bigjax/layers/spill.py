@@ -273,7 +273,8 @@ class SpillStore:
             return x
         spilled = self._write(ex, x)
         spilled.readers = 1
-        # both weak: the files go when the last residual holding the handle is dropped
+        # both weak: the files go at the last release, or when the last residual holding the handle
+        # is dropped
         self._known[key] = (weakref.ref(x), weakref.ref(spilled))
         weakref.finalize(x, self._forget, key, 0)
         return spilled
