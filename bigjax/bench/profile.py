@@ -42,6 +42,7 @@ CATEGORIES = {
     "vit_backward": "ViT kernels (bwd)",
     "spill_write": "spill-store writes (started)",
     "spill_read": "spill-store reads (started)",
+    "spill_wait": "waiting on the spill store",
 }
 REMAINDER = "autodiff, Python"
 # categories that are compute (the rest of a step is orchestration: copies, slicing, Python)
