@@ -7,8 +7,8 @@ print "RuntimeError: Event loop is closed" tracebacks by the hundred, burying th
 log file when one is given (the run's workdir), as well as their records that carry a traceback (those
 reach the console only without a log file), and drops the event-loop noise from logging, thread
 exceptions and unraisable exceptions, and the "coroutine ... was never awaited" warnings that Python
-prints at exit for the writes orbax abandoned (bigjax has no coroutines of its own). Call it once, early in a CLI, before importing orbax if possible
-(orbax logs at import).
+prints at exit for the writes orbax abandoned (bigjax has no coroutines of its own). Call it once,
+early in a CLI, before importing orbax if possible (orbax logs at import).
 """
 
 from __future__ import annotations

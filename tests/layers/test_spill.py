@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bigjax.layers import Execution, big_conv2d, big_conv2d_stats
+from bigjax.layers import big_conv2d, big_conv2d_stats
 from bigjax.layers.host import affine_relu
 from bigjax.layers.spill import CHUNK_BYTES, SpillStats
 from tests.layers.helpers import EX
