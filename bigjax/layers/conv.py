@@ -28,7 +28,7 @@ from bigjax.layers.bands import join_on_host, take_band
 from bigjax.layers.execution import Execution, ensure_eager, zeros_like
 from bigjax.layers.plan import ConvGeometry, Footprint, Partition, plan_partitions
 
-__all__ = ["big_conv2d", "big_conv2d_stats", "conv2d", "check_budget"]
+__all__ = ["big_conv2d", "big_conv2d_stats", "conv2d", "kernel_grad", "check_budget"]
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
@@ -67,7 +67,7 @@ def _forward_kernel(x, kernel, bias, a, b, acc, *, geom, pad, stats):
     return y.astype(x.dtype), (moments.accumulate_moments(acc, y) if stats else None)
 
 
-def _kernel_grad(z, g, geom: ConvGeometry, pad):
+def kernel_grad(z, g, geom: ConvGeometry, pad):
     """Gradient of the kernel of ``conv2d(z, kernel, geom, pad)`` for output cotangent ``g``.
 
     dW[i, j, c, o] = sum over n, h, w of z_pad[n, h*s + i*d, w*s + j*d, c] * g[n, h, w, o], written
@@ -98,7 +98,7 @@ def _backward_kernel(acc, carry, x, kernel, bias, a, b, g, *, geom, pad, emit, t
     _, pull = jax.vjp(lambda x, *p: _band_forward(x, kernel, *p, geom=geom, pad=pad), x, bias, a, b)
     dx, dbias, da, db = pull(g)
     z = x if a is None else jax.nn.relu(x * a + b)
-    dparams = (_kernel_grad(z, g, geom, pad), dbias, da, db)
+    dparams = (kernel_grad(z, g, geom, pad), dbias, da, db)
     dx = dx.at[:, : carry.shape[1]].add(carry)  # overlap-add of the previous band's halo
     out = jnp.pad(dx[:, :take], ((0, 0), (0, emit - take), (0, 0), (0, 0)))
     return jax.tree.map(jnp.add, acc, tuple(dparams)), out.astype(narrow), dx[:, take:]
@@ -108,7 +108,7 @@ def _backward_kernel(acc, carry, x, kernel, bias, a, b, g, *, geom, pad, emit, t
 def _parameter_grad_kernel(acc, x, kernel, bias, g, *, geom, pad):
     """The band's kernel (and bias) gradient only, for an input nobody differentiates."""
     g = g.astype(kernel.dtype)
-    dparams = (_kernel_grad(x.astype(kernel.dtype), g, geom, pad),
+    dparams = (kernel_grad(x.astype(kernel.dtype), g, geom, pad),
                None if bias is None else jnp.sum(g, axis=(0, 1, 2)))
     return jax.tree.map(jnp.add, acc, dparams)
 

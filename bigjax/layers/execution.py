@@ -115,6 +115,12 @@ class Execution:
         ``bfloat16``: half the bytes in host RAM and across the bus each way. The kernels still compute
         in the parameters' dtype: each band is widened on the device and its result rounded there
         before it goes back. None = the input's dtype (float32 end to end).
+      host_memory, spill_dir: residual activations beyond ``host_memory`` bytes of host RAM wait
+        in a tensorstore store under ``spill_dir`` (``spill``); None = all in RAM.
+      stream_stem: a ResNet's stem (conv, BatchNorm, ReLU, max-pool) runs in row bands that recompute
+        its conv from the input (``layers.stem``), so neither its conv output, the step's largest
+        activation, nor that output's cotangent is ever whole; None = where host RAM is bounded
+        (``host_memory`` set) and the engine is eager. Eager only.
     """
 
     max_partition_bytes: int = DEFAULT_PARTITION_BYTES
@@ -128,6 +134,7 @@ class Execution:
     whole_blocks: bool = True
     host_memory: int | None = None
     spill_dir: str | os.PathLike | None = None
+    stream_stem: bool | None = None
     window: Window = field(init=False, compare=False, repr=False)
     spill: SpillStore | None = field(init=False, compare=False, repr=False)
 
@@ -151,6 +158,15 @@ class Execution:
                 raise ValueError(f"host_dtype must be a floating dtype, got {self.host_dtype!r}")
             object.__setattr__(self, "host_dtype", dtype)
         object.__setattr__(self, "spill", self._spill_store())
+        if self.stream_stem and self.engine != "eager":
+            raise ValueError(f"stream_stem needs the eager engine, got engine={self.engine!r}")
+
+    @property
+    def streams_stem(self) -> bool:
+        """Whether a ResNet's stem runs streamed (``stream_stem``, or its default)."""
+        if self.stream_stem is None:
+            return self.host_memory is not None and self.engine == "eager"
+        return self.stream_stem
 
     def _spill_store(self) -> SpillStore | None:
         memory = self.host_memory

@@ -28,6 +28,7 @@ from bigjax.local.rfr import RFRDecoder, rfr_patches, sample_patches
 from bigjax.local.split import (PIECE_CHANNELS, PIECE_STRIDES, cut_pieces, module_pieces,
                                 restride_stem)
 from bigjax.models.resnet import ResNet
+from bigjax.models.resnet_paths import stem
 
 __all__ = ["LocalModule", "LocalNetwork", "local_resnet34"]
 
@@ -114,7 +115,7 @@ class LocalNetwork(nnx.Module):
         """x_0: the frozen stem (running BatchNorm statistics), behind a stop_gradient."""
         ex = getattr(path, "execution", None)
         x = x if ex is None else ex.to_host(x)
-        return jax.lax.stop_gradient(path.stem_pool(path.conv_bn(x, self.conv1, self.bn1, False)))
+        return jax.lax.stop_gradient(stem(path, x, self.conv1, self.bn1, False))
 
     def sample(self, rng: np.random.Generator, x_shape) -> list:
         """RFR positions and patch side of every module for an input of ``x_shape`` (1, H, W, 3)."""

@@ -25,7 +25,7 @@ from flax import nnx
 from bigjax.layers import host, spill
 from bigjax.layers.execution import Execution
 from bigjax.layers.modules import BigBatchNorm, BigConv
-from bigjax.models.resnet_paths import Fused, InMemory, Separate
+from bigjax.models.resnet_paths import Fused, InMemory, Separate, stem
 
 __all__ = ["ResNet", "BigResNet", "in_memory_twin", "load_torchvision", "remat_trunk"]
 
@@ -82,9 +82,8 @@ def _shortcut(block, path, x, train):
     return path.conv_bn(x, conv, bn, train)
 
 
-def _stem_ops(stem, path, x, train):
-    conv, bn = stem
-    return path.stem_pool(path.conv_bn(x, conv, bn, train))
+def _stem_ops(module, path, x, train):
+    return stem(path, x, *module, train)
 
 
 def _block_ops(block, path, x, train):

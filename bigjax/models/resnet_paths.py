@@ -3,7 +3,8 @@
 A residual block is written once (``resnet.BasicBlock``/``Bottleneck``) against the small interface
 below: ``conv_bn`` (a conv and its BatchNorm), ``relu``, ``add_relu`` (the block's end) and ``stem_pool``
 (ReLU + max-pool after the stem). A path may add ``whole`` to run a block, or the stem, as one
-program where it can (``Fused`` does). Each path implements it:
+program where it can, and ``streamed_stem`` to run the stem in row bands that never hold its conv
+output (``Fused`` has both; ``stem`` picks). Each path implements it:
 
 * ``InMemory`` — plain Flax on the compute device, jittable: the tail after the big stages and the
   in-memory twin.
@@ -27,12 +28,20 @@ from dataclasses import dataclass, replace
 import jax
 from flax import nnx
 
-from bigjax.layers import host
+from bigjax.layers import host, stem as streamed
 from bigjax.layers.execution import Execution
 from bigjax.layers.host import max_pool_plain
 from bigjax.layers.whole import run_whole
 
-__all__ = ["InMemory", "Separate", "Fused", "Folded"]
+__all__ = ["InMemory", "Separate", "Fused", "Folded", "stem"]
+
+
+def stem(path, x, conv, bn, train):
+    """conv, BatchNorm, ReLU, max-pool on ``path``: streamed where the path streams the stem
+    (``Fused.streamed_stem``), else op by op."""
+    streamed_stem = getattr(path, "streamed_stem", None)
+    y = None if streamed_stem is None else streamed_stem(x, conv, bn, train)
+    return path.stem_pool(path.conv_bn(x, conv, bn, train)) if y is None else y
 
 
 class InMemory:
@@ -130,3 +139,18 @@ class Fused:
 
     def stem_pool(self, x: Folded):
         return host.affine_relu_max_pool(x.y, x.a, x.b, execution=self.execution)
+
+    def streamed_stem(self, x, conv, bn, train):
+        """The stem in row bands recomputing its conv (``layers.stem``), or None where the execution
+        does not stream it (``Execution.streams_stem``), the input is differentiated or the conv
+        has a bias (the caller then runs it op by op)."""
+        ex = self.execution
+        if not ex.streams_stem or isinstance(x, jax.core.Tracer) or conv.bias is not None:
+            return None
+        kernel = conv.kernel[...]
+        mean = var = None
+        if train:
+            mean, var = streamed.stem_moments(x, kernel, conv.geom, execution=ex)
+        h, w = conv.geom.out_size(*x.shape[1:3])
+        a, b = bn.folded(mean, var, x.shape[0] * h * w, train=train, execution=ex)
+        return streamed.stem_pool(x, kernel, a, b, conv.geom, execution=ex)

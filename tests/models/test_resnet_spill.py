@@ -53,19 +53,22 @@ def _files(root):
     return [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
 
 
-@pytest.mark.parametrize("engine,whole,fused,host_dtype", [
-    ("eager", False, True, None),
-    ("compiled", True, True, None),
-    pytest.param("eager", True, True, "bfloat16", marks=pytest.mark.slow),
-    pytest.param("compiled", False, True, None, marks=pytest.mark.slow),
-    pytest.param("eager", False, False, None, marks=pytest.mark.slow),
+@pytest.mark.parametrize("engine,whole,fused,host_dtype,stream", [
+    ("eager", False, True, None, False),
+    ("eager", False, True, None, True),
+    ("compiled", True, True, None, False),
+    pytest.param("eager", True, True, "bfloat16", True, marks=pytest.mark.slow),
+    pytest.param("compiled", False, True, None, False, marks=pytest.mark.slow),
+    pytest.param("eager", False, False, None, False, marks=pytest.mark.slow),
 ])
 def test_a_step_with_every_activation_spilled_equals_the_step_in_ram(tmp_path, engine, whole,
-                                                                     fused, host_dtype):
+                                                                     fused, host_dtype, stream):
     """host_memory=0: every residual activation goes to disk; forward, parameter and input
-    gradients, BatchNorm statistics and the inference output equal the in-RAM step's exactly."""
+    gradients, BatchNorm statistics and the inference output equal the in-RAM step's exactly.
+    The stem op by op, or streamed (``stream_stem``, pinned: by default it follows host_memory)."""
     model = BigResNet(18, big_stages=1, fused=fused, rngs=nnx.Rngs(2))
-    ram = Execution(1_500_000, engine=engine, whole_blocks=whole, host_dtype=host_dtype)
+    ram = Execution(1_500_000, engine=engine, whole_blocks=whole, host_dtype=host_dtype,
+                    stream_stem=stream)
     stats = SpillStats()
     spilled = ram.replace(host_memory=0, spill_dir=tmp_path, observer=stats)
     x = jax.device_put(X, ram.host)
@@ -80,7 +83,7 @@ def test_a_budget_between_keeps_some_in_ram_and_the_result_is_the_same(tmp_path)
     """A host budget that holds some activations: those stay in RAM, the rest spill, same results;
     an activation saved by two ops (a conv's output, then the host op's input) is written once."""
     model = BigResNet(18, big_stages=1, rngs=nnx.Rngs(2))
-    ram = Execution(1_500_000, whole_blocks=False)
+    ram = Execution(1_500_000, whole_blocks=False, stream_stem=True)
     x = jax.device_put(X, ram.host)
     everything, some = SpillStats(), SpillStats()
     _step(model, x, ram.replace(host_memory=0, spill_dir=tmp_path, observer=everything))
@@ -108,7 +111,7 @@ def test_a_dead_runs_directory_is_removed_before_the_next_writes(tmp_path):
     stale.mkdir(parents=True)
     (stale / "0").write_bytes(b"half a band")
     model = BigResNet(18, big_stages=0, rngs=nnx.Rngs(2))
-    ram = Execution(1_500_000)
+    ram = Execution(1_500_000, stream_stem=False)
     x = jax.device_put(X, ram.host)
     _identical(_step(model, x, ram), _step(model, x, ram.replace(host_memory=0, spill_dir=tmp_path)))
     assert [p.name for p in tmp_path.iterdir()] == [f"bigjax-spill-{os.getpid()}"]
@@ -142,7 +145,7 @@ def test_a_killed_spilled_step_leaves_a_clean_rerun(tmp_path):
     proc.wait()
     assert _files(tmp_path), "the killed run had spilled nothing yet"
     model = BigResNet(18, big_stages=1, rngs=nnx.Rngs(2))
-    ram = Execution(1_500_000)
+    ram = Execution(1_500_000, stream_stem=True)
     x = jax.device_put(X, ram.host)
     _identical(_step(model, x, ram), _step(model, x, ram.replace(host_memory=0, spill_dir=tmp_path)))
     gc.collect()
@@ -161,15 +164,15 @@ def _store(path, array, chunk_rows):
     return store
 
 
-@pytest.mark.parametrize("engine,fused,hwc", [("eager", True, False), ("compiled", True, True),
-                                              pytest.param("eager", False, True,
-                                                           marks=pytest.mark.slow)])
+@pytest.mark.parametrize("engine,fused,hwc,stream", [
+    ("eager", True, False, False), ("compiled", True, True, False), ("eager", True, True, True),
+    pytest.param("eager", False, True, False, marks=pytest.mark.slow)])
 def test_a_model_fed_a_tensorstore_array_equals_it_fed_the_array_in_ram(tmp_path, engine, fused,
-                                                                        hwc):
-    """The stem reads its bands from the store (NHWC, or HWC for one image): loss, parameter
-    gradients, statistics and inference output equal those of the same array in RAM."""
+                                                                        hwc, stream):
+    """The stem reads its bands from the store (NHWC, or HWC for one image), op by op or streamed:
+    loss, parameter gradients, statistics and inference output equal those of the same array in RAM."""
     model = BigResNet(18, big_stages=1, fused=fused, rngs=nnx.Rngs(2))
-    ex = Execution(1_500_000, engine=engine, whole_blocks=False)
+    ex = Execution(1_500_000, engine=engine, whole_blocks=False, stream_stem=stream)
     x = X[:1] if hwc else X
     store = _store(tmp_path / "slide", x[0] if hwc else x, chunk_rows=9)
     reads = SpillStats()
