@@ -71,14 +71,15 @@ def test_the_streamed_stem_equals_the_stem_in_memory(shape, budget, train):
 
 
 def test_the_conv_output_is_never_whole_and_the_input_from_a_store_gives_the_same_bits(tmp_path):
-    """No event of a streamed step returns more than a band: the conv output (8 x 37 x 37 x 8
-    values) never exists whole, nor its cotangent; a store input gives the same results."""
+    """No event of a streamed step from a store returns more than a band: neither the input nor the
+    conv output (37 x 36 x 8 values) nor its cotangent ever exists whole; the results equal those
+    of the input in RAM bit for bit."""
     biggest = []
 
     def observer(event, fn, *args, **kwargs):
         out = fn(*args, **kwargs)
-        biggest.append(max((v.nbytes for v in jax.tree.leaves(out) if hasattr(v, "nbytes")),
-                           default=0))
+        biggest.append((event, max((v.nbytes for v in jax.tree.leaves(out) if hasattr(v, "nbytes")),
+                           default=0)))
         return out
 
     shape = (1, 73, 71, 3)
@@ -89,12 +90,13 @@ def test_the_conv_output_is_never_whole_and_the_input_from_a_store_gives_the_sam
     store.write(x).result()
     with jax.transfer_guard("allow"):
         modules = _modules(np.float32)
-        ex = Execution(200_000, whole_blocks=False, stream_stem=True, observer=observer)
+        ex = Execution(60_000, whole_blocks=False, stream_stem=True, observer=observer)
         w = ex.to_compute(jnp.asarray(RNG.normal(size=(1, 19, 18, 8)), np.float32))
         from_ram = _run(Fused(ex), modules, ex.to_host(x), w, True)
+        biggest.clear()
         from_slide = _run(Fused(ex), modules, from_store(store), w, True)
     conv_output = 37 * 36 * 8 * 4
-    assert 0 < max(biggest) < conv_output / 3
+    assert 0 < max(b for _, b in biggest) < conv_output / 2  # an input band, halo included
     for a, b in zip(jax.tree.leaves(from_ram), jax.tree.leaves(from_slide)):
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
