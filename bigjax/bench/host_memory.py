@@ -76,17 +76,18 @@ def stored_once_bytes(model: ResNet, shape: tuple, itemsize: int) -> int:
 def measure_host_step(side: int, budget: int = 64 * 2**20, host_dtype: str | None = None,
                       host_memory: int | None = None, spill_dir: str | None = None,
                       engine: str = "eager", whole_blocks: bool = True,
-                      mmap_threshold: bool = False) -> HostStep:
+                      mmap_threshold: bool = False, stream_stem: bool | None = None) -> HostStep:
     """Peak-RSS rise of one all-big ResNet-18 train step on a 1 x side x side x 3 image
     (``mmap_threshold``: freed buffers returned to the OS, ``spill.return_freed_buffers``, which a
-    ``host_memory`` setting does anyway)."""
+    ``host_memory`` setting does anyway; ``stream_stem``: ``Execution.stream_stem``)."""
     if mmap_threshold:
         return_freed_buffers()
     shape = (1, side, side, 3)
     x, big, _, loss = step_setup(18, shape)
     _, ex = executions(budget, 1, host_dtype, engine, whole_blocks)
     stats = SpillStats()
-    ex = ex.replace(host_memory=host_memory, spill_dir=spill_dir, observer=stats)
+    ex = ex.replace(host_memory=host_memory, spill_dir=spill_dir, observer=stats,
+                    stream_stem=stream_stem)
     grad = nnx.value_and_grad(loss)
     x = ex.to_host(x)
     _block(grad(big, x, ex))  # warm-up: compile every kernel at this shape
@@ -202,12 +203,15 @@ def main(argv=None) -> None:
     p.add_argument("--no_whole_blocks", action="store_true")
     p.add_argument("--mmap_threshold", action="store_true",
                    help="return freed buffers to the OS (implied by --host_memory)")
+    p.add_argument("--stream_stem", choices=["auto", "on", "off"], default="auto",
+                   help="the stem streamed in row bands (auto: with --host_memory)")
     a = p.parse_args(argv)
     dtype = None if a.host_dtype == "float32" else a.host_dtype
     print("side  dtype     stored GiB  RSS rise GiB  ratio  step s  spilled GiB  read GiB")
     for side in map(int, a.sides.split(",")):
         r = measure_host_step(side, a.budget, dtype, a.host_memory, a.spill_dir, a.engine,
-                              not a.no_whole_blocks, a.mmap_threshold)
+                              not a.no_whole_blocks, a.mmap_threshold,
+                              {"auto": None, "on": True, "off": False}[a.stream_stem])
         print(f"{side:>5} {r.host_dtype:<9} {_gib(r.stored_once):>10} {_gib(r.rss_rise):>13} "
               f"{r.ratio:>6.2f} {r.step_s:>7.1f} {_gib(r.spilled):>12} {_gib(r.read):>9}",
               flush=True)

@@ -99,14 +99,16 @@ def render_slide(rng: np.random.Generator, grade: int, height: int, width: int,
     disordered = tumour & _blobs(rng, shape, scale=32 * k, share=_jitter(rng, DISORDERED_SHARE[grade]),
                                  within=tumour)
     mix = _stroma(rng, (height, width))
-    mix = np.where(tumour, _glands(rng, (height, width)), mix)
-    mix = np.where(disordered, _disordered(rng, (height, width)), mix)
+    np.copyto(mix, _glands(rng, (height, width)), where=tumour)
+    np.copyto(mix, _disordered(rng, (height, width)), where=disordered)
     pink = PINK * rng.uniform(0.93, 1.05, 3)
     purple = PURPLE * rng.uniform(0.9, 1.1, 3)
-    rgb = pink * (1 - mix[..., None]) + purple * mix[..., None]
-    rgb = np.where(tissue[..., None], rgb, BACKGROUND) + rng.normal(0, 3.0, (height, width, 3))
-    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8), {"tissue": tissue, "tumour": tumour,
-                                                            "disordered": disordered}
+    rgb = np.empty((height, width, 3), np.uint8)
+    for r0, r1 in _row_bands(height, width):  # the colour's float64 temporaries, a band at a time
+        m = mix[r0:r1, :, None]
+        band = np.where(tissue[r0:r1, :, None], pink * (1 - m) + purple * m, BACKGROUND)
+        rgb[r0:r1] = np.clip(np.rint(band + rng.normal(0, 3.0, (r1 - r0, width, 3))), 0, 255)
+    return rgb, {"tissue": tissue, "tumour": tumour, "disordered": disordered}
 
 
 def write_pyramid_tiff(path: Path, rgb: np.ndarray, mpp: float) -> None:
@@ -230,13 +232,16 @@ def _stroma(rng, shape) -> np.ndarray:
 def _glands(rng, shape) -> np.ndarray:
     """Gland-like texture: a jittered lattice of pale lumens ringed by dark nuclei, period 12-16 px."""
     period = rng.uniform(12, 16)
-    yy, xx = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
-    cy, cx = (yy // period).astype(int), (xx // period).astype(int)
-    jitter = rng.uniform(-0.15, 0.15, (cy.max() + 1, cx.max() + 1, 2)) * period
-    dy = yy - (cy + 0.5) * period - jitter[cy, cx, 0]
-    dx = xx - (cx + 0.5) * period - jitter[cy, cx, 1]
-    r = np.hypot(dy, dx) / period
-    ring = np.exp(-(((r - 0.32) / 0.07) ** 2)) - 0.6 * (r < 0.22)
+    cells = tuple(int((n - 1) // period) + 1 for n in shape)
+    jitter = rng.uniform(-0.15, 0.15, (*cells, 2)) * period
+    ring = np.empty(shape)
+    for r0, r1 in _row_bands(*shape):
+        yy, xx = np.meshgrid(np.arange(r0, r1), np.arange(shape[1]), indexing="ij")
+        cy, cx = (yy // period).astype(int), (xx // period).astype(int)
+        dy = yy - (cy + 0.5) * period - jitter[cy, cx, 0]
+        dx = xx - (cx + 0.5) * period - jitter[cy, cx, 1]
+        r = np.hypot(dy, dx) / period
+        ring[r0:r1] = np.exp(-(((r - 0.32) / 0.07) ** 2)) - 0.6 * (r < 0.22)
     return _balanced(ring + 0.1 * rng.normal(size=shape), 0.28)
 
 
@@ -244,6 +249,13 @@ def _disordered(rng, shape) -> np.ndarray:
     """Disordered tumour: dense, randomly scattered nuclei without structure, about 3 px across."""
     dots = (rng.random(shape) < 0.035).astype(np.float64)
     return _balanced(ndimage.gaussian_filter(dots, 1.2), 0.28)
+
+
+def _row_bands(height: int, width: int, values: int = 2**24):
+    """Row ranges of about ``values`` pixels: what the full-resolution renderers hold per band, so
+    a 16,384² slide renders within a few GB of float64 temporaries, with the same pixels."""
+    rows = max(1, values // width)
+    return [(r0, min(height, r0 + rows)) for r0 in range(0, height, rows)]
 
 
 def _downsample(rgb: np.ndarray, d: int) -> np.ndarray:

@@ -108,3 +108,17 @@ def test_default_set_builds_fast_and_colour_does_not_predict_grade(tmp_path):
     colour_acc = cross_val_score(model, colour, grades, cv=4).mean()
     texture_acc = cross_val_score(model, np.array(texture) * 10, grades, cv=4).mean()
     assert colour_acc < 0.35 and texture_acc > 0.7, (colour_acc, texture_acc)
+
+
+def test_a_slide_rendered_in_small_row_bands_has_the_same_pixels(monkeypatch):
+    """The renderer holds its float64 temporaries a row band at a time (a 16,384² slide renders
+    within a few GB); the bands change no pixel and no mask, whatever their height."""
+    from bigjax.data import synthetic
+
+    whole = render_slide(np.random.default_rng([0, 1, 4]), 4, 211, 173, 1.5)
+    banded = synthetic._row_bands
+    monkeypatch.setattr(synthetic, "_row_bands", lambda h, w: banded(h, w, values=3 * w + 5))
+    bands = render_slide(np.random.default_rng([0, 1, 4]), 4, 211, 173, 1.5)
+    assert len(banded(211, 173, values=3 * 173 + 5)) == 71
+    assert np.array_equal(whole[0], bands[0])
+    assert all(np.array_equal(whole[1][k], bands[1][k]) for k in whole[1])
