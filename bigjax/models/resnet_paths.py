@@ -31,6 +31,7 @@ from flax import nnx
 from bigjax.layers import host, stem as streamed
 from bigjax.layers.execution import Execution
 from bigjax.layers.host import max_pool_plain
+from bigjax.layers.modules import BigBatchNorm
 from bigjax.layers.whole import run_whole
 
 __all__ = ["InMemory", "Separate", "Fused", "Folded", "stem"]
@@ -149,7 +150,7 @@ class Fused:
             return None
         kernel = conv.kernel[...]
         mean = var = None
-        if train:
+        if train or not isinstance(bn, BigBatchNorm):  # a GroupNorm's are the map's own, always
             mean, var = streamed.stem_moments(x, kernel, conv.geom, execution=ex)
         h, w = conv.geom.out_size(*x.shape[1:3])
         a, b = bn.folded(mean, var, x.shape[0] * h * w, train=train, execution=ex)

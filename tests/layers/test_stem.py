@@ -12,14 +12,15 @@ from flax import nnx
 from bigjax.layers import Execution
 from bigjax.layers.modules import BigBatchNorm, BigConv
 from bigjax.layers.spill import from_store
+from bigjax.local.group_norm import BigGroupNorm
 from bigjax.models.resnet_paths import Fused, InMemory, stem
 from tests.layers.helpers import rel_err
 
 RNG = np.random.default_rng(0)
 
 
-def _modules(dtype):
-    conv, bn = BigConv(3, 8, 7, stride=2, padding=3, rngs=nnx.Rngs(1)), BigBatchNorm(8)
+def _modules(dtype, norm=BigBatchNorm, stride=2):
+    conv, bn = BigConv(3, 8, 7, stride=stride, padding=3, rngs=nnx.Rngs(1)), norm(8)
     bn.scale[...] = jnp.asarray(RNG.uniform(0.5, 1.5, 8))
     bn.bias[...] = jnp.asarray(RNG.normal(size=8))
     modules = nnx.List([conv, bn])
@@ -99,6 +100,20 @@ def test_the_conv_output_is_never_whole_and_the_input_from_a_store_gives_the_sam
     assert 0 < max(b for _, b in biggest) < conv_output / 2  # an input band, halo included
     for a, b in zip(jax.tree.leaves(from_ram), jax.tree.leaves(from_slide)):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_group_norm_stem_streams_in_evaluation_too():
+    """GroupNorm (the local whole-slide network's, stem stride 3) normalises by the map's own
+    statistics in evaluation as well: the streamed stem computes them then too."""
+    with jax.enable_x64(True), jax.transfer_guard("allow"):
+        modules = _modules(np.float64, BigGroupNorm, stride=3)
+        x = RNG.normal(size=(1, 44, 31, 3))
+        ex = Execution(60_000, whole_blocks=False, stream_stem=True)
+        pooled = jax.eval_shape(lambda m: stem(InMemory, x, m[0], m[1], False), modules).shape
+        w = jnp.asarray(RNG.normal(size=pooled))
+        ours = _run(Fused(ex), modules, ex.to_host(x), ex.to_compute(w), False)
+        theirs = _run(InMemory, modules, jnp.asarray(x), w, False)
+    assert rel_err(ours[:2], theirs[:2]) < 1e-11
 
 
 def test_stream_stem_follows_host_memory_and_needs_the_eager_engine(tmp_path):
