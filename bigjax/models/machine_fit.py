@@ -22,7 +22,8 @@ kernel throughput in FLOP/s, measured by ``measure_throughput``):
 * with a host budget H: the residuals the engine keeps (``RESIDUALS`` × activation bytes: the conv
   outputs and the block outputs) beyond H are written once in the forward and read ``READS`` times
   in the backward; host RAM used = the in-RAM need less what is written (the transients around one
-  layer stay) + the partitions in flight;
+  layer stay) + the partitions in flight. A budget streams the stem (``Execution.stream_stem``): its
+  conv output is neither kept nor held, and its conv runs ``STEM_PASSES`` more times;
 * step time = max(kernel time, bus time, disk floor): the three overlap at best (the engine prefetches
   bands and spills asynchronously), so the slowest is a lower bound and the prediction.
 
@@ -62,6 +63,7 @@ COPIES = 1.7
 # 8192² (8 GiB kept): `python -m experiments.benchmark --shapes=1xSxSx3 --host_memory=B --spill_dir=D`
 RESIDUALS = 1.36
 READS = 2.0
+STEM_PASSES = 4  # the streamed stem's extra conv passes: 2 recomputations, 1 forward, 1 kernel gradient
 PROCESS_BYTES = 1 * 2**30  # Python, JAX, the compiled kernels, parameters: the process before a step
 PARTITIONS_IN_FLIGHT = 2  # Execution(prefetch=1): the band being computed and the next one
 ANCHOR_SIDES = (16_384, 65_536, 75_000)  # StreamingCNN/prostate; StreamingCLAM; HMS2
@@ -115,6 +117,8 @@ class Footprint:
     forward_flops: int
     train_flops: int
     bus_bytes: int
+    stem_bytes: int = 0  # the stem conv's output (in ``activation_bytes``)
+    stem_flops: int = 0  # one pass of the stem conv
 
 
 @dataclass(frozen=True)
@@ -206,22 +210,25 @@ def footprint(arch: str, side: int, host_dtype: str = "float32") -> Footprint:
                      activation_bytes=size * (ins[0] + sum(outs)),
                      forward_flops=forward,
                      train_flops=3 * forward - 2 * macs[0],  # no input gradient for the image
-                     bus_bytes=size * (3 * sum(ins) + 2 * sum(outs)))
+                     bus_bytes=size * (3 * sum(ins) + 2 * sum(outs)),
+                     stem_bytes=size * outs[0], stem_flops=2 * macs[0])
 
 
 def predict(fp: Footprint, machine: Machine, host_budget: int | None = None,
             copies: float = COPIES) -> Prediction:
     """Host RAM, disk bytes and time of the step ``fp`` on ``machine``, within ``host_budget`` bytes
-    of host RAM for activations (None: everything in RAM)."""
-    need = int(copies * fp.activation_bytes)
-    residuals = int(RESIDUALS * fp.activation_bytes)
+    of host RAM for activations (None: everything in RAM; else the stem streams)."""
+    stem = 0 if host_budget is None else fp.stem_bytes
+    need = int(copies * fp.activation_bytes) - stem
+    residuals = int(RESIDUALS * (fp.activation_bytes - stem))
     written = 0 if host_budget is None else max(0, residuals - host_budget)
+    flops = fp.train_flops + (0 if host_budget is None else STEM_PASSES * fp.stem_flops)
     read = int(READS * written)
     working = PARTITIONS_IN_FLIGHT * machine.partition_budget if written else 0
     host = need - written + working
     return Prediction(in_ram_bytes=need + PROCESS_BYTES, host_bytes=host + PROCESS_BYTES,
                       disk_written=written, disk_read=read,
-                      kernel_s=fp.train_flops / machine.kernel_throughput,
+                      kernel_s=flops / machine.kernel_throughput,
                       bus_s=0.0 if machine.bus is None else fp.bus_bytes / machine.bus,
                       disk_s=written / machine.disk_write + read / machine.disk_read)
 

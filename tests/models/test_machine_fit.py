@@ -89,6 +89,18 @@ def test_prediction_in_ram_and_over_a_host_budget():
     assert predict(fp, replace_bus(gpu, None), None).bus_s == 0.0  # the host computes: no bus
 
 
+def test_a_host_budget_streams_the_stem_its_output_neither_kept_nor_held():
+    fp = Footprint("resnet18", 1024, "float32", activation_bytes=10 * 2**30, forward_flops=10**12,
+                   train_flops=3 * 10**12, bus_bytes=50 * 2**30, stem_bytes=2**30, stem_flops=10**11)
+    gpu = Machine("m", 8 * 2**30, 64 * 2**30, disk_read=2e9, disk_write=1e9, kernel_throughput=1e12)
+    spilled = predict(fp, gpu, 2**30, copies=2.0)
+    written = int(machine_fit.RESIDUALS * 9 * 2**30) - 2**30
+    assert spilled.disk_written == written
+    assert spilled.kernel_s == pytest.approx(3.0 + machine_fit.STEM_PASSES * 0.1)
+    assert predict(fp, gpu, None, copies=2.0).kernel_s == 3.0  # in RAM the stem runs op by op
+    assert footprint("resnet18", 512).stem_bytes == 256 * 256 * 64 * 4
+
+
 def replace_bus(machine, bus):
     import dataclasses
     return dataclasses.replace(machine, bus=bus)
