@@ -50,6 +50,7 @@ class Config:
     engines: tuple = ("eager",)
     host_memory: int | None = None  # spill beyond it (``Execution.host_memory``) into spill_dir
     spill_dir: str | None = None
+    warmup: int = 1  # spilled: 0 = no warm-up step (the timed step then includes compilation)
 
 
 def parse(argv=None) -> Config:
@@ -68,7 +69,9 @@ def parse(argv=None) -> Config:
     p.add_argument("--sides", help="with --sweep: comma-separated sides (default 256,...,2048 in "
                                    "steps of sqrt(2); ResNet-50: 256,...,1024)")
     p.add_argument("--warmup", type=int, default=1,
-                   help="with --sweep: untimed iterations per point (more while one still compiles)")
+                   help="with --sweep: untimed iterations per point (more while one still compiles); "
+                        "with --host_memory: 0 skips the warm-up step, so the timed step includes "
+                        "compilation (for sides whose steps take many minutes)")
     p.add_argument("--fewer-reps", dest="fewer_reps", type=_side_reps,
                    help="with --sweep: SIDE:REPS, sides above SIDE get REPS timed iterations")
     p.add_argument("--gpu-scale", dest="gpu_scale", action="store_true",
@@ -96,7 +99,7 @@ def parse(argv=None) -> Config:
     shapes = a.shapes or (QUICK if a.quick else FULL)
     return Config(a.depth, tuple(shapes), a.max_partition_bytes,
                   not a.separate, a.reps, a.out, a.profile, a.prefetch, a.host_dtype, a.engine,
-                  a.host_memory, a.spill_dir)
+                  a.host_memory, a.spill_dir, a.warmup)
 
 
 # --sweep --quick: a few minutes on 2 CPU cores; three sides (enough for a power-law fit) of the
@@ -148,7 +151,7 @@ def _spilled(cfg: Config) -> None:
     for shape in cfg.shapes:
         for engine in cfg.engines:
             t = benchmark_spilled(shape, cfg.host_memory, cfg.spill_dir, cfg.budget,
-                                  cfg.host_dtype, engine)
+                                  cfg.host_dtype, engine, warmup=cfg.warmup > 0)
             print(f"{'x'.join(map(str, shape)):>14} {t.step_s:>7.1f} {t.peak_rss / 2**30:>8.2f} "
                   f"{t.written / 2**30:>9.2f} {t.read / 2**30:>8.2f} {t.disk_peak / 2**30:>9.2f} "
                   f"{t.disk_s / 1e9:>9.2f} "

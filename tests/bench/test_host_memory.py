@@ -30,8 +30,10 @@ def test_a_spilled_step_is_measured(tmp_path):
     assert r.read >= r.spilled and r.rss_rise > 0 and r.step_s > 0
 
 
-def test_the_benchmark_reports_a_spilled_step_against_its_floors(tmp_path):
-    t = benchmark_spilled((1, 64, 64, 3), 0, tmp_path, budget=20_000_000, probe_bytes=2**20)
+@pytest.mark.parametrize("warmup", [True, False])
+def test_the_benchmark_reports_a_spilled_step_against_its_floors(tmp_path, warmup):
+    t = benchmark_spilled((1, 64, 64, 3), 0, tmp_path, budget=20_000_000, probe_bytes=2**20,
+                          warmup=warmup)
     assert t.written > 0 and t.read >= t.written and t.kernel_s > 0
     assert 0 < t.disk_peak <= t.written  # every activation is written once, at most all at once
     assert t.floor_s == pytest.approx(t.written / t.disk_write + t.read / t.disk_read)
@@ -42,7 +44,7 @@ def test_the_benchmark_reports_a_spilled_step_against_its_floors(tmp_path):
 def test_experiments_benchmark_prints_the_spilled_step(tmp_path, capsys):
     from experiments.benchmark import main
     main(["--shapes=1x64x64x3", "--host_memory=0", f"--spill_dir={tmp_path}",
-          "--max_partition_bytes=20MiB"])
+          "--max_partition_bytes=20MiB", "--warmup=0"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:2] == ["input", "step"] and lines[1].split()[0] == "1x64x64x3"
 
