@@ -27,7 +27,7 @@ from bigjax.layers.bands import aligned_empty, take_band
 from bigjax.layers.execution import Execution, ensure_eager, zeros_like
 
 __all__ = ["host_op", "relu", "add", "max_pool", "global_avg_pool", "affine_relu", "affine_add_relu",
-           "affine_relu_max_pool", "max_pool_plain"]
+           "affine_relu_max_pool", "max_pool_plain", "affine_relu_plain"]
 
 
 def host_op(fn: Callable, name: str, channel_groups: int = 1, row_wise: bool = False) -> Callable:
@@ -155,16 +155,18 @@ def _grouped_pull(fn, groups, args, g):
     return cts
 
 
-def max_pool_plain(x, window=3, stride=2, padding=1):
-    """NHWC max-pool with -inf padding, as ``torch.nn.MaxPool2d`` (usable anywhere, e.g. jitted)."""
-    pads = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+def max_pool_plain(x, window=3, stride=2, padding=1, pad_rows=None):
+    """NHWC max-pool with -inf padding, as ``torch.nn.MaxPool2d`` (usable anywhere, e.g. jitted);
+    ``pad_rows`` overrides the (top, bottom) padding (a row band's, inside the image or at its edge)."""
+    pads = ((0, 0), pad_rows or (padding, padding), (padding, padding), (0, 0))
     return lax.reduce_window(x, -jnp.inf, lax.max, (1, window, window, 1), (1, stride, stride, 1), pads)
 
 
 # The folded-BatchNorm ops compute in the dtype of a, b (the parameters') and round the result to x's
 # (a bfloat16 host activation stays bfloat16, ``Execution.host_dtype``); so does their pullback.
 
-def _affine_relu(x, a, b):
+def affine_relu_plain(x, a, b):
+    """``relu(x*a + b)`` in a, b's dtype, rounded to x's (usable anywhere, e.g. jitted)."""
     return jax.nn.relu(x * a + b).astype(x.dtype)
 
 
@@ -184,7 +186,7 @@ def _global_avg_pool(x):
 relu = host_op(jax.nn.relu, "relu", row_wise=True)
 add = host_op(jnp.add, "add", row_wise=True)
 global_avg_pool = host_op(_global_avg_pool, "global_avg_pool")
-affine_relu = host_op(_affine_relu, "affine_relu", row_wise=True)
+affine_relu = host_op(affine_relu_plain, "affine_relu", row_wise=True)
 _affine_add_relu_op = host_op(_affine_add_relu, "affine_add_relu", row_wise=True)
 _affine2_add_relu_op = host_op(_affine2_add_relu, "affine_add_relu", row_wise=True)
 
@@ -200,7 +202,7 @@ def affine_add_relu(x, a, b, shortcut, shortcut_a=None, shortcut_b=None, *, exec
 @functools.cache
 def _max_pool_op(window, stride, padding, affine):
     pool = functools.partial(max_pool_plain, window=window, stride=stride, padding=padding)
-    fn = (lambda x, a, b: pool(_affine_relu(x, a, b))) if affine else pool
+    fn = (lambda x, a, b: pool(affine_relu_plain(x, a, b))) if affine else pool
     # by channel groups (8, more at large sides), the step's host peak at 1024^2 (the stem's) drops
     # by ~0.4 GiB, at 2048^2 by another 0.16 GiB (docs/benchmarks.md, issue 21)
     return host_op(fn, "affine_relu_max_pool" if affine else "max_pool", channel_groups=8)

@@ -32,13 +32,12 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from bigjax.layers import moments, spill
 from bigjax.layers.bands import aligned_empty, take_band
 from bigjax.layers.conv import conv2d, kernel_grad
 from bigjax.layers.execution import Execution, ensure_eager, zeros_like
-from bigjax.layers.host import POOL_PULL
+from bigjax.layers.host import POOL_PULL, affine_relu_plain, max_pool_plain
 from bigjax.layers.plan import ConvGeometry, Footprint, Partition, plan_partitions
 
 __all__ = ["stem_moments", "stem_pool", "POOL"]
@@ -111,19 +110,12 @@ def _backward_bands(geom, shape, plan: list[Partition]) -> list[_Band]:
 
 
 def _pool(v, pool_pad):
-    k, s, p = POOL
-    return lax.reduce_window(v, -jnp.inf, lax.max, (1, k, k, 1), (1, s, s, 1),
-                             ((0, 0), pool_pad, (p, p), (0, 0)))
+    return max_pool_plain(v, *POOL, pad_rows=pool_pad)
 
 
 def _conv_band(x, kernel, geom, pad):
     """The band's conv output in the kernel's dtype (a narrower host band widened first)."""
     return conv2d(x.astype(kernel.dtype), kernel, geom, pad)
-
-
-def _affine_relu(z, a, b):
-    # as ``host.affine_relu``: computed in a, b's dtype, rounded to the host activation's
-    return jax.nn.relu(z * a + b).astype(z.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("geom", "pad"))
@@ -142,7 +134,7 @@ def _moments_backward_kernel(acc, x, kernel, mean, g_mean, g_var, count, *, geom
 @functools.partial(jax.jit, static_argnames=("geom", "pad", "pool_pad"))
 def _pool_kernel(x, kernel, a, b, *, geom, pad, pool_pad):
     z = _conv_band(x, kernel, geom, pad).astype(x.dtype)
-    return _pool(_affine_relu(z, a, b), pool_pad)
+    return _pool(affine_relu_plain(z, a, b), pool_pad)
 
 
 @functools.partial(jax.jit, static_argnames=("geom", "pad", "pool_pad", "own"))
