@@ -1,12 +1,23 @@
 """Shared checks for the layer tests: relative error against an independent in-memory computation."""
 
+import gc
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bigjax.bench.memory import device_buffer_bytes
 from bigjax.layers import Execution
 
 EX = Execution()  # the default devices (compute: CPU 0, host: CPU 1); budgets are given per test
+
+
+def device_bytes_already_live() -> int:
+    """The compute device's buffers before a test makes its own: what earlier tests, jax's caches or a
+    failed test's kept traceback still hold (after a garbage collection, which frees the cycles an
+    observer closing over its ``Execution`` makes). Device bounds are checked above this."""
+    gc.collect()
+    return device_buffer_bytes(EX.compute)
 
 
 def rel_err(a, b) -> float:
