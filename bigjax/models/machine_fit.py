@@ -15,7 +15,8 @@ model streams, nothing run) it counts
   cotangent out (3 × inputs + 2 × outputs).
 
 and predicts, for a ``Machine`` (device memory, host RAM, disk read/write bandwidth, bus bandwidth,
-kernel throughput in FLOP/s, measured by ``measure_throughput``):
+kernel throughput in FLOP/s and the host's bandwidth for memory-bound passes, both measured by
+``bench.machine``):
 
 * in RAM: host RAM = ``copies`` × activation bytes + the process (``PROCESS_BYTES``), where ``copies``
   is the engine's measured ratio of its step's peak-RSS rise to the activations stored once;
@@ -24,11 +25,16 @@ kernel throughput in FLOP/s, measured by ``measure_throughput``):
   in the backward; host RAM used = the in-RAM need less what is written (the transients around one
   layer stay) + the partitions in flight. A budget streams the stem (``Execution.stream_stem``): its
   conv output is neither kept nor held, and its conv runs ``STEM_PASSES`` more times;
-* step time = max(kernel time, bus time, disk floor): the three overlap at best (the engine prefetches
-  bands and spills asynchronously), so the slowest is a lower bound and the prediction.
+* host time: the engine's memory-bound work on the host (the host ops: folded BatchNorm, ReLU, add,
+  pooling, forward and backward; band slicing and joining; the copies between memory spaces) moves
+  ``HOST_PASSES`` × the activations stored once through host memory;
+* step time = max(kernel time, bus time, disk floor, host time): they overlap at best (the engine
+  prefetches bands and spills asynchronously), so the slowest is a lower bound and the prediction.
+  Where the host is the compute device (a CPU, no bus), kernels and host passes share its cores and
+  their times add.
 
-``measure_step`` runs one all-big step and reads its peak-RSS rise (VmHWM) and time: the check of the
-predictions on this machine (docs/benchmarks.md, "What a machine can train").
+``bench.machine.measure_step`` runs one all-big step and reads its peak-RSS rise (VmHWM) and time: the
+check of the predictions on this machine (docs/benchmarks.md, "What a machine can train").
 """
 
 from __future__ import annotations
@@ -36,19 +42,18 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import time
 from dataclasses import dataclass, replace
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from bigjax.bench.machine import measure_host_bandwidth, measure_step, measure_throughput
 from bigjax.models.resnet import ResNet
 from bigjax.units import parse_bytes, parse_rate
 
-__all__ = ["Footprint", "Machine", "Prediction", "footprint", "predict", "largest_side",
-           "measure_throughput", "measure_step", "SERVER", "THIS_MACHINE", "ANCHOR_SIDES"]
+__all__ = ["Footprint", "Machine", "Prediction", "footprint", "predict", "largest_side", "SERVER",
+           "THIS_MACHINE", "ANCHOR_SIDES"]
 
 ARCHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50}
 HOST_DTYPES = {"float32": 4, "bfloat16": 2}
@@ -63,6 +68,11 @@ COPIES = 1.7
 # 8192² (8 GiB kept): `python -m experiments.benchmark --shapes=1xSxSx3 --host_memory=B --spill_dir=D`
 RESIDUALS = 1.36
 READS = 2.0
+# the host's memory-bound bytes per byte of activations stored once, per step: fitted at 2048² on this
+# quiet machine, (9.94 s measured - 6.41 s of conv FLOPs at 137.7 GFLOP/s) x 8.2 GB/s / 840 MiB
+# (`python -m bigjax.models.machine_fit --measure --check 1024,2048`, docs/benchmarks.md, "What a
+# machine can train"); larger sides take longer than this predicts (1.4x at 4096²): see there
+HOST_PASSES = 33.0
 STEM_PASSES = 4  # the streamed stem's extra conv passes: 2 recomputations, 1 forward, 1 kernel gradient
 PROCESS_BYTES = 1 * 2**30  # Python, JAX, the compiled kernels, parameters: the process before a step
 PARTITIONS_IN_FLIGHT = 2  # Execution(prefetch=1): the band being computed and the next one
@@ -80,6 +90,7 @@ class Machine:
     disk_write: float
     kernel_throughput: float
     bus: float | None = None  # host <-> device; None: the host is the compute device (no bus)
+    host_bandwidth: float | None = None  # bytes/s of host memory-bound passes; None: not counted
     activation_budget: int | None = None  # --host_memory of the run; None: all RAM the step may take
 
     @property
@@ -96,14 +107,14 @@ class Machine:
 
 
 # a typical GPU server: 80 GB device (H100), 512 GB RAM, NVMe ~6 GB/s read / 3 GB/s write, PCIe 5 x16
-# ~25 GB/s achieved; kernel throughput: a float32 (TF32) conv step at ~100 TFLOP/s, an assumption
-# until measured on the device (``--measure`` there)
-SERVER = Machine("GPU server", 80 * 10**9, 512 * 10**9, 6e9, 3e9, 100e12, bus=25e9)
+# ~25 GB/s achieved; kernel throughput: a float32 (TF32) conv step at ~100 TFLOP/s, and host passes
+# at 40 GB/s (XLA:CPU on a few dozen cores of DDR5), assumptions until measured there (``--measure``)
+SERVER = Machine("GPU server", 80 * 10**9, 512 * 10**9, 6e9, 3e9, 100e12, bus=25e9, host_bandwidth=40e9)
 # this 2-core machine: 24 GB RAM, disk 1.9 GB/s read / 1.4 GB/s write (dd, direct I/O), CPU kernels
-# (95 GFLOP/s: ``measure_throughput``, 2026-12-05, in CPU time over the 2 cores), the issue's
-# --host_memory=8GiB
-THIS_MACHINE = Machine("this machine (2-core CPU)", 24 * 10**9, 24 * 10**9, 1.9e9, 1.4e9, 95e9,
-                       activation_budget=8 * 2**30)
+# at 137.7 GFLOP/s and host passes at 8.2 GB/s (``--measure`` on the quiet machine, 2026-12-05, in CPU
+# time over the 2 cores), the issue's --host_memory=8GiB
+THIS_MACHINE = Machine("this machine (2-core CPU)", 24 * 10**9, 24 * 10**9, 1.9e9, 1.4e9, 137.7e9,
+                       host_bandwidth=8.2e9, activation_budget=8 * 2**30)
 
 
 @dataclass(frozen=True)
@@ -132,15 +143,23 @@ class Prediction:
     kernel_s: float
     bus_s: float
     disk_s: float
+    host_s: float = 0.0  # the host's memory-bound passes
+    host_computes: bool = False  # kernels run on the host's cores too: their times add
+
+    def _terms(self) -> list[tuple[str, float]]:
+        if self.host_computes:
+            compute = [("kernels + host", self.kernel_s + self.host_s)]
+        else:
+            compute = [("kernels", self.kernel_s), ("host", self.host_s)]
+        return compute + [("bus", self.bus_s), ("disk", self.disk_s)]
 
     @property
     def step_s(self) -> float:
-        return max(self.kernel_s, self.bus_s, self.disk_s)
+        return max(t for _, t in self._terms())
 
     @property
     def bound(self) -> str:
-        return max(("kernels", self.kernel_s), ("bus", self.bus_s), ("disk", self.disk_s),
-                   key=lambda t: t[1])[0]
+        return max(self._terms(), key=lambda t: t[1])[0]
 
 
 def conv_shapes(arch: str, side: int) -> list[tuple[tuple, tuple, tuple, int]]:
@@ -230,7 +249,10 @@ def predict(fp: Footprint, machine: Machine, host_budget: int | None = None,
                       disk_written=written, disk_read=read,
                       kernel_s=flops / machine.kernel_throughput,
                       bus_s=0.0 if machine.bus is None else fp.bus_bytes / machine.bus,
-                      disk_s=written / machine.disk_write + read / machine.disk_read)
+                      disk_s=written / machine.disk_write + read / machine.disk_read,
+                      host_s=0.0 if machine.host_bandwidth is None
+                      else HOST_PASSES * fp.activation_bytes / machine.host_bandwidth,
+                      host_computes=machine.bus is None)
 
 
 def largest_side(arch: str, ram: int, host_dtype: str = "float32", copies: float = COPIES,
@@ -241,71 +263,20 @@ def largest_side(arch: str, ram: int, host_dtype: str = "float32", copies: float
     return int(math.sqrt(max(ram - PROCESS_BYTES, 0) / per_pixel))
 
 
-def measure_throughput(side: int = 256, channels: int = 64, repeats: int = 3) -> float:
-    """FLOP/s of a jitted 3x3 conv's forward, input and weight gradient (one ``side``² image of
-    ``channels`` in and out) on the default device: the median of ``repeats`` after a compile.
-
-    On a CPU the time is the process's CPU time over its cores (on a machine shared with other jobs,
-    the wall clock measures their load too); on an accelerator, the wall clock."""
-    x = jnp.ones((1, side, side, channels), jnp.float32)
-    w = jnp.ones((3, 3, channels, channels), jnp.float32) * 0.01
-
-    def loss(x, w):
-        y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return jnp.sum(y * y)
-
-    step = jax.jit(jax.grad(loss, argnums=(0, 1)))
-    jax.block_until_ready(step(x, w))
-    cpu = jax.devices()[0].platform == "cpu"
-    clock = (lambda: time.process_time() / len(os.sched_getaffinity(0))) if cpu else time.perf_counter
-    seconds = []
-    for _ in range(repeats):
-        start = clock()
-        jax.block_until_ready(step(x, w))
-        seconds.append(clock() - start)
-    return 3 * 2 * side * side * 9 * channels * channels / float(np.median(seconds))
-
-
-def measure_step(arch: str, side: int, budget: int = 64 * 2**20, host_dtype: str = "float32") -> dict:
-    """One all-big training step of ``arch`` on a ``side``² image, measured: ``{"rss_rise"}`` (the
-    peak resident set's rise over the resident set before the step, VmHWM - VmRSS, bytes),
-    ``{"seconds"}`` and ``{"cpu_seconds"}`` (the process's CPU time: on a shared machine, divided
-    by the cores, what the step would take alone); a first step at the same shape compiles the
-    kernels beforehand."""
-    from bigjax.bench.memory import host_peak_bytes, host_rss_bytes, reset_host_peak
-    from bigjax.layers.execution import Execution
-    from bigjax.models.resnet import BigResNet
-
-    model = BigResNet(ARCHS[arch], big_stages=4, rngs=nnx.Rngs(0))
-    ex = Execution(budget, host_dtype=None if host_dtype == "float32" else jnp.dtype(host_dtype))
-    x = np.random.default_rng(0).normal(size=(1, side, side, 3)).astype(np.float32)
-
-    def step():
-        grads = nnx.grad(lambda m, x: jnp.mean(m(x, train=True, execution=ex) ** 2))(model, x)
-        jax.block_until_ready(jax.tree.leaves(grads))
-
-    step()
-    reset_host_peak()
-    before = host_rss_bytes()
-    start, cpu = time.perf_counter(), time.process_time()
-    step()
-    return {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
-            "rss_rise": host_peak_bytes() - before}
-
-
 def table(machines: list[Machine], arch: str, sides, host_dtype: str, copies: float) -> list[str]:
     """Markdown rows: per machine and side, the in-RAM need, the budgeted run and its step time."""
     gib = lambda n: f"{n / 2**30:,.1f}"  # noqa: E731
     rows = ["| machine | side | activations once (GiB) | in RAM (GiB) | host budget (GiB) | host used "
-            "(GiB) | disk written / read (GiB) | kernels (s) | bus (s) | disk floor (s) | step (s), "
-            "bound |", "|---" * 11 + "|"]
+            "(GiB) | disk written / read (GiB) | kernels (s) | host passes (s) | bus (s) | disk floor (s) "
+            "| step (s), bound |", "|---" * 12 + "|"]
     for m in machines:
         for side in sides:
             fp = footprint(arch, side, host_dtype)
             p = predict(fp, m, m.host_budget, copies)
             rows.append(f"| {m.name} | {side:,}² | {gib(fp.activation_bytes)} | {gib(p.in_ram_bytes)} | "
                         f"{gib(m.host_budget)} | {gib(p.host_bytes)} | {gib(p.disk_written)} / "
-                        f"{gib(p.disk_read)} | {p.kernel_s:,.1f} | {p.bus_s:,.1f} | {p.disk_s:,.1f} | "
+                        f"{gib(p.disk_read)} | {p.kernel_s:,.1f} | {p.host_s:,.1f} | {p.bus_s:,.1f} | "
+                        f"{p.disk_s:,.1f} | "
                         f"{p.step_s:,.1f}, {p.bound} |")
     return rows
 
@@ -315,21 +286,24 @@ def main(argv=None) -> int:
     with machine flags, one machine; ``--check 512,1024`` measures steps here against the prediction."""
     a = _flags(argv)
     copies = a.copies
-    throughput = measure_throughput() if a.measure else a.kernel_throughput
+    throughput, bandwidth = a.kernel_throughput, a.host_bandwidth
     if a.measure:
-        print(f"measured kernel throughput: {throughput / 1e9:,.1f} GFLOP/s (3x3 conv step, jitted)",
-              flush=True)
+        throughput, bandwidth = measure_throughput(), measure_host_bandwidth()
+        print(f"measured kernel throughput: {throughput / 1e9:,.1f} GFLOP/s (3x3 conv step, jitted); "
+              f"host passes: {bandwidth / 1e9:,.1f} GB/s", flush=True)
+    here = replace(THIS_MACHINE, kernel_throughput=throughput or THIS_MACHINE.kernel_throughput,
+                   host_bandwidth=bandwidth or THIS_MACHINE.host_bandwidth)
     if a.check:
-        return _check(a, throughput or THIS_MACHINE.kernel_throughput, copies)
+        return _check(a, here, copies)
     given = [a.device_memory, a.host_memory, a.disk_read, a.disk_write, throughput]
     if all(v is not None for v in given):
-        machines = [Machine("given", *given[:2], *given[2:], bus=a.bus, activation_budget=a.budget)]
+        machines = [Machine("given", *given[:2], *given[2:], bus=a.bus, host_bandwidth=bandwidth,
+                            activation_budget=a.budget)]
     else:
-        here = replace(THIS_MACHINE, kernel_throughput=throughput or THIS_MACHINE.kernel_throughput)
         machines = [SERVER, here]
     sides = a.side or ANCHOR_SIDES
     print(f"{a.arch}, host activations {a.host_dtype}, {copies:g} copies in RAM (the engine's measured "
-          "ratio); step = max(kernels, bus, disk floor)")
+          "ratio); step = max(kernels, host passes, bus, disk floor), kernels + host passes on a CPU")
     print("\n".join(table(machines, a.arch, sides, a.host_dtype, copies)))
     for m in machines:
         side = largest_side(a.arch, m.host_memory, a.host_dtype, copies)
@@ -337,19 +311,21 @@ def main(argv=None) -> int:
     return 0
 
 
-def _check(a, throughput: float, copies: float) -> int:
+def _check(a, here: Machine, copies: float) -> int:
     """Predicted vs measured peak-RSS rise and step time of all-big steps at ``--check``'s sides."""
-    here = replace(THIS_MACHINE, kernel_throughput=throughput)
     cores = len(os.sched_getaffinity(0))
     print(f"| side | activations once (MiB) | RSS rise predicted / measured (MiB) | ratio measured | "
-          f"step predicted / measured (s) | CPU s / {cores} cores |\n|---|---|---|---|---|---|")
+          f"step predicted: kernels + host passes (s) | measured (s) | CPU s / {cores} cores |\n"
+          "|---|---|---|---|---|---|---|")
     for side in a.check:
         fp = footprint(a.arch, side, a.host_dtype)
-        p, m = predict(fp, here, None, copies), measure_step(a.arch, side, host_dtype=a.host_dtype)
+        p, m = predict(fp, here, None, copies), measure_step(ARCHS[a.arch], side,
+                                                                 host_dtype=a.host_dtype)
         mib = lambda n: f"{n / 2**20:,.0f}"  # noqa: E731
         print(f"| {side:,}² | {mib(fp.activation_bytes)} | {mib(p.in_ram_bytes - PROCESS_BYTES)} / "
               f"{mib(m['rss_rise'])} | {m['rss_rise'] / fp.activation_bytes:.2f} | "
-              f"{p.step_s:.2f} / {m['seconds']:.2f} | {m['cpu_seconds'] / cores:.2f} |", flush=True)
+              f"{p.kernel_s:.2f} + {p.host_s:.2f} = {p.step_s:.2f} | {m['seconds']:.2f} | "
+              f"{m['cpu_seconds'] / cores:.2f} |", flush=True)
     return 0
 
 
@@ -366,7 +342,10 @@ def _flags(argv) -> argparse.Namespace:
     p.add_argument("--disk_write", type=_rate("disk_write"), help="e.g. 2GB/s")
     p.add_argument("--bus", type=_rate("bus"), help="host<->device, e.g. 25GB/s (default: none, a CPU)")
     p.add_argument("--kernel_throughput", type=float, help="FLOP/s of the kernels, e.g. 4.4e10")
-    p.add_argument("--measure", action="store_true", help="measure the kernel throughput here")
+    p.add_argument("--host_bandwidth", type=_rate("host_bandwidth"),
+                   help="bytes/s of the host's memory-bound passes, e.g. 40GB/s (default: not counted)")
+    p.add_argument("--measure", action="store_true",
+                   help="measure the kernel throughput and the host's bandwidth here")
     p.add_argument("--copies", type=float, default=COPIES,
                    help=f"the engine's peak RSS over the activations stored once (default {COPIES})")
     p.add_argument("--check", type=_sides, help="measure all-big steps at these sides here (<= 2048 "

@@ -1,5 +1,6 @@
 """What a machine can train: the predictor's sizes against the real model's, its arithmetic, its CLI."""
 
+import dataclasses
 import math
 
 import jax
@@ -101,8 +102,22 @@ def test_a_host_budget_streams_the_stem_its_output_neither_kept_nor_held():
     assert footprint("resnet18", 512).stem_bytes == 256 * 256 * 64 * 4
 
 
+def test_host_passes_add_to_the_kernels_on_a_cpu_and_overlap_them_beside_an_accelerator():
+    fp = Footprint("resnet18", 1024, "float32", activation_bytes=10 * 2**30, forward_flops=10**12,
+                   train_flops=3 * 10**12, bus_bytes=50 * 2**30)
+    host = machine_fit.HOST_PASSES * 10 * 2**30 / 2e10  # seconds of host passes at 20 GB/s
+    cpu = Machine("cpu", 8 * 2**30, 64 * 2**30, disk_read=2e9, disk_write=1e9, kernel_throughput=1e12,
+                  host_bandwidth=2e10)
+    on_cpu = predict(fp, cpu, None)
+    assert on_cpu.host_s == pytest.approx(host)
+    assert (on_cpu.step_s, on_cpu.bound) == (pytest.approx(3.0 + host), "kernels + host")
+    beside = predict(fp, replace_bus(cpu, 25 * 2**30), None)  # kernels on the device, passes on the host
+    assert (beside.step_s, beside.bound) == (pytest.approx(max(3.0, host, 2.0)),
+                                             "host" if host > 3.0 else "kernels")
+    assert predict(fp, dataclasses.replace(cpu, host_bandwidth=None), None).host_s == 0.0  # unknown
+
+
 def replace_bus(machine, bus):
-    import dataclasses
     return dataclasses.replace(machine, bus=bus)
 
 
@@ -133,15 +148,3 @@ def test_one_given_machine_and_bad_flags(capsys):
             machine_fit.main(bad)
     with pytest.raises(ValueError, match="--side=8: a ResNet needs at least 32 px"):
         footprint("resnet18", 8)
-
-
-def test_measured_throughput_is_positive_and_finite():
-    flops = machine_fit.measure_throughput(side=32, channels=8, repeats=1)
-    assert 0 < flops < 1e15
-
-
-@pytest.mark.slow  # ~40 s: a ResNet-18's initialisation and two all-big steps
-def test_measure_step_reads_the_peak_rss_rise_of_one_step():
-    m = machine_fit.measure_step("resnet18", 128)
-    activations = footprint("resnet18", 128).activation_bytes
-    assert m["seconds"] > 0 and activations <= m["rss_rise"] < 50 * activations

@@ -1,0 +1,86 @@
+"""This machine, measured: the numbers ``models.machine_fit`` predicts from, and the step it predicts.
+
+``measure_throughput`` (FLOP/s of a conv step) and ``measure_host_bandwidth`` (bytes/s of a
+memory-bound pass on the host CPU) describe a machine; ``measure_step`` runs one all-big ResNet step
+and reads its peak-RSS rise (VmHWM) and time, against which the predictions are checked
+(docs/benchmarks.md, "What a machine can train").
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bigjax.bench.memory import host_peak_bytes, host_rss_bytes, reset_host_peak
+from bigjax.layers.execution import Execution
+from bigjax.models.resnet import BigResNet
+
+__all__ = ["measure_throughput", "measure_host_bandwidth", "measure_step"]
+
+
+def measure_throughput(side: int = 256, channels: int = 64, repeats: int = 3) -> float:
+    """FLOP/s of a jitted 3x3 conv's forward, input and weight gradient (one ``side``² image of
+    ``channels`` in and out) on the default device: the median of ``repeats`` after a compile, timed
+    by ``_median_seconds``."""
+    x = jnp.ones((1, side, side, channels), jnp.float32)
+    w = jnp.ones((3, 3, channels, channels), jnp.float32) * 0.01
+
+    def loss(x, w):
+        y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.sum(y * y)
+
+    step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    return 3 * 2 * side * side * 9 * channels * channels / _median_seconds(step, (x, w), repeats)
+
+
+def measure_host_bandwidth(nbytes: int = 2**28, repeats: int = 3) -> float:
+    """Bytes/s of a memory-bound pass on the host CPU: a jitted ``max(x * a + b, 0)`` (the folded
+    BatchNorm and ReLU of the host ops) over ``nbytes`` of float32, counting its read and its write:
+    the median of ``repeats`` after a compile, timed by ``_median_seconds``."""
+    cpu = jax.devices("cpu")[0]
+    x, a, b = jax.device_put((np.ones(nbytes // 4, np.float32), np.float32(1.5), np.float32(-1)), cpu)
+    op = jax.jit(lambda x, a, b: jnp.maximum(x * a + b, 0))
+    return 2 * x.nbytes / _median_seconds(op, (x, a, b), repeats)
+
+
+def _median_seconds(fn, args, repeats: int) -> float:
+    """Median seconds of ``fn(*args)`` after one compiling call. On a CPU-only machine, the process's
+    CPU time over its cores (on a machine shared with other jobs, the wall clock measures their load
+    too); with an accelerator, the wall clock."""
+    jax.block_until_ready(fn(*args))
+    cpu = jax.devices()[0].platform == "cpu"
+    clock = (lambda: time.process_time() / len(os.sched_getaffinity(0))) if cpu else time.perf_counter
+    seconds = []
+    for _ in range(repeats):
+        start = clock()
+        jax.block_until_ready(fn(*args))
+        seconds.append(clock() - start)
+    return float(np.median(seconds))
+
+
+def measure_step(depth: int, side: int, budget: int = 64 * 2**20, host_dtype: str = "float32") -> dict:
+    """One all-big training step of ResNet-``depth`` on a ``side``² image, measured: ``{"rss_rise"}`` (the
+    peak resident set's rise over the resident set before the step, VmHWM - VmRSS, bytes),
+    ``{"seconds"}`` and ``{"cpu_seconds"}`` (the process's CPU time: on a shared machine, divided
+    by the cores, what the step would take alone); a first step at the same shape compiles the
+    kernels beforehand."""
+    model = BigResNet(depth, big_stages=4, rngs=nnx.Rngs(0))
+    ex = Execution(budget, host_dtype=None if host_dtype == "float32" else jnp.dtype(host_dtype))
+    x = np.random.default_rng(0).normal(size=(1, side, side, 3)).astype(np.float32)
+
+    def step():
+        grads = nnx.grad(lambda m, x: jnp.mean(m(x, train=True, execution=ex) ** 2))(model, x)
+        jax.block_until_ready(jax.tree.leaves(grads))
+
+    step()
+    reset_host_peak()
+    before = host_rss_bytes()
+    start, cpu = time.perf_counter(), time.process_time()
+    step()
+    return {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
+            "rss_rise": host_peak_bytes() - before}
