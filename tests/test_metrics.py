@@ -27,11 +27,14 @@ def test_qwk_weights_follow_grades_when_some_are_missing():
     assert want != pytest.approx(cohen_kappa_score(y_true, y_pred, weights="quadratic"))
 
 
-def test_qwk_of_a_constant_prediction_is_zero_not_nan():
+def test_qwk_of_a_constant_prediction_is_zero_not_nan_and_no_warning():
+    """The undefined case is documented (0.0); a bootstrap over one slide would otherwise print
+    scikit-learn's UndefinedMetricWarning once per resample (101 lines in a run's log)."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("error")
         assert quadratic_weighted_kappa([0, 1, 2, 3], [2, 2, 2, 2]) == 0.0
         assert quadratic_weighted_kappa([3, 3, 3], [3, 3, 3], n_classes=6) == 0.0
+        assert quadratic_weighted_kappa([4], [2], n_classes=6) == 0.0
 
 
 def test_accuracy():
