@@ -22,7 +22,8 @@ from flax import nnx
 
 from bigjax.bench.memory import host_peak_bytes, host_rss_bytes, release_host, reset_host_peak
 from bigjax.bench.step import executions, step_setup
-from bigjax.layers.spill import SpillStats, return_freed_buffers
+from bigjax.layers.pages import return_freed_buffers
+from bigjax.layers.spill import SpillStats
 from bigjax.models.resnet import ResNet
 
 __all__ = ["HostStep", "SpilledStep", "stored_once_bytes", "measure_host_step", "benchmark_spilled",
@@ -78,7 +79,7 @@ def measure_host_step(side: int, budget: int = 64 * 2**20, host_dtype: str | Non
                       engine: str = "eager", whole_blocks: bool = True,
                       mmap_threshold: bool = False, stream_stem: bool | None = None) -> HostStep:
     """Peak-RSS rise of one all-big ResNet-18 train step on a 1 x side x side x 3 image
-    (``mmap_threshold``: freed buffers returned to the OS, ``spill.return_freed_buffers``, which a
+    (``mmap_threshold``: freed buffers returned to the OS, ``pages.return_freed_buffers``, which a
     ``host_memory`` setting does anyway; ``stream_stem``: ``Execution.stream_stem``)."""
     if mmap_threshold:
         return_freed_buffers()

@@ -31,8 +31,6 @@ on it. ``SpillStats`` is an observer adding up the bytes.
 from __future__ import annotations
 
 import atexit
-import ctypes
-import ctypes.util
 import functools
 import itertools
 import os
@@ -45,8 +43,10 @@ import jax
 import numpy as np
 import tensorstore as ts
 
+from bigjax.layers import pages
+
 __all__ = ["SpillStore", "Spilled", "Kept", "SpillStats", "from_store", "keep_in_ram", "release",
-           "restore", "bands", "return_freed_buffers", "PENDING_BYTES", "CHUNK_BYTES"]
+           "restore", "bands", "PENDING_BYTES", "CHUNK_BYTES"]
 
 CHUNK_BYTES = 8 * 2**20  # target bytes of one chunk (a row band of one image)
 PENDING_BYTES = 64 * 2**20  # writes in flight beyond which the forward waits for the oldest
@@ -219,30 +219,14 @@ def _process_root(spill_dir: Path) -> Path:
     return _ROOTS[spill_dir]
 
 
-def return_freed_buffers(threshold: int = 2**20) -> bool:
-    """Make glibc serve allocations of ``threshold`` bytes or more with their own mappings, so a
-    freed activation goes back to the OS at once (``mallopt(M_MMAP_THRESHOLD)``).
-
-    By default glibc raises that threshold to 32 MiB after the first large free, and buffers freed
-    below it stay in its heap: an all-big step at 1024^2 then holds ~0.2 GiB more at its peak
-    (docs/benchmarks.md, issue 21). Returns whether the setting took (False off glibc)."""
-    try:
-        return bool(ctypes.CDLL(ctypes.util.find_library("c")).mallopt(_M_MMAP_THRESHOLD,
-                                                                       threshold))
-    except (OSError, AttributeError, TypeError):
-        return False
-
-
-_M_MMAP_THRESHOLD = -3
-
-
 class SpillStore:
     """The residuals of one engine (``Execution``): kept in RAM up to ``host_memory`` bytes, the
     rest on disk under ``spill_dir``. Creating one makes freed buffers return to the OS
-    (``return_freed_buffers``): a host budget is meant to bound the resident set."""
+    (``pages.return_freed_buffers``): a host budget is meant to bound the resident set."""
 
     def __init__(self, host_memory: int, spill_dir):
-        return_freed_buffers()
+        pages.return_freed_buffers()
+        pages.advise_huge_pages()
         self.host_memory = host_memory
         self.spill_dir = Path(spill_dir).resolve()
         self.resident = 0  # bytes of kept activations in RAM that are alive
