@@ -65,6 +65,9 @@ def run_cli(main: Callable[[list[str]], object], argv: Sequence[str] | None = No
       main's status (0 for None); 2 for a user error, 1 for a stop on divergence, a full disk or a bug,
       130 for Ctrl-C, an argparse exit's own status.
     """
+    if argv is None:  # the process's own command line: a host budget restarts it with huge pages
+        from bigjax.layers.pages import restart_with_huge_pages  # here: errors itself needs no jax
+        restart_with_huge_pages(sys.argv[1:])
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_flag in argv
     try:

@@ -9,7 +9,9 @@ step from 39.8 s to 57.6 s for a 13 % lower peak. With transparent huge pages on
 
 glibc asks for them when started with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, where the kernel's
 THP mode is ``madvise`` (its default). A tunable is read when the process starts, so a running process
-cannot set it: ``advise_huge_pages`` logs that advice once per process where it applies.
+cannot set it: a CLI whose command line sets ``--host_memory`` restarts itself, once, with it
+(``restart_with_huge_pages``, from ``errors.run_cli``), and a spill store made any other way logs the
+advice once per process (``advise_huge_pages``).
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import ctypes.util
 import functools
 import logging
 import os
+import sys
 from pathlib import Path
 
-__all__ = ["return_freed_buffers", "huge_pages_hint", "advise_huge_pages", "HUGE_PAGES"]
+__all__ = ["return_freed_buffers", "huge_pages_hint", "advise_huge_pages", "restart_with_huge_pages",
+           "HUGE_PAGES"]
 
 HUGE_PAGES = "glibc.malloc.hugetlb=1"
 THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
@@ -65,3 +69,16 @@ def advise_huge_pages() -> None:
     hint = huge_pages_hint()
     if hint is not None:
         logging.getLogger(__name__).info(hint)
+
+
+def restart_with_huge_pages(argv, environ=os.environ, execve=os.execve,
+                            thp_mode: str | os.PathLike = THP_MODE) -> None:
+    """Replace this process by the same command under ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` when
+    ``argv`` (the process's own command line) sets ``--host_memory`` and ``huge_pages_hint`` applies;
+    else return. The restarted process has the tunable, so it does not restart again."""
+    if not any(a.startswith("--host_memory") for a in argv) or huge_pages_hint(environ, thp_mode) is None:
+        return
+    tunables = ":".join(filter(None, (environ.get("GLIBC_TUNABLES"), HUGE_PAGES)))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    execve(sys.executable, sys.orig_argv, {**environ, "GLIBC_TUNABLES": tunables})

@@ -1,6 +1,7 @@
 """layers.pages: freed buffers back to the OS, and the huge-pages advice only where it would help."""
 
 import logging
+import sys
 
 import pytest
 
@@ -37,3 +38,22 @@ def test_a_spill_store_logs_the_advice_once_per_process(tmp_path, monkeypatch, c
 
 def test_freed_buffers_are_returned_on_glibc():
     assert pages.return_freed_buffers()  # glibc (here and in CI) takes the setting
+
+
+@pytest.mark.parametrize("argv, tunables, restarted", [
+    (["--host_memory=8GiB"], None, "glibc.malloc.hugetlb=1"),
+    (["--host_memory", "auto"], "glibc.malloc.check=0", "glibc.malloc.check=0:glibc.malloc.hugetlb=1"),
+    (["--host_memory=8GiB"], "glibc.malloc.hugetlb=1", None),  # the restarted process itself
+    (["--epochs=1"], None, None),  # no host budget: nothing to gain
+])
+def test_a_command_line_with_a_host_budget_restarts_once_with_huge_pages(tmp_path, argv, tunables,
+                                                                        restarted):
+    mode = tmp_path / "enabled"
+    mode.write_text("always [madvise] never\n")
+    environ = {"HOME": "/h"} | ({} if tunables is None else {"GLIBC_TUNABLES": tunables})
+    calls = []
+    pages.restart_with_huge_pages(argv, environ, lambda *call: calls.append(call), mode)
+    if restarted is None:
+        assert calls == []
+    else:
+        assert calls == [(sys.executable, sys.orig_argv, {"HOME": "/h", "GLIBC_TUNABLES": restarted})]
