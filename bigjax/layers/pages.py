@@ -5,7 +5,8 @@ below its mmap threshold in its heap, so ``return_freed_buffers`` lowers that th
 buffer of that size or more gets a mapping of its own and goes back to the OS when freed. Each new
 mapping then faults in, 4 KiB page by page. At 4096² (an all-big ResNet-18 step in RAM) that took the
 step from 39.8 s to 57.6 s for a 13 % lower peak. With transparent huge pages on those mappings (2 MiB,
-512 times fewer faults) it took 44.9 s at the same peak (docs/benchmarks.md, fifth session).
+512 times fewer faults) it took 44.9 s at the same peak, and a spilled step 47.5 s instead of 69.0 s
+(docs/benchmarks.md, fifth session).
 
 glibc asks for them when started with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, where the kernel's
 THP mode is ``madvise`` (its default). A tunable is read when the process starts, so a running process
@@ -59,7 +60,7 @@ def huge_pages_hint(environ=os.environ, thp_mode: str | os.PathLike = THP_MODE) 
     if "[madvise]" not in mode:
         return None
     return ("a host budget maps every freed buffer back to the OS; start the process with "
-            f"GLIBC_TUNABLES={HUGE_PAGES} so those mappings use huge pages (about a fifth less "
+            f"GLIBC_TUNABLES={HUGE_PAGES} so those mappings use huge pages (a fifth to a third less "
             "time at 4096², docs/benchmarks.md)")
 
 
