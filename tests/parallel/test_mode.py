@@ -74,11 +74,24 @@ def test_remat_is_a_setting_of_the_in_memory_mesh_only(tmp_path):
         TrainConfig(workdir=str(tmp_path), store=str(tmp_path), remat="layer")
 
 
+def _first_moments(run) -> list[np.ndarray]:
+    """Adam's first moment of every parameter, float64, in the optimiser state's order."""
+    return [np.asarray(v.get_value(), np.float64) for k, v in nnx.to_flat_state(nnx.state(run.optimizer))
+            if "mu" in k]
+
+
 @pytest.mark.slow
 def test_from_the_same_state_every_step_of_a_trajectory_is_the_one_device_step(store, tmp_path):  # noqa: F811
     """The drift control (docs/results.md): the free runs drift apart from the second step on (Adam
     amplifies round-off), but the mesh, handed the one-device run's model and optimiser state before
-    each step, takes that run's step: its loss agrees to 1e-5 at every step of the trajectory."""
+    each step, takes that run's step: its loss agrees to 1e-5 at every step of the trajectory, and
+    so do its gradients, seen through Adam's first moment (both runs had the same one before the
+    step), to 2 % per parameter (measured 0.77 % at the first step on an AMD EPYC, 7e-6 after).
+    Tensors whose gradient is round-off (under 1e-6 of the largest: the attention scores' bias, to
+    which the softmax is blind) are left out. Adam's first step is lr x sign(g) exactly, so a gradient
+    element within round-off of zero moves by +-lr either way (measured 3,716 of 11.5 M on that
+    CPU, 8 on a Xeon); from the second step on the moments smooth that, and all but a handful of
+    the parameters move the same (measured 0-1)."""
     runs = {n: Run(tiny(store, tmp_path / str(n), encoder="inmemory", devices=n, accum=1, lr=1e-4))
             for n in (1, 2)}
     for step in range(4):
@@ -87,8 +100,13 @@ def test_from_the_same_state_every_step_of_a_trajectory_is_the_one_device_step(s
         batch = _batch(step)
         ours, theirs = runs[2].step(batch), runs[1].step(batch)
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, err_msg=f"step {step + 1}")
-        # the update from one state: Adam's near-sign(g) step moves all but a handful of the
-        # 11.5 M parameters the same (measured 8 beyond 0.1 lr, as with the tiles reordered)
+        mu = [_first_moments(runs[n]) for n in (1, 2)]
+        largest = max(np.linalg.norm(m) for m in mu[0])
+        worst = max(np.linalg.norm(b - a) / np.linalg.norm(a) for a, b in zip(*mu)
+                    if np.linalg.norm(a) > 1e-6 * largest)
+        assert worst <= 2e-2, (step + 1, worst)
+        if step == 0:
+            continue
         after = [nnx.to_flat_state(nnx.state(runs[n].model, nnx.Param)) for n in (1, 2)]
         far = sum(int(np.sum(np.abs(np.asarray(a.get_value()) - np.asarray(b.get_value())) > 1e-5))
                   for (_, a), (_, b) in zip(*after))
