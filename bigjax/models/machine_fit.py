@@ -71,7 +71,8 @@ READS = 2.0
 # the host's memory-bound bytes per byte of activations stored once, per step: fitted at 2048² on this
 # quiet machine, (9.94 s measured - 6.41 s of conv FLOPs at 137.7 GFLOP/s) x 8.2 GB/s / 840 MiB
 # (`python -m bigjax.models.machine_fit --measure --check 1024,2048`, docs/benchmarks.md, "What a
-# machine can train"); larger sides take longer than this predicts (1.4x at 4096²): see there
+# machine can train"); it holds to 4096² (1.04x); the page faults of a host budget's 1 MiB mmap
+# threshold (``layers.pages``) are not in it
 HOST_PASSES = 33.0
 STEM_PASSES = 4  # the streamed stem's extra conv passes: 2 recomputations, 1 forward, 1 kernel gradient
 PROCESS_BYTES = 1 * 2**30  # Python, JAX, the compiled kernels, parameters: the process before a step
