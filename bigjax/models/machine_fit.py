@@ -112,7 +112,7 @@ class Machine:
 # at 40 GB/s (XLA:CPU on a few dozen cores of DDR5), assumptions until measured there (``--measure``)
 SERVER = Machine("GPU server", 80 * 10**9, 512 * 10**9, 6e9, 3e9, 100e12, bus=25e9, host_bandwidth=40e9)
 # this 2-core machine: 24 GB RAM, disk 1.9 GB/s read / 1.4 GB/s write (dd, direct I/O), CPU kernels
-# at 137.7 GFLOP/s and host passes at 8.2 GB/s (``--measure`` on the quiet machine, 2026-12-05, in CPU
+# at 137.7 GFLOP/s and host passes at 8.2 GB/s (``--measure`` on the quiet AMD EPYC, 2026-12-05, in CPU
 # time over the 2 cores), the issue's --host_memory=8GiB
 THIS_MACHINE = Machine("this machine (2-core CPU)", 24 * 10**9, 24 * 10**9, 1.9e9, 1.4e9, 137.7e9,
                        host_bandwidth=8.2e9, activation_budget=8 * 2**30)
