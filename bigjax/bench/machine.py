@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from bigjax.bench.memory import host_peak_bytes, host_rss_bytes, reset_host_peak
+from bigjax.bench.profile import median_seconds
 from bigjax.layers.execution import Execution
 from bigjax.models.resnet import BigResNet
 
@@ -49,18 +50,12 @@ def measure_host_bandwidth(nbytes: int = 2**28, repeats: int = 3) -> float:
 
 
 def _median_seconds(fn, args, repeats: int) -> float:
-    """Median seconds of ``fn(*args)`` after one compiling call. On a CPU-only machine, the process's
-    CPU time over its cores (on a machine shared with other jobs, the wall clock measures their load
-    too); with an accelerator, the wall clock."""
-    jax.block_until_ready(fn(*args))
+    """``profile.median_seconds`` of ``fn(*args)``. On a CPU-only machine by the process's CPU time
+    over its cores (on a machine shared with other jobs, the wall clock measures their load too);
+    with an accelerator, by the wall clock."""
     cpu = jax.devices()[0].platform == "cpu"
     clock = (lambda: time.process_time() / len(os.sched_getaffinity(0))) if cpu else time.perf_counter
-    seconds = []
-    for _ in range(repeats):
-        start = clock()
-        jax.block_until_ready(fn(*args))
-        seconds.append(clock() - start)
-    return float(np.median(seconds))
+    return median_seconds(lambda: fn(*args), repeats, clock)
 
 
 def measure_step(depth: int, side: int, budget: int = 64 * 2**20, host_dtype: str = "float32") -> dict:
