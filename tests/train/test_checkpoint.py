@@ -216,6 +216,12 @@ def truncate_data_files(step_dir):
         p.write_bytes(p.read_bytes()[:p.stat().st_size // 2])
 
 
+def checkpoint_messages(caplog):
+    """What `bigjax.train.checkpoint` logged. Other loggers are left out: when orbax's reads of a damaged
+    step fail, asyncio may log a failed read's unretrieved task whenever the garbage collector meets it."""
+    return [r.getMessage() for r in caplog.records if r.name == "bigjax.train.checkpoint"]
+
+
 def test_a_step_that_does_not_restore_is_named_and_the_one_before_is_used(tmp_path, caplog):
     model, opt = model_and_optimizer(0)
     checkpoints = RunCheckpoints(tmp_path)
@@ -230,7 +236,7 @@ def test_a_step_that_does_not_restore_is_named_and_the_one_before_is_used(tmp_pa
         assert RunCheckpoints(tmp_path).restore_latest(fresh, fresh_opt) == {"step": 1}
     for a, b in zip(first, leaves(fresh, fresh_opt)):
         np.testing.assert_array_equal(a, b)
-    [named, used, moved] = [r.getMessage() for r in caplog.records]
+    [named, used, moved] = checkpoint_messages(caplog)
     assert named.startswith(f"checkpoint step 2 in {tmp_path / 'checkpoints'} does not restore (")
     assert "is not valid for value of size" in named and "tensorstore_spec" not in named and "\n" not in named
     assert used == f"restored step 1 in {tmp_path / 'checkpoints'} as the latest checkpoint (step 2 did not restore)"
@@ -238,7 +244,7 @@ def test_a_step_that_does_not_restore_is_named_and_the_one_before_is_used(tmp_pa
     caplog.clear()
     with caplog.at_level("WARNING", logger="bigjax.train.checkpoint"):
         assert RunCheckpoints(tmp_path).restore_best(fresh) == {"step": 1}  # the best named before
-    assert not caplog.records  # the damaged step is out of the way
+    assert not checkpoint_messages(caplog)  # the damaged step is out of the way
 
 
 def test_no_step_that_restores_is_one_error_naming_each(tmp_path):
