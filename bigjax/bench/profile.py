@@ -43,6 +43,8 @@ CATEGORIES = {
     "spill_write": "spill-store writes (started)",
     "spill_read": "spill-store reads (started)",
     "spill_wait": "waiting on the spill store",
+    "input_read": "input-store reads (started)",
+    "input_wait": "waiting on the input store",
 }
 REMAINDER = "autodiff, Python"
 # categories that are compute (the rest of a step is orchestration: copies, slicing, Python)

@@ -128,6 +128,10 @@ class TiffSlide:
             _paste(out, chunk, cy - y, cx - x)
         return out
 
+    def tile_rows(self, level: int) -> int:
+        """Rows of `level` one decode yields (its TIFF tiles' or strips' height)."""
+        return int(self._pages[level].chunks[0])
+
     def close(self) -> None:
         self._tif.close()
 
@@ -169,6 +173,10 @@ class OpenSlideSlide:
         rgba = np.asarray(rgba)
         # transparent (outside the scanned area) pixels are white background
         return np.where(rgba[..., 3:] == 0, 255, rgba[..., :3]).astype(np.uint8)
+
+    def tile_rows(self, level: int) -> int:
+        """Rows of `level` one decode yields (OpenSlide's tile height where the format names one)."""
+        return int(self._slide.properties.get(f"openslide.level[{level}].tile-height", 256))
 
     def close(self) -> None:
         self._slide.close()

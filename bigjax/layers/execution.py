@@ -85,6 +85,9 @@ EVENTS = {
     "spill_read": "a row band read back from the spill store (asynchronous; first argument: bytes)",
     "spill_wait": "the engine blocked on the spill store: a band it needs now, or writes in flight "
                   "beyond spill.PENDING_BYTES",
+    "input_read": "a row band read from a caller's store, the image a model starts from "
+                  "(``spill.from_store``; asynchronous; first argument: bytes)",
+    "input_wait": "the engine blocked on such a read (a slide's band still decoding)",
 }
 
 # observer(event, fn, *args, **kwargs) must return fn(*args, **kwargs)

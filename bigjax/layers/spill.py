@@ -324,8 +324,9 @@ def _start_read(nbytes, view):
 
 
 def read_start(ex, v: Spilled, n0=0, n1=None, r0=0, r1=None):
-    """Start reading images [n0, n1), rows [r0, r1) of ``v``: one ``spill_read``, which tensorstore
-    serves from the chunks (row bands) the rows lie in, into one array."""
+    """Start reading images [n0, n1), rows [r0, r1) of ``v``: one ``spill_read`` (``input_read`` for a
+    caller's store, ``from_store``), which tensorstore serves from the chunks (row bands) the rows lie
+    in, into one array."""
     if v.removed:
         raise RuntimeError(f"a released residual (shape {v.shape}) was read: an op's backward read "
                            "it from the spill store after its last reader released it")
@@ -334,13 +335,14 @@ def read_start(ex, v: Spilled, n0=0, n1=None, r0=0, r1=None):
     n1 = v.shape[0] if n1 is None else n1
     r1 = v.shape[1] if r1 is None else r1
     nbytes = (n1 - n0) * (r1 - r0) * int(np.prod(v.shape[2:])) * v.dtype.itemsize
-    return ex.call("spill_read", _start_read, nbytes, v.store[n0:n1, r0:r1]), v.dtype
+    event, wait = ("spill_read", "spill_wait") if v.path is not None else ("input_read", "input_wait")
+    return ex.call(event, _start_read, nbytes, v.store[n0:n1, r0:r1]), v.dtype, wait
 
 
 def read_finish(ex, started) -> jax.Array:
     """The band whose read ``read_start`` started, on the host device."""
-    future, dtype = started
-    return ex.to_host(ex.call("spill_wait", future.result).astype(dtype, copy=False))
+    future, dtype, wait = started
+    return ex.to_host(ex.call(wait, future.result).astype(dtype, copy=False))
 
 
 def bands(ex, v, ranges, take):

@@ -21,8 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tensorstore as ts
 from flax import nnx
 
+from bigjax.layers import spill
 from bigjax.local.heads import GatedAttentionHead, aux_head, final_head
 from bigjax.local.rfr import RFRDecoder, rfr_patches, sample_patches
 from bigjax.local.split import (PIECE_CHANNELS, PIECE_STRIDES, cut_pieces, module_pieces,
@@ -112,9 +114,16 @@ class LocalNetwork(nnx.Module):
         self.n_patches, self.alpha, self.bn_train = n_patches, alpha, bn_train
 
     def stem(self, path, x):
-        """x_0: the frozen stem (running BatchNorm statistics), behind a stop_gradient."""
+        """x_0: the frozen stem (running BatchNorm statistics), behind a stop_gradient. On a Big path
+        ``x`` may be a tensorstore array (``data.slide_array``), whose bands the stem's conv reads."""
         ex = getattr(path, "execution", None)
-        x = x if ex is None else ex.to_host(x)
+        if isinstance(x, ts.TensorStore):
+            if ex is None:
+                raise ValueError("a tensorstore input needs a Big path (an Execution); in memory, "
+                                 "read the slide whole")
+            x = spill.from_store(x, ex.host_dtype or self.conv1.kernel.get_value().dtype)
+        elif ex is not None:
+            x = ex.to_host(x)
         return jax.lax.stop_gradient(stem(path, x, self.conv1, self.bn1, False))
 
     def sample(self, rng: np.random.Generator, x_shape) -> list:

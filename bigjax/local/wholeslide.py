@@ -3,7 +3,8 @@
 Each slide is read at a target resolution (2 µm/px, "5×", by default: the pyramid level closest to it,
 ``bigjax.data.slides.pick_level``), cropped to the bounding box of its tissue (the PANDA rule per
 pixel: greyscale in [3, 230]), padded with background to a multiple of ``pad`` pixels (fewer shapes
-to compile), and trained on as one image: ``local_resnet34``'s K modules, each step
+to compile), and trained on as one image, never resident whole on the Big path: a tensorstore array
+whose row bands are decoded from the slide as the stem's conv reads them (``data.slide_array``): ``local_resnet34``'s K modules, each step
 ``train_step`` with every module's Big-Layers running under the run's ``Execution``, so the slide's
 activations stay in host memory and the device holds one partition at a time. Each module has its own
 AdamW (``make_optimizers``: lr 1e-5 for the backbone, 2e-5 for the heads, gradient accumulation 8);
@@ -37,7 +38,7 @@ from flax import nnx
 from bigjax import lock
 from bigjax.bench.memory import host_peak_bytes
 from bigjax.data.layouts import SlideEntry
-from bigjax.data.slides import PANDA_GREY_RANGE, greyscale, open_slide, pick_level
+from bigjax.data.slide_array import SlideImage, as_array, locate, read_whole
 from bigjax.errors import Interrupted
 from bigjax.host_memory import SpillMeter, parse_host_memory, spill_options
 from bigjax.layers.execution import DEFAULT_PARTITION_BYTES, Execution
@@ -49,14 +50,11 @@ from bigjax.metrics import bootstrap_ci
 from bigjax.models.arch import IMAGENET
 from bigjax.models.resnet import ResNet, load_torchvision
 from bigjax.train.evaluate import score
-from bigjax.train.features import normalize_host
 from bigjax.train.loop import improves
 
 log = logging.getLogger(__name__)
 
-__all__ = ["WholeSlideConfig", "tissue_box", "read_slide", "train_wholeslide"]
-
-BACKGROUND = 255
+__all__ = ["WholeSlideConfig", "train_wholeslide"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,36 +137,11 @@ class WholeSlideConfig:
                              "only the Big-Layers keep activations in host RAM")
 
 
-def tissue_box(rgb: np.ndarray) -> tuple[int, int, int, int]:
-    """(top, bottom, left, right) of the pixels that are tissue by the PANDA rule; all if none."""
-    grey = greyscale(rgb)
-    tissue = (grey >= PANDA_GREY_RANGE[0]) & (grey <= PANDA_GREY_RANGE[1])
-    rows, cols = np.flatnonzero(tissue.any(axis=1)), np.flatnonzero(tissue.any(axis=0))
-    if len(rows) == 0:
-        return 0, rgb.shape[0], 0, rgb.shape[1]
-    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-
-
-def read_slide(path, mpp: float, pad: int = 1) -> np.ndarray:
-    """uint8 (H, W, 3): the slide's level closest to ``mpp``, cropped to its tissue, padded to ``pad``."""
-    with open_slide(path) as slide:
-        level = pick_level(slide.levels, mpp)
-        h, w = slide.levels[level].shape
-        rgb = slide.read_region(level, 0, 0, h, w)
-    top, bottom, left, right = tissue_box(rgb)
-    rgb = rgb[top:bottom, left:right]
-    out = np.full((-(-rgb.shape[0] // pad) * pad, -(-rgb.shape[1] // pad) * pad, 3), BACKGROUND,
-                  np.uint8)
-    out[:rgb.shape[0], :rgb.shape[1]] = rgb
-    return out
-
-
-def _image(rgb: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
-    """Normalised float32 (1, H, W, 3) in host memory; flipped at random when ``rng`` is given."""
-    if rng is not None:
-        rgb = rgb[::-1] if rng.random() < 0.5 else rgb
-        rgb = rgb[:, ::-1] if rng.random() < 0.5 else rgb
-    return normalize_host(np.ascontiguousarray(rgb)[None], *IMAGENET)
+def _input(image: SlideImage, execution: Execution | None, rng: np.random.Generator | None = None):
+    """Slide ``image`` normalised, (1, H, W, 3) float32, flipped at random when ``rng`` is given: a
+    tensorstore array read band by band on the Big path, one host array in memory."""
+    flips = (rng.random() < 0.5, rng.random() < 0.5) if rng is not None else (False, False)
+    return (read_whole if execution is None else as_array)(image, IMAGENET, flips)
 
 
 def build_network(config: WholeSlideConfig):
@@ -228,18 +201,19 @@ def train_wholeslide(config: WholeSlideConfig, slides: Sequence[SlideEntry], *, 
         execution = None if config.in_memory else Execution(
             config.max_partition_bytes, observer=meter,
             **spill_options(config.host_memory, config.spill_dir, config.workdir))
-        images = {s.slide_id: read_slide(s.path, config.mpp, config.pad) for s in slides}
+        images = {s.slide_id: locate(s.path, config.mpp, config.pad) for s in slides}  # no pixels
         for epoch in range(meta["epoch"], config.epochs):
             order = np.random.default_rng([config.seed, epoch]).permutation(len(train))
             for n in range(meta["slide"], len(train)):
                 slide = train[order[n]]
                 rng = np.random.default_rng([config.seed, epoch, n])  # flips, RFR patches
                 start = time.perf_counter()
-                losses = [float(v) for v in train_step(net, optimizers, _image(images[slide.slide_id], rng),
-                                                       slide.label, rng, execution=execution)]
+                x = _input(images[slide.slide_id], execution, rng)
+                losses = [float(v) for v in train_step(net, optimizers, x, slide.label, rng,
+                                                       execution=execution)]
                 meta.update(step=meta["step"] + 1, slide=n + 1, losses=meta["losses"] + [losses])
                 state.log(kind="step", step=meta["step"], epoch=epoch, slide=slide.slide_id,
-                          shape=images[slide.slide_id].shape[:2], losses=losses,
+                          shape=images[slide.slide_id].shape, losses=losses,
                           seconds=time.perf_counter() - start)
                 if progress:
                     log.info("epoch %d slide %d/%d: losses %s (%.1f s)", epoch + 1, n + 1, len(train),
@@ -298,7 +272,7 @@ def _final(state: "TrainingState", config: WholeSlideConfig, split: dict, images
     results.update(losses=[row for row in rows if row["kind"] == "epoch"][-1]["losses"],
                    best_epoch=meta["best_epoch"],
                    seconds_per_slide=float(np.median(seconds)) if seconds else None,
-                   largest_slide=max((im.shape[:2] for im in images.values()),
+                   largest_slide=max((im.shape for im in images.values()),
                                      key=lambda s: s[0] * s[1]),
                    config=dataclasses.asdict(config), host_memory=_host_use(meter.total()))
     log.info("run: %s", _host_line(results["host_memory"]))
@@ -311,7 +285,8 @@ def _classify(net, slides, images, execution, n_classes, n_boot: int = 0) -> dic
     with ``n_boot`` also their 95 % bootstrap intervals over slides and each slide's probabilities."""
     if not slides:
         return {"n": 0}
-    probs = np.stack([np.asarray(jax.device_get(_probabilities(net, execution, _image(images[s.slide_id]))))
+    probs = np.stack([np.asarray(jax.device_get(_probabilities(net, execution,
+                                                               _input(images[s.slide_id], execution))))
                       for s in slides])
     return _scores(np.array([s.label for s in slides]), probs, n_classes, n_boot)
 
@@ -323,7 +298,7 @@ def _classify_every_head(net: LocalNetwork, slides, images, execution, n_classes
     if not slides:
         return {"n": 0, "heads_qwk": []}
     probs = np.stack([[np.asarray(jax.device_get(p)) for p in
-                       _head_probabilities(net, execution, _image(images[s.slide_id]))]
+                       _head_probabilities(net, execution, _input(images[s.slide_id], execution))]
                       for s in slides])  # (slides, heads, classes)
     labels = np.array([s.label for s in slides])
     qwk = lambda y, p: score("qwk", y, p, n_classes)  # noqa: E731

@@ -1,14 +1,12 @@
-"""The whole-slide command: slides read at a magnification, cropped to tissue; flags -> config."""
+"""The whole-slide command: flags -> config, the split, a step from the slide's store, epochs at 20×."""
 
 import numpy as np
 import pytest
 
 from bigjax.data import layouts
-from bigjax.data.slides import open_slide
 from bigjax.data.synthetic import make_panda_like
 from bigjax.errors import run_cli
 from bigjax.layers.execution import Execution
-from bigjax.local.wholeslide import read_slide, tissue_box
 from experiments import wholeslide
 
 
@@ -17,30 +15,6 @@ def slides(tmp_path_factory):
     data = make_panda_like(tmp_path_factory.mktemp("ws") / "data", n_slides=6, seed=0,
                            side=(256, 320), workers=1)
     return layouts.panda_layout(data)
-
-
-def test_tissue_box_is_the_bounding_box_of_tissue_pixels():
-    rgb = np.full((10, 12, 3), 255, np.uint8)
-    rgb[2:5, 3:9] = 120
-    rgb[7, 4] = 0  # black (greyscale < 3) is not tissue by the PANDA rule
-    assert tissue_box(rgb) == (2, 5, 3, 9)
-    assert tissue_box(np.full((4, 6, 3), 255, np.uint8)) == (0, 4, 0, 6)  # no tissue: all of it
-
-
-def test_a_slide_is_read_at_the_magnification_cropped_and_padded(slides):
-    path = slides[0].path
-    with open_slide(path) as slide:
-        assert slide.levels[1].downsample == 4 and slide.levels[1].mpp == pytest.approx(2.0)
-        h, w = slide.levels[1].shape
-    level1 = read_slide(path, 2.0)  # 0.5 µm/px at level 0: 5x is the downsample-4 level
-    assert level1.shape[0] <= h and level1.shape[1] <= w and level1.dtype == np.uint8
-    assert level1.shape[0] * level1.shape[1] > h * w // 4
-    assert tissue_box(level1) == (0, level1.shape[0], 0, level1.shape[1])  # cropped to tissue
-    padded = read_slide(path, 2.0, pad=48)
-    assert padded.shape[0] % 48 == 0 and padded.shape[1] % 48 == 0
-    np.testing.assert_array_equal(padded[:level1.shape[0], :level1.shape[1]], level1)
-    assert (padded[level1.shape[0]:] == 255).all()  # background
-    assert read_slide(path, 0.5).shape[0] > 3 * level1.shape[0]  # 20x: the full-resolution level
 
 
 def test_flags_give_the_quick_run_on_generated_slides_and_official_settings_on_real_data():
@@ -132,12 +106,6 @@ def test_a_20x_epoch_logs_bytes_spilled_disk_speed_and_peak_rss(tmp_path):
     assert epoch["kind"] == "epoch" and {"spill_written", "spill_read", "disk_gb_s", "peak_rss"} <= set(epoch)
 
 
-NEEDS_SPILL_ENGINE = pytest.mark.skipif(
-    "host_memory" not in Execution.__dataclass_fields__,
-    reason="needs the spill engine: Execution(host_memory=, spill_dir=) (issue 21, branch spill)")
-
-
-@NEEDS_SPILL_ENGINE
 @pytest.mark.slow  # ~45 s, as above
 def test_a_20x_epoch_over_a_tiny_host_budget_spills_and_says_so(tmp_path):
     # 16 kB: the tiny network's activations (8 kB each on its 16x16 patches) mostly spill
@@ -146,3 +114,35 @@ def test_a_20x_epoch_over_a_tiny_host_budget_spills_and_says_so(tmp_path):
     assert use["spill_written"] > 0 and use["spill_read"] > 0 and use["disk_gb_s"] > 0
     left = [p for p in (tmp_path / "spill").rglob("*") if p.is_file()]
     assert not left  # the store is removed after each step
+
+
+@pytest.mark.parametrize("spilled", [False, True])
+def test_a_step_from_the_slide_store_is_the_step_from_the_slide_read_whole(tmp_path, spilled):
+    """The run's input (a tensorstore array the stem reads band by band) against the same slide read
+    whole into host memory: one train step of a two-module network, losses and parameters bit for bit,
+    op by op in RAM and with the streamed stem over a host budget that spills."""
+    import jax
+    from flax import nnx
+
+    from bigjax.data.slide_array import as_array, locate, read_whole
+    from bigjax.local.step import make_optimizers, train_step
+    from bigjax.models.arch import IMAGENET
+    from tests.local.helpers import tiny_network
+
+    data = make_panda_like(tmp_path / "data", n_slides=1, seed=0, side=(96, 112), workers=1)
+    image = locate(layouts.panda_layout(data)[0].path, 0.5, pad=32)
+    options = dict(host_memory=16_000, spill_dir=str(tmp_path / "spill")) if spilled else {}
+    runs, events = [], []
+    observer = lambda event, fn, *args, **kwargs: events.append(event) or fn(*args, **kwargs)  # noqa: E731
+    for x in (as_array(image, IMAGENET, (True, False)), read_whole(image, IMAGENET, (True, False))):
+        net = tiny_network(2)
+        ex = Execution(200_000, observer=observer, **options)
+        losses = train_step(net, make_optimizers(net, lr_backbone=1e-3, lr_heads=1e-3), x, 1,
+                            np.random.default_rng(0), execution=ex)
+        runs.append(([float(v) for v in losses], jax.tree.leaves(nnx.state(net, nnx.Param))))
+        runs[-1] += (events.count("input_read"),)
+    (store_losses, store_params, store_reads), (whole_losses, whole_params, whole_reads) = runs
+    assert store_reads > 1 and whole_reads == store_reads  # counts of both runs: the array added none
+    assert store_losses == whole_losses
+    for a, b in zip(store_params, whole_params, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
