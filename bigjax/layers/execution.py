@@ -122,8 +122,9 @@ class Execution:
         in a tensorstore store under ``spill_dir`` (``spill``); None = all in RAM.
       stream_stem: a ResNet's stem (conv, BatchNorm, ReLU, max-pool) runs in row bands that recompute
         its conv from the input (``layers.stem``), so neither its conv output, the step's largest
-        activation, nor that output's cotangent is ever whole; None = where host RAM is bounded
-        (``host_memory`` set) and the engine is eager. Eager only.
+        activation, nor that output's cotangent is ever whole; None = where the engine is eager and
+        host RAM is the choice: bounded (``host_memory`` set) or narrow activations (``host_dtype``,
+        which meets issue 21's 0.8x of float32's activations only so). Eager only.
     """
 
     max_partition_bytes: int = DEFAULT_PARTITION_BYTES
@@ -168,7 +169,7 @@ class Execution:
     def streams_stem(self) -> bool:
         """Whether a ResNet's stem runs streamed (``stream_stem``, or its default)."""
         if self.stream_stem is None:
-            return self.host_memory is not None and self.engine == "eager"
+            return self.engine == "eager" and (self.host_memory is not None or self.host_dtype is not None)
         return self.stream_stem
 
     def _spill_store(self) -> SpillStore | None:

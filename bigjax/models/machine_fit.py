@@ -23,8 +23,9 @@ kernel throughput in FLOP/s and the host's bandwidth for memory-bound passes, bo
 * with a host budget H: the residuals the engine keeps (``RESIDUALS`` × activation bytes: the conv
   outputs and the block outputs) beyond H are written once in the forward and read ``READS`` times
   in the backward; host RAM used = the in-RAM need less what is written (the transients around one
-  layer stay) + the partitions in flight. A budget streams the stem (``Execution.stream_stem``): its
-  conv output is neither kept nor held, and its conv runs ``STEM_PASSES`` more times;
+  layer stay) + the partitions in flight. A budget or a narrow ``host_dtype`` streams the stem
+  (``Execution.stream_stem``): its conv output is neither kept nor held, and its conv runs
+  ``STEM_PASSES`` more times;
 * host time: the engine's memory-bound work on the host (the host ops: folded BatchNorm, ReLU, add,
   pooling, forward and backward; band slicing and joining; the copies between memory spaces) moves
   ``HOST_PASSES`` × the activations stored once through host memory;
@@ -237,12 +238,14 @@ def footprint(arch: str, side: int, host_dtype: str = "float32") -> Footprint:
 def predict(fp: Footprint, machine: Machine, host_budget: int | None = None,
             copies: float = COPIES) -> Prediction:
     """Host RAM, disk bytes and time of the step ``fp`` on ``machine``, within ``host_budget`` bytes
-    of host RAM for activations (None: everything in RAM; else the stem streams)."""
-    stem = 0 if host_budget is None else fp.stem_bytes
+    of host RAM for activations (None: everything in RAM). The stem streams where ``Execution``'s
+    default streams it: with a budget, or with narrow host activations."""
+    streams = host_budget is not None or fp.host_dtype != "float32"
+    stem = fp.stem_bytes if streams else 0
     need = int(copies * fp.activation_bytes) - stem
     residuals = int(RESIDUALS * (fp.activation_bytes - stem))
     written = 0 if host_budget is None else max(0, residuals - host_budget)
-    flops = fp.train_flops + (0 if host_budget is None else STEM_PASSES * fp.stem_flops)
+    flops = fp.train_flops + (STEM_PASSES * fp.stem_flops if streams else 0)
     read = int(READS * written)
     working = PARTITIONS_IN_FLIGHT * machine.partition_budget if written else 0
     host = need - written + working

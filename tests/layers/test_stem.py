@@ -116,9 +116,12 @@ def test_a_group_norm_stem_streams_in_evaluation_too():
     assert rel_err(ours[:2], theirs[:2]) < 1e-11
 
 
-def test_stream_stem_follows_host_memory_and_needs_the_eager_engine(tmp_path):
+def test_stream_stem_follows_host_memory_and_host_dtype_and_needs_the_eager_engine(tmp_path):
     assert not Execution().streams_stem
     assert Execution(host_memory=0, spill_dir=tmp_path).streams_stem
+    assert Execution(host_dtype=jnp.bfloat16).streams_stem
+    assert not Execution(host_dtype=jnp.bfloat16, engine="compiled").streams_stem
+    assert not Execution(host_dtype=jnp.bfloat16, stream_stem=False).streams_stem
     assert not Execution(host_memory=0, spill_dir=tmp_path, engine="compiled").streams_stem
     assert not Execution(host_memory=0, spill_dir=tmp_path, stream_stem=False).streams_stem
     assert Execution(stream_stem=True).streams_stem
