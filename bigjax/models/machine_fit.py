@@ -64,11 +64,13 @@ HOST_DTYPES = {"float32": 4, "bfloat16": 2}
 # (the fixed working set around one layer weighs less), so the smallest measured side's is the one to
 # plan with (before: 3.9, main at 6381d35, issue 21)
 COPIES = 1.7
-# a spilled step (``host_memory`` below its residuals): residual bytes over the activations stored once,
-# and bytes read per byte written; measured 1.37 and 1.96 at 2048² (host_memory=0), 1.36 and 2.03 at
-# 8192² (8 GiB kept): `python -m experiments.benchmark --shapes=1xSxSx3 --host_memory=B --spill_dir=D`
-RESIDUALS = 1.36
-READS = 2.0
+# a spilled step (``host_memory`` below its residuals), the stem streamed: residual bytes over the
+# activations stored once less the stem's conv output, and bytes read per byte written; measured 1.52
+# and 2.01 at 8192² in float32 (commit ba41870), 1.52 and 2.13 at 16,384² in bfloat16 (b996076), 8 GiB
+# kept: `python -m experiments.benchmark --shapes=1xSxSx3 --host_memory=8GiB --spill_dir=D`
+# (docs/benchmarks.md; before the streamed stem: 1.36 and 2.03 of all the activations at 8192²)
+RESIDUALS = 1.52
+READS = 2.07
 # the host's memory-bound bytes per byte of activations stored once, per step: fitted at 2048² on this
 # quiet machine, (9.94 s measured - 6.41 s of conv FLOPs at 137.7 GFLOP/s) x 8.2 GB/s / 840 MiB
 # (`python -m bigjax.models.machine_fit --measure --check 1024,2048`, docs/benchmarks.md, "What a
