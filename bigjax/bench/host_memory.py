@@ -207,7 +207,7 @@ def main(argv=None) -> None:
     p.add_argument("--mmap_threshold", action="store_true",
                    help="return freed buffers to the OS (implied by --host_memory)")
     p.add_argument("--stream_stem", choices=["auto", "on", "off"], default="auto",
-                   help="the stem streamed in row bands (auto: with --host_memory)")
+                   help="the stem streamed in row bands (auto: with --host_memory or bfloat16)")
     a = p.parse_args(argv)
     dtype = None if a.host_dtype == "float32" else a.host_dtype
     print("side  dtype     stored GiB  RSS rise GiB  ratio  step s  spilled GiB  read GiB")
