@@ -22,6 +22,7 @@ import numpy as np
 import tensorstore as ts
 
 from bigjax.data.slides import PANDA_GREY_RANGE, greyscale, open_slide, pick_level
+from bigjax.train.features import normalize_host  # elementwise: a band's values are the whole's
 
 __all__ = ["SlideImage", "locate", "as_array", "read_whole", "tissue_box", "BACKGROUND", "CACHED_BANDS"]
 
@@ -89,11 +90,6 @@ def _pixels(image: SlideImage, flips: tuple[bool, bool], rows: slice, cols: slic
     return out[::-1 if flips[0] else 1, ::-1 if flips[1] else 1]
 
 
-def _normalised(pixels: np.ndarray, mean, std) -> np.ndarray:
-    """``features.normalize_host``'s arithmetic, band by band (elementwise: the same values)."""
-    return (pixels.astype(np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-
-
 def as_array(image: SlideImage, norm, flips: tuple[bool, bool] = (False, False)) -> ts.TensorStore:
     """float32 (1, H, W, 3): ``image`` flipped by ``flips`` (rows, columns) and normalised by
     ``norm = (mean, std)``, its chunks decoded as they are read (bands of the slide's tile rows)."""
@@ -102,9 +98,8 @@ def as_array(image: SlideImage, norm, flips: tuple[bool, bool] = (False, False))
     origin = (top + h) % image.band if flips[0] else -top % image.band
 
     def read(domain: ts.IndexDomain, array: np.ndarray, _params) -> None:
-        rows, cols = (slice(d.inclusive_min, d.exclusive_max) for d in (domain[1], domain[2]))
-        array[...] = _normalised(_pixels(image, flips, rows, cols), *norm)[None, :, :, domain[3].inclusive_min:
-                                                                           domain[3].exclusive_max]
+        _, rows, cols, channels = (slice(d.inclusive_min, d.exclusive_max) for d in domain)
+        array[...] = normalize_host(_pixels(image, flips, rows, cols), *norm)[None, :, :, channels]
 
     layout = ts.ChunkLayout(read_chunk_shape=[1, image.band, w, 3], grid_origin=[0, origin, 0, 0])
     context = ts.Context({"cache_pool": {"total_bytes_limit": CACHED_BANDS * image.band * w * 3 * 4}})
@@ -115,4 +110,4 @@ def as_array(image: SlideImage, norm, flips: tuple[bool, bool] = (False, False))
 def read_whole(image: SlideImage, norm, flips: tuple[bool, bool] = (False, False)) -> np.ndarray:
     """``as_array``'s values as one float32 (1, H, W, 3) array in host memory."""
     h, w = image.shape
-    return _normalised(_pixels(image, flips, slice(0, h), slice(0, w)), *norm)[None]
+    return normalize_host(_pixels(image, flips, slice(0, h), slice(0, w)), *norm)[None]
