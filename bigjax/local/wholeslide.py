@@ -1,21 +1,21 @@
 """Whole-slide local training (Zhang et al.): one entire slide per step, streamed through Big-Layers.
 
 Each slide is read at a target resolution (2 µm/px, "5×", by default: the pyramid level closest to it,
-``bigjax.data.slides.pick_level``), cropped to the bounding box of its tissue (the PANDA rule per
-pixel: greyscale in [3, 230]), padded with background to a multiple of ``pad`` pixels (fewer shapes
-to compile), and trained on as one image, never resident whole on the Big path (a tensorstore array
-whose row bands are decoded from the slide as the stem's conv reads them, ``data.slide_array``):
+``bigjax.data.slides.pick_level``), cropped to the bounding box of its tissue (the PANDA rule per pixel:
+greyscale in [3, 230]), padded with background to a multiple of ``pad`` pixels (fewer shapes to
+compile), and trained on as one image, never resident whole on the Big path (a tensorstore array whose
+row bands are decoded from the slide as the stem's conv reads them, ``data.slide_array``):
 ``local_resnet34``'s K modules, each step ``train_step`` with every module's Big-Layers running under
 the run's ``Execution``, so the slide's activations stay in host memory and the device holds one
-partition at a time. Each module has its own AdamW (``make_optimizers``: lr 1e-5 for the backbone,
-2e-5 for the heads, gradient accumulation 8); the weight decay is the official code's 1e-2 (options.py
-and its README command; the issue's 1e-6 is not in the code), and the learning rates drop 10 times at epochs 25, 35 and 45 (the official
-``MultiStepLR`` in its README command). Slides are flipped at random (the official trainer also
-crops edges, rotates and jitters colour). After every epoch H classifies the validation slides and
-the checkpoint is kept (``run_state``: the latest, and the best by validation QWK, in one atomic
-commit; ``resume=True`` continues a run and takes the steps it would have taken). At the end the
-best checkpoint classifies the validation and test slides, with 95 % bootstrap intervals over slides,
-and every head's QWK is reported beside H's (which modules' features already tell the grade).
+partition at a time. Each module has its own AdamW (``make_optimizers``: lr 1e-5 for the backbone, 2e-5
+for the heads, gradient accumulation 8); the weight decay is the official code's 1e-2 (options.py and
+its README command; the issue's 1e-6 is not in the code), and the learning rates drop 10 times at epochs
+25, 35 and 45 (the official ``MultiStepLR`` in its README command). Slides are flipped at random (the
+official trainer also crops edges, rotates and jitters colour). After every epoch H classifies the
+validation slides and the checkpoint is kept (``run_state``: the latest, and the best by validation QWK,
+in one atomic commit; ``resume=True`` continues a run and takes the steps it would have taken). At the
+end the best checkpoint classifies the validation and test slides, with 95 % bootstrap intervals over
+slides, and every head's QWK is reported beside H's (which modules' features already tell the grade).
 
 References:
     Zhang et al., MICCAI 2022; official code cvlab-stonybrook/local_learning_wsi (main.py, trainer.py,
