@@ -6,7 +6,8 @@
     python -m experiments.wholeslide --mpp=0.5 --host_memory=8GiB --spill_dir=/tmp/spill  # 20×
 
 Each slide is read at --magnification (5×: 2 µm/px, taking 20× as 0.5 µm/px) or at --mpp µm/px,
-cropped to its tissue and trained on whole as one image: ResNet-34 (stem stride 3, frozen stem, frozen
+cropped to its tissue and trained on whole as one image, whose row bands the stem decodes from the file
+as it reads them (never resident whole): ResNet-34 (stem stride 3, frozen stem, frozen
 BatchNorm or GroupNorm) in --modules gradient-isolated modules with auxiliary gated-attention heads and
 Random Feature Reconstruction, activations in host RAM (bigjax.local.wholeslide); with --host_memory
 those beyond it spill to --spill_dir, and every epoch logs the bytes spilled, the disk's GB/s and the
