@@ -106,7 +106,14 @@ def test_blocks_that_fit_run_whole_the_others_op_by_op_and_equal_the_twin(big_st
 @pytest.mark.slow
 @pytest.mark.parametrize("depth,big_stages,fused,budget", SLOW_CONFIGS)
 def test_big_resnet_equals_in_memory_twin_more_configs(depth, big_stages, fused, budget):
-    _compare(depth, big_stages, fused, budget)
+    if depth == 18:
+        _compare(depth, big_stages, fused, budget)
+        return
+    # ResNet-34 normalises stage 4 over 2x2x2 values too (see CONFIGS_50): in float32 on an AMD EPYC
+    # the stem's BatchNorm bias gradients of the two differ by 0.77 % (1e-4 holds on the Xeon);
+    # float64 with twice the budget: the same partitions
+    with jax.enable_x64(True):
+        _compare(depth, big_stages, fused, 2 * budget, dtype=np.float64, tol=1e-9)
 
 
 @pytest.mark.parametrize("depth,big_stages,fused,budget", [
