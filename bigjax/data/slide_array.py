@@ -61,9 +61,9 @@ def _box(rows: np.ndarray, cols: np.ndarray, shape) -> tuple[int, int, int, int]
     return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
-def locate(path, mpp: float, pad: int = 1) -> SlideImage:
-    """The slide's level closest to ``mpp``, its tissue box (read band by band) and the box's shape
-    padded up to a multiple of ``pad``."""
+def locate(path, mpp: float | None, pad: int = 1) -> SlideImage:
+    """The slide's level closest to ``mpp`` (None: level 0), its tissue box (read band by band) and the
+    box's shape padded up to a multiple of ``pad``."""
     with open_slide(path) as slide:
         level = pick_level(slide.levels, mpp)
         (h, w), band = slide.levels[level].shape, slide.tile_rows(level)
