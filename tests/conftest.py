@@ -6,7 +6,20 @@
   partitioned ops with the plain ones at "highest" precision (no effect on a CPU).
 """
 
+import gc
+
 import jax
+import pytest
 
 jax.config.update("jax_num_cpu_devices", 2)
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_compilation_caches():
+    """Every compiled executable maps ~6 regions of memory, and jax keeps them all: the default suite's
+    one process crossed the kernel's 65,530 mappings (``vm.max_map_count``) and XLA's compiler died
+    of a segfault. Dropping the caches after each test module keeps the count bounded."""
+    yield
+    jax.clear_caches()
+    gc.collect()
