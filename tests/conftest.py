@@ -17,9 +17,10 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 @pytest.fixture(autouse=True, scope="module")
 def _fresh_compilation_caches():
-    """Every compiled executable maps ~6 regions of memory, and jax keeps them all: the default suite's
-    one process crossed the kernel's 65,530 mappings (``vm.max_map_count``) and XLA's compiler died
-    of a segfault. Dropping the caches after each test module keeps the count bounded."""
+    """Every compiled executable maps ~6 regions of memory, and jax keeps them all. The default suite's
+    one process died of a segfault in XLA's compiler, twice at the same test, most likely past the
+    kernel's 65,530 mappings (``vm.max_map_count``). Dropping the caches after each test module
+    keeps the count bounded (at most 15,354 in a whole run)."""
     yield
     jax.clear_caches()
     gc.collect()
