@@ -118,8 +118,9 @@ class Execution:
         ``bfloat16``: half the bytes in host RAM and across the bus each way. The kernels still compute
         in the parameters' dtype: each band is widened on the device and its result rounded there
         before it goes back. None = the input's dtype (float32 end to end).
-      host_memory, spill_dir: residual activations beyond ``host_memory`` bytes of host RAM wait
-        in a tensorstore store under ``spill_dir`` (``spill``); None = all in RAM.
+      host_memory, spill_dir: host RAM for the step's activations, bytes: the residuals it keeps
+        plus room for the activations in flight beside them (``spill.IN_FLIGHT``); the residuals
+        beyond it wait in a tensorstore store under ``spill_dir`` (``spill``); None = all in RAM.
       stream_stem: a ResNet's stem (conv, BatchNorm, ReLU, max-pool) runs in row bands that recompute
         its conv from the input (``layers.stem``), so neither its conv output, the step's largest
         activation, nor that output's cotangent is ever whole; None = where the engine is eager and

@@ -4,11 +4,23 @@ What a Big-Layers training step keeps alive from its forward to its backward is 
 of its custom_vjp ops (what each forward saves for its backward: a conv's input and output, a host op's
 inputs, a whole block's residuals); every other forward value is freed once its consumer ran. So the
 policy is applied to residuals, by the ops themselves (``keep`` in a forward, ``restore``/``bands`` in
-a backward): an activation is kept in RAM while the residuals resident in RAM stay within
-``Execution.host_memory``, else it is written to a tensorstore array on disk and the residual holds only
-a ``Spilled`` handle — a pytree without array leaves (the handle is its aux data), which JAX's eager
-autodiff carries like any residual. Each activation is kept once, however many ops save it (the
+a backward): an activation is kept in RAM while the residuals resident in RAM, plus room for
+``IN_FLIGHT`` activations as large as the largest yet, stay within ``Execution.host_memory``; else it
+is written to a tensorstore array on disk and the residual holds only a ``Spilled`` handle — a
+pytree without array leaves (the handle is its aux data), which JAX's eager autodiff carries like any
+residual. Each activation is kept once, however many ops save it (the
 store remembers it by its buffer).
+
+Why the room: besides its residuals, a step holds activations that are no op's residual, which a
+budget on residuals alone does not see. In the backward of a residual block, three whole cotangents of
+the block's size are alive at once (the block output's, the shortcut's and the conv's); in the forward,
+an op's input and output beside the block input the shortcut adds. The forward keeps activations in
+the order it makes them, so without the room the budget fills with the first stage's, which the
+backward reads last, beside that stage's cotangents. With it, what a step holds beyond
+``host_memory`` is what no activation's size sets: the parameter gradients, the partitions in flight
+and XLA's temporaries (measured: 175-195 MiB with 64 MiB partitions at 1024²-4096², ResNet-18, where
+without the room it grew with the side: 0.65 GiB at 4096²; docs/benchmarks.md). A budget below
+``IN_FLIGHT`` × the largest activation spills everything, and those in-flight activations exceed it.
 
 Layout: one zarr v3 array per spilled activation, uncompressed (activations are noise to a compressor,
 and compression would cost CPU the kernels need), on tensorstore's ``file`` driver, one chunk per row
@@ -46,9 +58,10 @@ import tensorstore as ts
 from bigjax.layers import pages
 
 __all__ = ["SpillStore", "Spilled", "Kept", "SpillStats", "from_store", "keep_in_ram", "release",
-           "restore", "bands", "PENDING_BYTES", "CHUNK_BYTES"]
+           "restore", "bands", "IN_FLIGHT", "PENDING_BYTES", "CHUNK_BYTES"]
 
 CHUNK_BYTES = 8 * 2**20  # target bytes of one chunk (a row band of one image)
+IN_FLIGHT = 3  # activations alive beside the residuals (a block's three cotangents): room kept free
 PENDING_BYTES = 64 * 2**20  # writes in flight beyond which the forward waits for the oldest
 _PREFIX = "bigjax-spill-"
 _COUNTER = itertools.count()
@@ -230,6 +243,7 @@ class SpillStore:
         self.host_memory = host_memory
         self.spill_dir = Path(spill_dir).resolve()
         self.resident = 0  # bytes of kept activations in RAM that are alive
+        self.largest = 0  # the largest activation offered to ``keep`` so far
         self.on_disk = self.peak_on_disk = 0  # bytes of spilled activations whose files exist
         self._known: dict[int, tuple] = {}  # buffer -> (array, handle or None: in RAM), both weak
         self._in_flight: deque = deque()  # (bytes, write future) of every band not yet written
@@ -250,7 +264,8 @@ class SpillStore:
             if spilled is not None and not spilled.removed:  # still kept by an op's residuals
                 spilled.readers += 1  # written once, read by one more backward
                 return spilled
-        if self.resident + x.nbytes <= self.host_memory:
+        self.largest = max(self.largest, x.nbytes)
+        if self.resident + x.nbytes + IN_FLIGHT * self.largest <= self.host_memory:
             self.resident += x.nbytes
             weakref.finalize(x, self._forget, key, x.nbytes)
             self._known[key] = (weakref.ref(x), None)
