@@ -4,7 +4,8 @@ Each slide is read at a target resolution (2 µm/px, "5×", by default: the pyra
 ``bigjax.data.slides.pick_level``), cropped to the bounding box of its tissue (the PANDA rule per pixel:
 greyscale in [3, 230]), padded with background to a multiple of ``pad`` pixels (fewer shapes to
 compile), and trained on as one image, never resident whole on the Big path (a tensorstore array whose
-row bands are decoded from the slide as the stem's conv reads them, ``data.slide_array``):
+row bands are decoded from the slide as the stem's conv reads them, ``data.slide_array``; the tissue
+boxes are found once per slide file and remembered in the workdir, ``data.tissue_boxes``):
 ``local_resnet34``'s K modules, each step ``train_step`` with every module's Big-Layers running under
 the run's ``Execution``, so the slide's activations stay in host memory and the device holds one
 partition at a time. Each module has its own AdamW (``make_optimizers``: lr 1e-5 for the backbone, 2e-5
@@ -38,7 +39,8 @@ from flax import nnx
 from bigjax import lock
 from bigjax.bench.memory import host_peak_bytes
 from bigjax.data.layouts import SlideEntry
-from bigjax.data.slide_array import SlideImage, as_array, locate, read_whole
+from bigjax.data.slide_array import SlideImage, as_array, read_whole
+from bigjax.data.tissue_boxes import CACHE_NAME, locate_all
 from bigjax.errors import Interrupted
 from bigjax.host_memory import SpillMeter, parse_host_memory, spill_options
 from bigjax.layers.execution import DEFAULT_PARTITION_BYTES, Execution
@@ -201,7 +203,8 @@ def train_wholeslide(config: WholeSlideConfig, slides: Sequence[SlideEntry], *, 
         execution = None if config.in_memory else Execution(
             config.max_partition_bytes, observer=meter,
             **spill_options(config.host_memory, config.spill_dir, config.workdir))
-        images = {s.slide_id: locate(s.path, config.mpp, config.pad) for s in slides}  # no pixels
+        boxes = locate_all([s.path for s in slides], config.mpp, config.pad, workdir / CACHE_NAME)
+        images = {s.slide_id: image for s, image in zip(slides, boxes)}  # no pixels
         for epoch in range(meta["epoch"], config.epochs):
             order = np.random.default_rng([config.seed, epoch]).permutation(len(train))
             for n in range(meta["slide"], len(train)):

@@ -21,9 +21,10 @@ kernel throughput in FLOP/s and the host's bandwidth for memory-bound passes, bo
 * in RAM: host RAM = ``copies`` × activation bytes + the process (``PROCESS_BYTES``), where ``copies``
   is the engine's measured ratio of its step's peak-RSS rise to the activations stored once;
 * with a host budget H: the residuals the engine keeps (``RESIDUALS`` × activation bytes: the conv
-  outputs and the block outputs) beyond H are written once in the forward and read ``READS`` times
-  in the backward; host RAM used = the in-RAM need less what is written (the transients around one
-  layer stay) + the partitions in flight. A budget or a narrow ``host_dtype`` streams the stem
+  outputs and the block outputs) beyond H, less the room H keeps for ``spill.IN_FLIGHT`` activations
+  as large as the largest (``Footprint.largest_bytes``), are written once in the forward and read
+  ``READS`` times in the backward; host RAM used = H (or that room, where it is more) + the
+  partitions in flight. A budget or a narrow ``host_dtype`` streams the stem
   (``Execution.stream_stem``): its conv output is neither kept nor held, and its conv runs
   ``STEM_PASSES`` more times;
 * host time: the engine's memory-bound work on the host (the host ops: folded BatchNorm, ReLU, add,
@@ -50,6 +51,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bigjax.bench.machine import measure_host_bandwidth, measure_step, measure_throughput
+from bigjax.layers.spill import IN_FLIGHT
 from bigjax.models.resnet import ResNet
 from bigjax.units import parse_bytes, parse_rate
 
@@ -134,6 +136,7 @@ class Footprint:
     bus_bytes: int
     stem_bytes: int = 0  # the stem conv's output (in ``activation_bytes``)
     stem_flops: int = 0  # one pass of the stem conv
+    largest_bytes: int = 0  # the largest activation but the stem conv's output: the input or a conv's
 
 
 @dataclass(frozen=True)
@@ -234,7 +237,8 @@ def footprint(arch: str, side: int, host_dtype: str = "float32") -> Footprint:
                      forward_flops=forward,
                      train_flops=3 * forward - 2 * macs[0],  # no input gradient for the image
                      bus_bytes=size * (3 * sum(ins) + 2 * sum(outs)),
-                     stem_bytes=size * outs[0], stem_flops=2 * macs[0])
+                     stem_bytes=size * outs[0], stem_flops=2 * macs[0],
+                     largest_bytes=size * max([ins[0]] + outs[1:]))
 
 
 def predict(fp: Footprint, machine: Machine, host_budget: int | None = None,
@@ -246,11 +250,12 @@ def predict(fp: Footprint, machine: Machine, host_budget: int | None = None,
     stem = fp.stem_bytes if streams else 0
     need = int(copies * fp.activation_bytes) - stem
     residuals = int(RESIDUALS * (fp.activation_bytes - stem))
-    written = 0 if host_budget is None else max(0, residuals - host_budget)
+    room = IN_FLIGHT * max(fp.largest_bytes, fp.stem_bytes - stem)
+    written = 0 if host_budget is None else max(0, residuals - max(0, host_budget - room))
     flops = fp.train_flops + (STEM_PASSES * fp.stem_flops if streams else 0)
     read = int(READS * written)
-    working = PARTITIONS_IN_FLIGHT * machine.partition_budget if written else 0
-    host = need - written + working
+    working = PARTITIONS_IN_FLIGHT * machine.partition_budget
+    host = min(need, max(host_budget, room)) + working if written else need
     return Prediction(in_ram_bytes=need + PROCESS_BYTES, host_bytes=host + PROCESS_BYTES,
                       disk_written=written, disk_read=read,
                       kernel_s=flops / machine.kernel_throughput,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bigjax.data import layouts
+from bigjax.data import layouts, tissue_boxes
 from bigjax.data.synthetic import make_panda_like
 from bigjax.errors import Interrupted
 from bigjax.local.wholeslide import WholeSlideConfig, train_wholeslide
@@ -55,7 +55,7 @@ def _kill_at(step):
     return on_step
 
 
-def test_a_stopped_and_killed_run_resumes_to_the_uninterrupted_one(slides, tmp_path):
+def test_a_stopped_and_killed_run_resumes_to_the_uninterrupted_one(slides, tmp_path, monkeypatch):
     whole, expected = _run(tmp_path / "whole", slides)
     parts = tmp_path / "parts"
     with pytest.raises(Interrupted, match="after slide 1"):  # inside the first accumulation
@@ -64,7 +64,10 @@ def test_a_stopped_and_killed_run_resumes_to_the_uninterrupted_one(slides, tmp_p
         _run(parts, slides)
     with pytest.raises(RuntimeError, match="killed after slide 7"):  # slide 6's checkpoint is kept
         _run(parts, slides, seed=7, resume=True, on_step=_kill_at(7))
+    located = []
+    monkeypatch.setattr(tissue_boxes, "locate", lambda *a: located.append(a))
     resumed, results = _run(parts, slides, seed=7, resume=True)  # other initial weights: restored
+    assert located == []  # the tissue boxes the first part found, not the slides decoded again
 
     assert _losses(parts) == _losses(tmp_path / "whole")  # row 7 of the killed part dropped
     steps, epochs = _losses(parts)

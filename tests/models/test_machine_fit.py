@@ -73,7 +73,7 @@ def test_valid_taps_count_the_kernel_positions_inside_the_input():
 
 def test_prediction_in_ram_and_over_a_host_budget():
     fp = Footprint("resnet18", 1024, "float32", activation_bytes=10 * 2**30, forward_flops=10**12,
-                   train_flops=3 * 10**12, bus_bytes=50 * 2**30)
+                   train_flops=3 * 10**12, bus_bytes=50 * 2**30, largest_bytes=2**30)
     gpu = Machine("m", 8 * 2**30, 64 * 2**30, disk_read=2e9, disk_write=1e9, kernel_throughput=1e12,
                   bus=25 * 2**30)
     in_ram = predict(fp, gpu, None, copies=2.0)
@@ -81,10 +81,14 @@ def test_prediction_in_ram_and_over_a_host_budget():
     assert (in_ram.disk_written, in_ram.disk_s, in_ram.kernel_s, in_ram.bus_s) == (0, 0.0, 3.0, 2.0)
     assert (in_ram.step_s, in_ram.bound) == (3.0, "kernels")
     spilled = predict(fp, gpu, 8 * 2**30, copies=2.0)
-    written = int(machine_fit.RESIDUALS * 10 * 2**30) - 8 * 2**30  # the residuals beyond 8 GiB
+    # the residuals beyond 8 GiB less the room for 3 activations of 1 GiB in flight
+    written = int(machine_fit.RESIDUALS * 10 * 2**30) - 5 * 2**30
     assert (spilled.disk_written, spilled.disk_read) == (written, int(machine_fit.READS * written))
-    assert spilled.host_bytes == (20 * 2**30 - written + machine_fit.PROCESS_BYTES
+    assert spilled.host_bytes == (8 * 2**30 + machine_fit.PROCESS_BYTES
                                   + machine_fit.PARTITIONS_IN_FLIGHT * gpu.partition_budget)
+    below_the_room = predict(fp, gpu, 2**30, copies=2.0)  # everything spills; the room is still held
+    assert below_the_room.disk_written == int(machine_fit.RESIDUALS * 10 * 2**30)
+    assert below_the_room.host_bytes == spilled.host_bytes - 5 * 2**30
     assert spilled.disk_s == pytest.approx(written / 1e9 + machine_fit.READS * written / 2e9)
     assert (spilled.step_s, spilled.bound) == (spilled.disk_s, "disk")
     assert predict(fp, replace_bus(gpu, None), None).bus_s == 0.0  # the host computes: no bus
@@ -100,6 +104,7 @@ def test_a_host_budget_streams_the_stem_its_output_neither_kept_nor_held():
     assert spilled.kernel_s == pytest.approx(3.0 + machine_fit.STEM_PASSES * 0.1)
     assert predict(fp, gpu, None, copies=2.0).kernel_s == 3.0  # in RAM the stem runs op by op
     assert footprint("resnet18", 512).stem_bytes == 256 * 256 * 64 * 4
+    assert footprint("resnet18", 512).largest_bytes == 128 * 128 * 64 * 4  # a stage-1 conv's output
 
 
 def test_host_passes_add_to_the_kernels_on_a_cpu_and_overlap_them_beside_an_accelerator():
