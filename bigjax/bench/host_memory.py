@@ -13,6 +13,7 @@ what exceeds that budget (``layers.spill``) and the spill observer's totals are 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -43,6 +44,7 @@ class HostStep:
     step_s: float
     spilled: int = 0  # bytes written to the spill store (0: nothing spilled)
     read: int = 0  # bytes read back from it
+    cpu_s: float = 0.0  # the process's CPU seconds in the step (over the cores: the step alone)
 
     @property
     def ratio(self) -> float:
@@ -77,14 +79,16 @@ def stored_once_bytes(model: ResNet, shape: tuple, itemsize: int) -> int:
 def measure_host_step(side: int, budget: int = 64 * 2**20, host_dtype: str | None = None,
                       host_memory: int | None = None, spill_dir: str | None = None,
                       engine: str = "eager", whole_blocks: bool = True,
-                      mmap_threshold: bool = False, stream_stem: bool | None = None) -> HostStep:
-    """Peak-RSS rise of one all-big ResNet-18 train step on a 1 x side x side x 3 image
+                      mmap_threshold: bool = False, stream_stem: bool | None = None,
+                      depth: int = 18) -> HostStep:
+    """Peak-RSS rise of one all-big ResNet-``depth`` train step on a 1 x side x side x 3 image
     (``mmap_threshold``: freed buffers returned to the OS, ``pages.return_freed_buffers``, which a
-    ``host_memory`` setting does anyway; ``stream_stem``: ``Execution.stream_stem``)."""
+    ``host_memory`` setting does anyway; ``stream_stem``: ``Execution.stream_stem``), its seconds
+    and CPU seconds; a first step at the same shape compiles the kernels beforehand."""
     if mmap_threshold:
         return_freed_buffers()
     shape = (1, side, side, 3)
-    x, big, _, loss = step_setup(18, shape)
+    x, big, _, loss = step_setup(depth, shape)
     _, ex = executions(budget, 1, host_dtype, engine, whole_blocks)
     stats = SpillStats()
     ex = ex.replace(host_memory=host_memory, spill_dir=spill_dir, observer=stats,
@@ -96,14 +100,14 @@ def measure_host_step(side: int, budget: int = 64 * 2**20, host_dtype: str | Non
     release_host()
     reset_host_peak()
     before = host_rss_bytes()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     _block(grad(big, x, ex))
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     rise = host_peak_bytes() - before
     itemsize = np.dtype(host_dtype or np.float32).itemsize
     return HostStep(side, host_dtype or "float32", budget, host_memory,
                     stored_once_bytes(big, shape, itemsize), rise, seconds, stats.written,
-                    stats.read)
+                    stats.read, cpu / len(os.sched_getaffinity(0)))
 
 
 @dataclass

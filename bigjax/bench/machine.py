@@ -14,12 +14,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from bigjax.bench.memory import host_peak_bytes, host_rss_bytes, reset_host_peak
+from bigjax.bench.host_memory import measure_host_step
 from bigjax.bench.profile import median_seconds
-from bigjax.layers.execution import Execution
-from bigjax.models.resnet import BigResNet
 
 __all__ = ["measure_throughput", "measure_host_bandwidth", "measure_step"]
 
@@ -59,23 +56,9 @@ def _median_seconds(fn, args, repeats: int) -> float:
 
 
 def measure_step(depth: int, side: int, budget: int = 64 * 2**20, host_dtype: str = "float32") -> dict:
-    """One all-big training step of ResNet-``depth`` on a ``side``² image, measured: ``{"rss_rise"}`` (the
-    peak resident set's rise over the resident set before the step, VmHWM - VmRSS, bytes),
-    ``{"seconds"}`` and ``{"cpu_seconds"}`` (the process's CPU time: on a shared machine, divided
-    by the cores, what the step would take alone); a first step at the same shape compiles the
-    kernels beforehand."""
-    model = BigResNet(depth, big_stages=4, rngs=nnx.Rngs(0))
-    ex = Execution(budget, host_dtype=None if host_dtype == "float32" else jnp.dtype(host_dtype))
-    x = np.random.default_rng(0).normal(size=(1, side, side, 3)).astype(np.float32)
-
-    def step():
-        grads = nnx.grad(lambda m, x: jnp.mean(m(x, train=True, execution=ex) ** 2))(model, x)
-        jax.block_until_ready(jax.tree.leaves(grads))
-
-    step()
-    reset_host_peak()
-    before = host_rss_bytes()
-    start, cpu = time.perf_counter(), time.process_time()
-    step()
-    return {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
-            "rss_rise": host_peak_bytes() - before}
+    """One all-big training step of ResNet-``depth`` on a ``side``² image, measured
+    (``host_memory.measure_host_step``): ``{"rss_rise"}`` (the peak resident set's rise over the
+    resident set before the step, VmHWM - VmRSS, bytes), ``{"seconds"}`` and ``{"cpu_seconds"}`` (the
+    process's CPU time over the cores: on a shared machine, what the step would take alone)."""
+    r = measure_host_step(side, budget, None if host_dtype == "float32" else host_dtype, depth=depth)
+    return {"seconds": r.step_s, "cpu_seconds": r.cpu_s, "rss_rise": r.rss_rise}

@@ -336,7 +336,7 @@ def _check(a, here: Machine, copies: float) -> int:
         print(f"| {side:,}² | {mib(fp.activation_bytes)} | {mib(p.in_ram_bytes - PROCESS_BYTES)} / "
               f"{mib(m['rss_rise'])} | {m['rss_rise'] / fp.activation_bytes:.2f} | "
               f"{p.kernel_s:.2f} + {p.host_s:.2f} = {p.step_s:.2f} | {m['seconds']:.2f} | "
-              f"{m['cpu_seconds'] / cores:.2f} |", flush=True)
+              f"{m['cpu_seconds']:.2f} |", flush=True)
     return 0
 
 
