@@ -45,6 +45,7 @@ from __future__ import annotations
 import atexit
 import functools
 import itertools
+import logging
 import os
 import shutil
 import weakref
@@ -63,6 +64,7 @@ __all__ = ["SpillStore", "Spilled", "Kept", "SpillStats", "from_store", "keep_in
 CHUNK_BYTES = 8 * 2**20  # target bytes of one chunk (a row band of one image)
 IN_FLIGHT = 3  # activations alive beside the residuals (a block's three cotangents): room kept free
 PENDING_BYTES = 64 * 2**20  # writes in flight beyond which the forward waits for the oldest
+log = logging.getLogger(__name__)
 _PREFIX = "bigjax-spill-"
 _COUNTER = itertools.count()
 _ROOTS: dict[Path, Path] = {}  # spill_dir -> this process's directory in it
@@ -264,7 +266,8 @@ class SpillStore:
             if spilled is not None and not spilled.removed:  # still kept by an op's residuals
                 spilled.readers += 1  # written once, read by one more backward
                 return spilled
-        self.largest = max(self.largest, x.nbytes)
+        if x.nbytes > self.largest:
+            self._larger(x.nbytes)
         if self.resident + x.nbytes + IN_FLIGHT * self.largest <= self.host_memory:
             self.resident += x.nbytes
             weakref.finalize(x, self._forget, key, x.nbytes)
@@ -277,6 +280,15 @@ class SpillStore:
         self._known[key] = (weakref.ref(x), weakref.ref(spilled))
         weakref.finalize(x, self._forget, key, 0)
         return spilled
+
+    def _larger(self, nbytes: int) -> None:
+        """The largest activation yet: say once if the room for it in flight outgrows the budget."""
+        room = IN_FLIGHT * nbytes
+        if 0 < self.host_memory < room and IN_FLIGHT * self.largest <= self.host_memory:
+            log.warning("host_memory=%.2f GiB is below the room for %d activations of %.2f GiB in "
+                        "flight: every activation spills, and the step holds about %.2f GiB of them",
+                        self.host_memory / 2**30, IN_FLIGHT, nbytes / 2**30, room / 2**30)
+        self.largest = nbytes
 
     def _forget(self, key: int, resident: int) -> None:
         """``x`` is gone: its buffer may serve another array; ``resident`` bytes left RAM."""

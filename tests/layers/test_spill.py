@@ -100,3 +100,27 @@ def test_each_backward_removes_the_files_it_read_last(tmp_path):
     assert ex.spill.peak_on_disk == 2 * x.nbytes
     with pytest.raises(RuntimeError, match="released residual"):
         pull(one)
+
+
+def test_the_budget_keeps_room_for_three_activations_in_flight(tmp_path, caplog):
+    """An activation stays in RAM only while the kept ones, it and room for ``IN_FLIGHT`` (3)
+    activations as large as the largest yet fit ``host_memory``: the cotangents of a residual
+    block's backward, which no residual counts. A budget below that room spills everything, once
+    said in the log."""
+    from bigjax.layers.spill import IN_FLIGHT, Spilled, SpillStore
+
+    assert IN_FLIGHT == 3
+    xs = [jax.device_put(np.full((1, 8, 8, 4), i, np.float32), EX.host) for i in range(3)]
+    size = xs[0].nbytes
+    for budget, in_ram in [(4 * size, 1), (5 * size, 2), (6 * size, 3), (4 * size - 1, 0)]:
+        store = SpillStore(budget, tmp_path)
+        kept = [store.keep(EX, x) for x in xs]
+        assert [not isinstance(k, Spilled) for k in kept] == [True] * in_ram + [False] * (3 - in_ram)
+        assert store.resident == in_ram * size
+    assert "host_memory" not in caplog.text
+    with caplog.at_level("WARNING", "bigjax.layers.spill"):
+        store = SpillStore(2 * size, tmp_path)
+        kept = [store.keep(EX, x) for x in xs]
+    assert all(isinstance(k, Spilled) for k in kept)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "bigjax.layers.spill"]
+    assert len(warnings) == 1 and "below the room for 3 activations" in warnings[0]
