@@ -55,8 +55,8 @@ from bigjax.layers.spill import IN_FLIGHT
 from bigjax.models.resnet import ResNet
 from bigjax.units import parse_bytes, parse_rate
 
-__all__ = ["Footprint", "Machine", "Prediction", "footprint", "predict", "largest_side", "SERVER",
-           "THIS_MACHINE", "ANCHOR_SIDES"]
+__all__ = ["Footprint", "Machine", "Prediction", "footprint", "predict", "largest_side",
+           "largest_spilled_side", "SERVER", "THIS_MACHINE", "ANCHOR_SIDES"]
 
 ARCHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50}
 HOST_DTYPES = {"float32": 4, "bfloat16": 2}
@@ -274,6 +274,17 @@ def largest_side(arch: str, ram: int, host_dtype: str = "float32", copies: float
     return int(math.sqrt(max(ram - PROCESS_BYTES, 0) / per_pixel))
 
 
+def largest_spilled_side(arch: str, machine: Machine, host_dtype: str = "float32",
+                         reference: int = 4096) -> int:
+    """The largest square side a step spilling every residual fits in ``machine``'s RAM: the
+    activations in flight (``IN_FLIGHT`` × the largest, whole cotangents no budget spills) beside the
+    process and the partitions in flight; the disk is not bounded."""
+    fp = footprint(arch, reference, host_dtype)
+    per_pixel = IN_FLIGHT * fp.largest_bytes / reference**2
+    free = machine.host_memory - PROCESS_BYTES - PARTITIONS_IN_FLIGHT * machine.partition_budget
+    return int(math.sqrt(max(free, 0) / per_pixel))
+
+
 def table(machines: list[Machine], arch: str, sides, host_dtype: str, copies: float) -> list[str]:
     """Markdown rows: per machine and side, the in-RAM need, the budgeted run and its step time."""
     gib = lambda n: f"{n / 2**30:,.1f}"  # noqa: E731
@@ -318,7 +329,8 @@ def main(argv=None) -> int:
     print("\n".join(table(machines, a.arch, sides, a.host_dtype, copies)))
     for m in machines:
         side = largest_side(a.arch, m.host_memory, a.host_dtype, copies)
-        print(f"{m.name}: largest side in RAM {side:,}²")
+        spilled = largest_spilled_side(a.arch, m, a.host_dtype)
+        print(f"{m.name}: largest side in RAM {side:,}²; spilled {spilled:,}² (its cotangents whole)")
     return 0
 
 

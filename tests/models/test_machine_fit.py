@@ -153,3 +153,13 @@ def test_one_given_machine_and_bad_flags(capsys):
             machine_fit.main(bad)
     with pytest.raises(ValueError, match="--side=8: a ResNet needs at least 32 px"):
         footprint("resnet18", 8)
+
+
+def test_largest_spilled_side_fits_its_cotangents_and_one_percent_more_does_not():
+    """With every residual spilled (a zero budget) what stays in RAM is the activations in flight:
+    the largest side whose prediction fits the machine is ``largest_spilled_side``."""
+    m = machine_fit.THIS_MACHINE
+    side = machine_fit.largest_spilled_side("resnet18", m)
+    used = lambda s: predict(footprint("resnet18", s), m, 0).host_bytes  # noqa: E731
+    assert used(side) <= m.host_memory * 1.01 and used(int(side * 1.02)) > m.host_memory
+    assert 16_384 < side < 32_768  # 3 stage-1 cotangents of 16 bytes a pixel in 24 GB
