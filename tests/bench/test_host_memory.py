@@ -59,19 +59,20 @@ _BOUND = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # ~90 s: two all-big ResNet-18 steps at 2048^2 in a fresh process
 def test_a_spilled_steps_host_peak_stays_within_its_budget_plus_a_constant(tmp_path):
-    """At 1024^2 (a fresh process, ResNet-18, float32), with host_memory = 64 MiB, under a third of
-    the activations stored once (215 MiB): the peak RSS rise stays within host_memory plus what no
-    activation's size sets, the parameter gradients (43 MiB), the two partitions in flight
-    (``Execution(prefetch=1)``) and 64 MiB of XLA's temporaries. Measured 195 MiB against the bound's
-    221; before the budget kept room for the activations in flight (``spill.IN_FLIGHT``), the rise
-    grew with the side (0.65 GiB beyond a 2 GiB budget at 4096^2, 0.19 GiB with the room)."""
-    partition, budget = 24 * 2**20, 64 * 2**20
+    """At 2048^2 (ResNet-18, float32), with host_memory = 256 MiB, under a third of the activations
+    stored once (0.82 GiB): the peak RSS rise stays within host_memory plus what no activation's size
+    sets, the parameter gradients (43 MiB), the two partitions in flight (``Execution(prefetch=1)``)
+    and 96 MiB of XLA's temporaries and the allocator's slack: measured 379-398 MiB against the
+    bound's 443. Before the budget kept room for the activations in flight (``spill.IN_FLIGHT``), the
+    rise was 571 MiB, and what was beyond the budget grew with the side (docs/benchmarks.md, seventh
+    session)."""
+    partition, budget = 24 * 2**20, 256 * 2**20
     model = nnx.eval_shape(lambda: ResNet(18, rngs=nnx.Rngs(0)))
     gradients = sum(p.size * 4 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    out = subprocess.run([sys.executable, "-c", _BOUND, "1024", str(partition), str(budget),
+    out = subprocess.run([sys.executable, "-c", _BOUND, "2048", str(partition), str(budget),
                           str(tmp_path)], capture_output=True, text=True, check=True)
     rise, stored, spilled = __import__("json").loads(out.stdout.splitlines()[-1])
     assert spilled > stored - budget
-    assert rise < budget + gradients + 2 * partition + 64 * 2**20, (rise / 2**20, stored / 2**20)
+    assert rise < budget + gradients + 2 * partition + 96 * 2**20, (rise / 2**20, stored / 2**20)
