@@ -8,8 +8,8 @@ a backward): an activation is kept in RAM while the residuals resident in RAM, p
 ``IN_FLIGHT`` activations as large as the largest yet, stay within ``Execution.host_memory``; else it
 is written to a tensorstore array on disk and the residual holds only a ``Spilled`` handle — a
 pytree without array leaves (the handle is its aux data), which JAX's eager autodiff carries like any
-residual. Each activation is kept once, however many ops save it (the
-store remembers it by its buffer).
+residual. Each activation is kept once, however many ops save it (the store remembers it by its
+buffer).
 
 Why the room: besides its residuals, a step holds activations that are no op's residual, which a
 budget on residuals alone does not see. In the backward of a residual block, three whole cotangents of
@@ -18,8 +18,9 @@ an op's input and output beside the block input the shortcut adds. The forward k
 the order it makes them, so without the room the budget fills with the first stage's, which the
 backward reads last, beside that stage's cotangents. With it, what a step holds beyond
 ``host_memory`` is what no activation's size sets: the parameter gradients, the partitions in flight
-and XLA's temporaries (measured: 175-195 MiB with 64 MiB partitions at 1024²-4096², ResNet-18, where
-without the room it grew with the side: 0.65 GiB at 4096²; docs/benchmarks.md). A budget below
+and XLA's temporaries (measured: 0.16-0.19 GiB with 64 MiB partitions at 1024²-8192², ResNet-18,
+where without the room it grew with the side: 0.65 GiB at 4096², 2.11 at 8192²; docs/benchmarks.md,
+seventh session). A budget below
 ``IN_FLIGHT`` × the largest activation spills everything, and those in-flight activations exceed it.
 
 Layout: one zarr v3 array per spilled activation, uncompressed (activations are noise to a compressor,
