@@ -24,31 +24,37 @@ log = logging.getLogger(__name__)
 
 
 def locate_all(paths: Sequence, mpp: float | None, pad: int, cache_file) -> list[SlideImage]:
-    """``locate(path, mpp, pad)`` of every path, from ``cache_file`` where it holds that slide."""
+    """``locate(path, mpp, pad)`` of every path, from ``cache_file`` where it holds that slide.
+
+    The cache maps a slide's resolved path to its ``stamp`` (size, modification time) and its
+    ``boxes`` by setting: a slide whose stamp changed starts with no boxes."""
     cache_file = Path(cache_file)
     cache = _read(cache_file)
-    images, found, stale = [], {}, set()
+    setting = f"mpp={mpp}|pad={pad}"
+    images, changed = [], False
     for path in paths:
         name, stamp = _file(path)
-        key = f"{name}|{stamp}|mpp={mpp}|pad={pad}"
-        entry = cache.get(key)
+        slide = cache.get(name)
+        if not isinstance(slide, dict) or slide.get("stamp") != stamp or not isinstance(
+                slide.get("boxes"), dict):
+            slide = cache[name] = {"stamp": stamp, "boxes": {}}
+        entry = slide["boxes"].get(setting)
         if entry is None:
             image = locate(path, mpp, pad)
-            found[key] = {"level": image.level, "box": image.box, "shape": image.shape,
-                          "band": image.band}
-            stale |= {k for k in cache if k.startswith(name + "|") and not k.startswith(stamp, len(name) + 1)}
+            slide["boxes"][setting] = {"level": image.level, "box": image.box, "shape": image.shape,
+                                       "band": image.band}
+            changed = True
         else:
             image = SlideImage(Path(path), entry["level"], tuple(entry["box"]), tuple(entry["shape"]),
                                entry["band"])
         images.append(image)
-    if found:
-        _write(cache_file, {k: v for k, v in {**cache, **found}.items() if k not in stale})
+    if changed:
+        _write(cache_file, cache)
     return images
 
 
 def _file(path) -> tuple[str, str]:
-    """The slide file's resolved name and its stamp as it is now (size, modification time): a
-    rewritten slide is another key, and its old entries are dropped."""
+    """The slide file's resolved name and its stamp as it is now (size, modification time)."""
     stat = os.stat(path)
     return str(Path(path).resolve()), f"{stat.st_size}|{stat.st_mtime_ns}"
 
