@@ -105,11 +105,14 @@ class Machine:
         return min(self.device_memory // 8, 2**30)
 
     @property
+    def free_memory(self) -> int:
+        """The host RAM the process and the partitions in flight leave for activations."""
+        return self.host_memory - PROCESS_BYTES - PARTITIONS_IN_FLIGHT * self.partition_budget
+
+    @property
     def host_budget(self) -> int:
         """Host bytes for activations: the run's budget, else the RAM the process and bands leave."""
-        if self.activation_budget is not None:
-            return self.activation_budget
-        return self.host_memory - PROCESS_BYTES - PARTITIONS_IN_FLIGHT * self.partition_budget
+        return self.free_memory if self.activation_budget is None else self.activation_budget
 
 
 # a typical GPU server: 80 GB device (H100), 512 GB RAM, NVMe ~6 GB/s read / 3 GB/s write, PCIe 5 x16
@@ -281,8 +284,7 @@ def largest_spilled_side(arch: str, machine: Machine, host_dtype: str = "float32
     process and the partitions in flight; the disk is not bounded."""
     fp = footprint(arch, reference, host_dtype)
     per_pixel = IN_FLIGHT * fp.largest_bytes / reference**2
-    free = machine.host_memory - PROCESS_BYTES - PARTITIONS_IN_FLIGHT * machine.partition_budget
-    return int(math.sqrt(max(free, 0) / per_pixel))
+    return int(math.sqrt(max(machine.free_memory, 0) / per_pixel))
 
 
 def table(machines: list[Machine], arch: str, sides, host_dtype: str, copies: float) -> list[str]:
