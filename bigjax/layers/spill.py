@@ -20,8 +20,8 @@ backward reads last, beside that stage's cotangents. With it, what a step holds 
 ``host_memory`` is what no activation's size sets: the parameter gradients, the partitions in flight
 and XLA's temporaries (measured: 0.16-0.19 GiB with 64 MiB partitions at 1024²-8192², ResNet-18,
 where without the room it grew with the side: 0.65 GiB at 4096², 2.11 at 8192²; docs/benchmarks.md,
-seventh session). A budget below
-``IN_FLIGHT`` × the largest activation spills everything, and those in-flight activations exceed it.
+seventh session). A budget below ``IN_FLIGHT`` × the largest activation spills everything, and those
+in-flight activations exceed it.
 
 Layout: one zarr v3 array per spilled activation, uncompressed (activations are noise to a compressor,
 and compression would cost CPU the kernels need), on tensorstore's ``file`` driver, one chunk per row
