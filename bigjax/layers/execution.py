@@ -198,6 +198,15 @@ class Execution:
         ``spill.from_store``) read back whole to host memory."""
         return spill.restore(self, v)
 
+    def hold(self, x):
+        """``x`` as a caller holds it from one computation to the next: in RAM within
+        ``host_memory``, else a handle to its copy in the spill store (``spill.hold``)."""
+        return spill.hold(self, x)
+
+    def take(self, v):
+        """What ``hold`` gave, as an array in host memory (``spill.take``)."""
+        return spill.take(self, v)
+
     def replace(self, **changes) -> "Execution":
         """A copy with some fields changed (e.g. another compute device or an observer)."""
         return replace(self, **changes)

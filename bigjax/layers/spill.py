@@ -60,7 +60,7 @@ import tensorstore as ts
 from bigjax.layers import pages
 
 __all__ = ["SpillStore", "Spilled", "Kept", "SpillStats", "from_store", "keep_in_ram", "release",
-           "restore", "bands", "IN_FLIGHT", "PENDING_BYTES", "CHUNK_BYTES"]
+           "restore", "bands", "hold", "take", "IN_FLIGHT", "PENDING_BYTES", "CHUNK_BYTES"]
 
 CHUNK_BYTES = 8 * 2**20  # target bytes of one chunk (a row band of one image)
 IN_FLIGHT = 3  # activations alive beside the residuals (a block's three cotangents): room kept free
@@ -282,6 +282,12 @@ class SpillStore:
         weakref.finalize(x, self._forget, key, 0)
         return spilled
 
+    def adopt(self, x: jax.Array, spilled: Spilled) -> None:
+        """``x`` holds ``spilled``'s values (read back): an op keeping ``x`` keeps that copy."""
+        key = _key(x)
+        self._known[key] = (weakref.ref(x), weakref.ref(spilled))
+        weakref.finalize(x, self._forget, key, 0)
+
     def _larger(self, nbytes: int) -> None:
         """The largest activation yet: say once if the room for it in flight outgrows the budget."""
         room = IN_FLIGHT * nbytes
@@ -341,6 +347,29 @@ def restore(ex, v):
         return type(v)(read_finish(ex, r) if isinstance(u, Spilled) else r
                        for u, r in zip(v, reads))
     return read_finish(ex, read_start(ex, v)) if isinstance(v, Spilled) else v
+
+
+def hold(ex, x):
+    """``x`` as a caller holds it between two computations (a local module's output, from its
+    forward, through its backward, to the next module's input), by the rule ``keep`` applies to a
+    residual: ``x`` itself within ``host_memory`` (counted in it), else a ``Spilled`` handle to its
+    copy on disk, written once however many ops also keep it. ``take`` gives the array back. Without
+    a store, ``x`` as it is. (Held as an array, it would stay in RAM beside all the budget counts: at
+    16,384² a local module's input and output are 1.8 GiB each.)"""
+    return x if ex.spill is None else ex.spill.keep(ex, x)
+
+
+def take(ex, v):
+    """What ``hold`` gave, as an array in host memory. A spilled one is read back whole, and its
+    copy stays the copy of the array read: an op that keeps the array keeps that copy (no second
+    write). The holder's read counts as one reader, released when the array dies."""
+    if not isinstance(v, Spilled):
+        return v
+    x = restore(ex, v)
+    if ex.spill is not None:
+        ex.spill.adopt(x, v)
+    weakref.finalize(x, v.release)
+    return x
 
 
 def _start_write(nbytes, store, i, r, band):

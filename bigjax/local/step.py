@@ -26,6 +26,7 @@ import functools
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -125,9 +126,24 @@ def module_grad(module: LocalModule, path, x_prev, label, positions, *, patch: i
 
 
 def _module_grad(module, path, x_prev, label, positions, patch, alpha, bn_train):
-    def loss_fn(m):
-        return m.loss(path, x_prev, label, positions, patch=patch, alpha=alpha, bn_train=bn_train)
-    (loss, x), grads = nnx.value_and_grad(loss_fn, has_aux=True)(module)
+    """The module's forward, then its backward (``jax.vjp``), with its output handed to the path's
+    store in between (``Execution.hold``): beyond the host budget, neither the module's output nor
+    its input (``Execution.take``: read back for the forward only) stays in RAM through the backward.
+    """
+    ex = getattr(path, "execution", None)
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+
+    def loss_fn(params):
+        m = nnx.merge(graphdef, params, rest, copy=True)  # fresh Variables: mutable in this trace
+        x_in = x_prev if ex is None else ex.take(x_prev)
+        loss, x = m.loss(path, x_in, label, positions, patch=patch, alpha=alpha, bn_train=bn_train)
+        return loss, (x, nnx.state(m, nnx.Not(nnx.Param)))
+
+    loss, pullback, (x, updated) = jax.vjp(loss_fn, params, has_aux=True)
+    if ex is not None:
+        x = ex.hold(x)
+    (grads,) = pullback(jnp.ones_like(loss))
+    nnx.update(module, updated)
     return loss, x, grads
 
 
@@ -149,6 +165,8 @@ def train_step(net: LocalNetwork, optimizers: Sequence[LocalOptimizer], x, label
     paths = paths_for(execution, len(net.local_modules))
     plan = net.sample(rng, x.shape)
     h = net.stem(paths[0], x)
+    if paths[0] is not InMemory:
+        h = paths[0].execution.hold(h)
     losses = []
     for m, opt, path, (positions, patch) in zip(net.local_modules, optimizers, paths, plan):
         loss, h, grads = module_grad(m, path, h, label, positions, patch=patch, alpha=net.alpha,

@@ -124,3 +124,29 @@ def test_the_budget_keeps_room_for_three_activations_in_flight(tmp_path, caplog)
     assert all(isinstance(k, Spilled) for k in kept)
     warnings = [r.getMessage() for r in caplog.records if r.name == "bigjax.layers.spill"]
     assert len(warnings) == 1 and "below the room for 3 activations" in warnings[0]
+
+
+def test_a_held_activation_is_written_once_and_its_copy_kept_for_the_ops_that_keep_it(tmp_path):
+    """``hold`` beyond the budget writes an activation a caller holds (a local module's output) and
+    ``take`` reads it back; an op keeping the array taken keeps that copy, with no second write. The
+    copy lives until its last reader: the op's backward, and the holder, whose read is released when
+    the taken array dies. Within the budget ``hold`` gives the array itself, counted in it."""
+    from bigjax.layers import spill
+
+    stats = SpillStats()
+    ex = EX.replace(host_memory=0, spill_dir=tmp_path, observer=stats)
+    x = _data(h=23, w=17)[0]
+    held = ex.hold(x)
+    assert isinstance(held, spill.Spilled) and stats.written == x.nbytes
+    taken = ex.take(held)
+    assert np.array_equal(jax.device_get(taken), jax.device_get(x))
+    kept = ex.keep(taken)
+    assert kept is held and held.readers == 2 and stats.written == x.nbytes
+    del taken
+    gc.collect()
+    assert held.readers == 1 and not held.removed
+    spill.release(kept)
+    assert held.removed and _spilled_arrays(tmp_path) == []
+    ram = EX.replace(host_memory=4 * x.nbytes, spill_dir=tmp_path)  # x and the room for 3 in flight
+    assert ram.hold(x) is x and ram.take(x) is x and ram.spill.resident == x.nbytes
+    assert EX.hold(x) is x
