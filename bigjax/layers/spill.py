@@ -269,7 +269,7 @@ class SpillStore:
                 return spilled
         if x.nbytes > self.largest:
             self._larger(x.nbytes)
-        if self.resident + x.nbytes + IN_FLIGHT * self.largest <= self.host_memory:
+        if self._fits(x.nbytes):
             self.resident += x.nbytes
             weakref.finalize(x, self._forget, key, x.nbytes)
             self._known[key] = (weakref.ref(x), None)
@@ -282,11 +282,19 @@ class SpillStore:
         weakref.finalize(x, self._forget, key, 0)
         return spilled
 
-    def adopt(self, x: jax.Array, spilled: Spilled) -> None:
-        """``x`` holds ``spilled``'s values (read back): an op keeping ``x`` keeps that copy."""
+    def adopt(self, ex, x: jax.Array, spilled: Spilled) -> bool:
+        """``x`` holds ``spilled``'s values, read back: kept in RAM (counted) where it fits the
+        budget now, and then True; else an op keeping ``x`` keeps ``spilled``'s copy."""
+        if self._fits(x.nbytes):
+            return self.keep(ex, x) is x
         key = _key(x)
         self._known[key] = (weakref.ref(x), weakref.ref(spilled))
         weakref.finalize(x, self._forget, key, 0)
+        return False
+
+    def _fits(self, nbytes: int) -> bool:
+        """Whether an activation of ``nbytes`` stays in RAM: the kept ones, it and the room."""
+        return self.resident + nbytes + IN_FLIGHT * self.largest <= self.host_memory
 
     def _larger(self, nbytes: int) -> None:
         """The largest activation yet: say once if the room for it in flight outgrows the budget."""
@@ -360,15 +368,18 @@ def hold(ex, x):
 
 
 def take(ex, v):
-    """What ``hold`` gave, as an array in host memory. A spilled one is read back whole, and its
-    copy stays the copy of the array read: an op that keeps the array keeps that copy (no second
-    write). The holder's read counts as one reader, released when the array dies."""
+    """What ``hold`` gave, as an array in host memory. A spilled one is read back whole and decided
+    again (``SpillStore.adopt``; the budget may have room now, as once the backward that ran while
+    it was held freed its residuals): kept in RAM, its copy on disk released; else its copy stays
+    the array's, so an op that keeps the array keeps that copy (no second write), and the holder's
+    reader is released when the array dies."""
     if not isinstance(v, Spilled):
         return v
     x = restore(ex, v)
-    if ex.spill is not None:
-        ex.spill.adopt(x, v)
-    weakref.finalize(x, v.release)
+    if ex.spill is not None and ex.spill.adopt(ex, x, v):
+        v.release()
+    else:
+        weakref.finalize(x, v.release)
     return x
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from bigjax.layers import big_conv2d, big_conv2d_stats
 from bigjax.layers.host import affine_relu
-from bigjax.layers.spill import CHUNK_BYTES, SpillStats
+from bigjax.layers.spill import CHUNK_BYTES, Spilled, SpillStats
 from tests.layers.helpers import EX
 
 # exact equality in float32 on purpose: the same kernels run on the same bands in the same order
@@ -107,7 +107,7 @@ def test_the_budget_keeps_room_for_three_activations_in_flight(tmp_path, caplog)
     activations as large as the largest yet fit ``host_memory``: the cotangents of a residual
     block's backward, which no residual counts. A budget below that room spills everything, once
     said in the log."""
-    from bigjax.layers.spill import IN_FLIGHT, Spilled, SpillStore
+    from bigjax.layers.spill import IN_FLIGHT, SpillStore
 
     assert IN_FLIGHT == 3
     xs = [jax.device_put(np.full((1, 8, 8, 4), i, np.float32), EX.host) for i in range(3)]
@@ -137,7 +137,7 @@ def test_a_held_activation_is_written_once_and_its_copy_kept_for_the_ops_that_ke
     ex = EX.replace(host_memory=0, spill_dir=tmp_path, observer=stats)
     x = _data(h=23, w=17)[0]
     held = ex.hold(x)
-    assert isinstance(held, spill.Spilled) and stats.written == x.nbytes
+    assert isinstance(held, Spilled) and stats.written == x.nbytes
     taken = ex.take(held)
     assert np.array_equal(jax.device_get(taken), jax.device_get(x))
     kept = ex.keep(taken)
@@ -150,3 +150,19 @@ def test_a_held_activation_is_written_once_and_its_copy_kept_for_the_ops_that_ke
     ram = EX.replace(host_memory=4 * x.nbytes, spill_dir=tmp_path)  # x and the room for 3 in flight
     assert ram.hold(x) is x and ram.take(x) is x and ram.spill.resident == x.nbytes
     assert EX.hold(x) is x
+
+
+def test_a_held_activation_taken_where_the_budget_has_room_again_comes_back_to_ram(tmp_path):
+    """Held while another activation filled the budget, an activation is written; taken after that
+    one died (a module's residuals, freed by its backward), it is kept in RAM, counted, and its copy
+    on disk removed: where it lives is decided where it is used."""
+    x = _data(h=23, w=17)[0]
+    ex = EX.replace(host_memory=5 * x.nbytes - 1, spill_dir=tmp_path)  # room for 3, then 1 more
+    other = ex.spill.keep(ex, _data(seed=1, h=23, w=17)[0])
+    held = ex.hold(x)
+    assert other is not held and not isinstance(other, Spilled) and isinstance(held, Spilled)
+    del other
+    gc.collect()
+    taken = ex.take(held)
+    assert held.removed and ex.spill.resident == x.nbytes and ex.keep(taken).get() is taken
+    assert np.array_equal(jax.device_get(taken), jax.device_get(x))
