@@ -23,6 +23,12 @@ where without the room it grew with the side: 0.65 GiB at 4096², 2.11 at 8192²
 seventh session). A budget below ``IN_FLIGHT`` × the largest activation spills everything, and those
 in-flight activations exceed it.
 
+What a caller holds between two computations is under the same rule (``hold``, ``take``): local
+learning's step holds each module's output, through that module's backward, until the next module
+reads it; held as an array it would sit in RAM beside all the budget counts (at 16,384², a module's
+input and output, 1.8 GiB each). Beyond the budget it waits on disk, written once however many ops
+also keep it, and where it lives is decided again when it is taken.
+
 Layout: one zarr v3 array per spilled activation, uncompressed (activations are noise to a compressor,
 and compression would cost CPU the kernels need), on tensorstore's ``file`` driver, one chunk per row
 band of one image: a band read is one contiguous file read, and a conv's backward reads its bands with
@@ -362,8 +368,7 @@ def hold(ex, x):
     forward, through its backward, to the next module's input), by the rule ``keep`` applies to a
     residual: ``x`` itself within ``host_memory`` (counted in it), else a ``Spilled`` handle to its
     copy on disk, written once however many ops also keep it. ``take`` gives the array back. Without
-    a store, ``x`` as it is. (Held as an array, it would stay in RAM beside all the budget counts: at
-    16,384² a local module's input and output are 1.8 GiB each.)"""
+    a store, ``x`` as it is."""
     return x if ex.spill is None else ex.spill.keep(ex, x)
 
 
