@@ -142,22 +142,28 @@ class SpilledStep:
         return self.step_s / max(self.kernel_s, self.floor_s)
 
 
-def disk_bandwidth(spill_dir, nbytes: int = 512 * 2**20) -> tuple[float, float]:
+def disk_bandwidth(spill_dir, nbytes: int = 512 * 2**20, reps: int = 3) -> tuple[float, float]:
     """(write, read) bytes/s of a spill-store array of ``nbytes`` in ``spill_dir`` (through the
     page cache, as the store itself writes: on a machine whose RAM holds the bytes, reads may
-    come from it)."""
+    come from it), each the best of ``reps`` probes: a fresh process's first probe wrote at a
+    third of the later ones' speed here (docs/benchmarks.md, eighth session), and a floor from it
+    would overstate the disk's share of a step."""
     from bigjax.layers import Execution
-    from bigjax.layers.spill import read_finish, read_start
+    from bigjax.layers.spill import read_finish, read_start, release
     ex = Execution(host_memory=0, spill_dir=spill_dir)
     side = int((nbytes / 4 / 64) ** 0.5)
     x = ex.to_host(np.ones((1, side, side, 64), np.float32))
-    start = time.perf_counter()
-    handle = ex.keep(x)
-    handle.written()
-    write = x.nbytes / (time.perf_counter() - start)
-    start = time.perf_counter()
-    read_finish(ex, read_start(ex, handle)).block_until_ready()
-    return write, x.nbytes / (time.perf_counter() - start)
+    write = read = 0.0
+    for _ in range(reps):
+        start = time.perf_counter()
+        handle = ex.keep(x)
+        handle.written()
+        write = max(write, x.nbytes / (time.perf_counter() - start))
+        start = time.perf_counter()
+        read_finish(ex, read_start(ex, handle)).block_until_ready()
+        read = max(read, x.nbytes / (time.perf_counter() - start))
+        release(handle)
+    return write, read
 
 
 def benchmark_spilled(shape: tuple, host_memory: int, spill_dir, budget: int = 64 * 2**20,

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bigjax.bench.host_memory import benchmark_spilled, measure_host_step, stored_once_bytes
+from bigjax.bench.host_memory import (benchmark_spilled, disk_bandwidth, measure_host_step,
+                                      stored_once_bytes)
 from bigjax.models.resnet import ResNet
 
 
@@ -28,6 +29,15 @@ def test_a_spilled_step_is_measured(tmp_path):
     r = measure_host_step(64, host_memory=0, spill_dir=str(tmp_path))
     assert r.spilled >= r.stored_once  # all of it on disk (and the block outputs besides)
     assert r.read >= r.spilled and r.rss_rise > 0 and r.step_s > 0
+
+
+def test_the_disk_probe_writes_a_new_array_each_time_and_leaves_no_file(tmp_path):
+    """The probe runs ``reps`` times (its bandwidths the best of them: a fresh process's first is
+    slow), each writing the array anew (the store removed the last copy at its release) and reading
+    it back; no file is left."""
+    write, read = disk_bandwidth(tmp_path, 2**20, reps=3)
+    assert write > 0 and read > 0
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
 
 
 @pytest.mark.parametrize("warmup", [True, False])
