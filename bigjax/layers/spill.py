@@ -376,8 +376,8 @@ def hold(ex, x):
 
 def take(ex, v):
     """What ``hold`` gave, as an array in host memory. A spilled one is read back whole and decided
-    again (``SpillStore.adopt``; the budget may have room now, as once the backward that ran while
-    it was held freed its residuals): kept in RAM, its copy on disk released; else its copy stays
+    again (``SpillStore.adopt``; the budget may have room now, the backward that ran while it was
+    held having freed its residuals): kept in RAM, its copy on disk released; else its copy stays
     the array's, so an op that keeps the array keeps that copy (no second write), and the holder's
     reader is released when the array dies."""
     if not isinstance(v, Spilled):

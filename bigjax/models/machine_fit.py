@@ -24,9 +24,9 @@ kernel throughput in FLOP/s and the host's bandwidth for memory-bound passes, bo
   outputs and the block outputs) beyond H, less the room H keeps for ``spill.IN_FLIGHT`` activations
   as large as the largest (``Footprint.largest_bytes``), are written once in the forward and read
   ``READS`` times in the backward; host RAM used = H, or ``ALIVE_SPILLED`` activations as large as
-  the largest where that is more, + the partitions in flight. A budget or a narrow ``host_dtype`` streams the stem
-  (``Execution.stream_stem``): its conv output is neither kept nor held, and its conv runs
-  ``STEM_PASSES`` more times;
+  the largest where that is more, + the partitions in flight. A budget or a narrow ``host_dtype``
+  streams the stem (``Execution.stream_stem``): its conv output is neither kept nor held, and its
+  conv runs ``STEM_PASSES`` more times;
 * host time: the engine's memory-bound work on the host (the host ops: folded BatchNorm, ReLU, add,
   pooling, forward and backward; band slicing and joining; the copies between memory spaces) moves
   ``HOST_PASSES`` × the activations stored once through host memory;
