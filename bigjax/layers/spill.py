@@ -273,34 +273,36 @@ class SpillStore:
             if spilled is not None and not spilled.removed:  # still kept by an op's residuals
                 spilled.readers += 1  # written once, read by one more backward
                 return spilled
-        if x.nbytes > self.largest:
-            self._larger(x.nbytes)
         if self._fits(x.nbytes):
-            self.resident += x.nbytes
-            weakref.finalize(x, self._forget, key, x.nbytes)
-            self._known[key] = (weakref.ref(x), None)
+            self._remember(x)
             return x
         spilled = self._write(ex, x)
         spilled.readers = 1
-        # both weak: the files go at the last release, or when the last residual holding the handle
-        # is dropped
-        self._known[key] = (weakref.ref(x), weakref.ref(spilled))
-        weakref.finalize(x, self._forget, key, 0)
+        self._remember(x, spilled)
         return spilled
 
-    def adopt(self, ex, x: jax.Array, spilled: Spilled) -> bool:
+    def adopt(self, x: jax.Array, spilled: Spilled) -> bool:
         """``x`` holds ``spilled``'s values, read back: kept in RAM (counted) where it fits the
         budget now, and then True; else an op keeping ``x`` keeps ``spilled``'s copy."""
-        if self._fits(x.nbytes):
-            return self.keep(ex, x) is x
-        key = _key(x)
-        self._known[key] = (weakref.ref(x), weakref.ref(spilled))
-        weakref.finalize(x, self._forget, key, 0)
-        return False
+        in_ram = self._fits(x.nbytes)
+        self._remember(x, None if in_ram else spilled)
+        return in_ram
 
     def _fits(self, nbytes: int) -> bool:
-        """Whether an activation of ``nbytes`` stays in RAM: the kept ones, it and the room."""
+        """Whether an activation of ``nbytes`` stays in RAM (the largest yet updated first): the
+        kept ones, it and the room."""
+        if nbytes > self.largest:
+            self._larger(nbytes)
         return self.resident + nbytes + IN_FLIGHT * self.largest <= self.host_memory
+
+    def _remember(self, x: jax.Array, spilled: Spilled | None = None) -> None:
+        """``x`` is in RAM, counted in ``resident``, or (``spilled``) that copy's array; both weak:
+        the files go at the last release, or when the last residual holding the handle is dropped,
+        and the entry when ``x`` dies."""
+        key, resident = _key(x), (x.nbytes if spilled is None else 0)
+        self.resident += resident
+        self._known[key] = (weakref.ref(x), None if spilled is None else weakref.ref(spilled))
+        weakref.finalize(x, self._forget, key, resident)
 
     def _larger(self, nbytes: int) -> None:
         """The largest activation yet: say once if the room for it in flight outgrows the budget."""
@@ -383,7 +385,7 @@ def take(ex, v):
     if not isinstance(v, Spilled):
         return v
     x = restore(ex, v)
-    if ex.spill is not None and ex.spill.adopt(ex, x, v):
+    if ex.spill is not None and ex.spill.adopt(x, v):
         v.release()
     else:
         weakref.finalize(x, v.release)
