@@ -37,6 +37,7 @@ from flax import nnx
 from bigjax.layers import host
 from bigjax.layers.execution import Execution
 from bigjax.local.group_norm import NORMS, require_one_map, to_group_norm
+from bigjax.local.held_grad import held_grad
 from bigjax.local.rfr import RFRDecoder, check_patches, rfr_patches, sample_tile_patches
 from bigjax.local.split import SPLITS, module_pieces
 from bigjax.models import mil
@@ -146,10 +147,15 @@ def module_loss(model: steps.MILClassifier, path, x_prev, labels, positions, i: 
 
 
 def _module_grad(model, path, x_prev, labels, positions, i, patch):
-    grad_fn = nnx.value_and_grad(module_loss, argnums=nnx.DiffState(0, module_params(model.encoder, i)),
-                                 has_aux=True)
-    (loss, x), grads = grad_fn(model, path, x_prev, labels, positions, i, patch)
-    return loss, x, grads
+    """Module i's loss, output and gradient (``held_grad``): with an ``Execution``, its input read
+    back for the forward only and its output held by the store through the backward."""
+    ex = getattr(path, "execution", None)
+
+    def loss_fn(m):
+        x_in = x_prev if ex is None else ex.take(x_prev)
+        return module_loss(m, path, x_in, labels, positions, i, patch)
+
+    return held_grad(model, module_params(model.encoder, i), loss_fn, ex)
 
 
 @nnx.jit(static_argnames=("i", "patch"))
@@ -184,8 +190,8 @@ def local_step(model: steps.MILClassifier, optimizer: nnx.Optimizer, tiles, labe
     path = InMemory if execution is None else Fused(execution)
     if execution is not None and enc.norm == "group":
         require_one_map(x.shape)
-    x = _stem(enc, x) if execution is None else jax.lax.stop_gradient(
-        enc.stem(path, execution.to_host(x), False))
+    x = _stem(enc, x) if execution is None else execution.hold(jax.lax.stop_gradient(
+        enc.stem(path, execution.to_host(x), False)))
     losses, grads = [], []
     for i in range(enc.n_modules):
         positions, patch = np.zeros((0, 3), np.int32), 0

@@ -26,12 +26,12 @@ import functools
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
 from bigjax.layers.execution import Execution
+from bigjax.local.held_grad import held_grad
 from bigjax.local.model import LocalModule, LocalNetwork
 from bigjax.local.rfr import check_patches
 from bigjax.models.resnet_paths import Fused, InMemory
@@ -126,25 +126,15 @@ def module_grad(module: LocalModule, path, x_prev, label, positions, *, patch: i
 
 
 def _module_grad(module, path, x_prev, label, positions, patch, alpha, bn_train):
-    """The module's forward, then its backward (``jax.vjp``), with its output handed to the path's
-    store in between (``Execution.hold``): beyond the host budget, neither the module's output nor
-    its input (``Execution.take``: read back for the forward only) stays in RAM through the backward.
-    """
+    """The module's loss, output and gradient (``held_grad``): its input read back for the forward
+    only (``Execution.take``), its output held by the path's store through the backward."""
     ex = getattr(path, "execution", None)
-    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
 
-    def loss_fn(params):
-        m = nnx.merge(graphdef, params, rest, copy=True)  # fresh Variables: mutable in this trace
+    def loss_fn(m):
         x_in = x_prev if ex is None else ex.take(x_prev)
-        loss, x = m.loss(path, x_in, label, positions, patch=patch, alpha=alpha, bn_train=bn_train)
-        return loss, (x, nnx.state(m, nnx.Not(nnx.Param)))
+        return m.loss(path, x_in, label, positions, patch=patch, alpha=alpha, bn_train=bn_train)
 
-    loss, pullback, (x, updated) = jax.vjp(loss_fn, params, has_aux=True)
-    if ex is not None:
-        x = ex.hold(x)
-    (grads,) = pullback(jnp.ones_like(loss))
-    nnx.update(module, updated)
-    return loss, x, grads
+    return held_grad(module, nnx.Param, loss_fn, ex)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "patch", "alpha", "bn_train"))
