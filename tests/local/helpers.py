@@ -1,10 +1,13 @@
 """A tiny local network (the real classes, small blocks) and gradient comparisons for the local tests."""
 
+import weakref
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bigjax.layers import Execution
 from bigjax.layers.modules import BigBatchNorm, BigConv
 from bigjax.local import LocalNetwork
 from bigjax.models.resnet import BasicBlock
@@ -48,3 +51,23 @@ def rel_err(a, b) -> float:
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)]
     diff = max(float(np.max(np.abs(x - y), initial=0)) for x, y in pairs)
     return diff / max(max(float(np.max(np.abs(y), initial=0)) for _, y in pairs), 1e-30)
+
+
+def watch_holds(monkeypatch):
+    """``(held, alive, observer)``: ``held`` gets a weak reference to every array an ``Execution``
+    holds (``Execution.hold``, patched), and the ``observer`` appends to ``alive``, at each backward
+    kernel, how many of them are alive."""
+    held, alive = [], []
+    hold = Execution.hold
+
+    def watched_hold(self, x):
+        held.append(weakref.ref(x))
+        return hold(self, x)
+
+    def observer(event, fn, *args, **kwargs):
+        if event.endswith("_backward"):
+            alive.append(sum(r() is not None for r in held))
+        return fn(*args, **kwargs)
+
+    monkeypatch.setattr(Execution, "hold", watched_hold)
+    return held, alive, observer

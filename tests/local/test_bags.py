@@ -1,7 +1,5 @@
 """Local learning on tile bags streamed through Big-Layers (``bags.local_step`` with an Execution)."""
 
-import weakref
-
 import jax
 import numpy as np
 import pytest
@@ -9,6 +7,7 @@ import pytest
 from bigjax.layers import Execution
 from bigjax.local import bags
 from bigjax.train.loop import Run
+from tests.local.helpers import watch_holds
 from tests.local.test_mode import _bags, _local
 
 _update = bags._update
@@ -43,19 +42,7 @@ def test_a_streamed_local_step_equals_the_jitted_one_and_spilled_equals_in_ram(s
     jitted = _step(store, tmp_path / "jit", tiles, labels)
     in_ram = _step(store, tmp_path / "ram", tiles, labels, Execution(64 * 2**20))
 
-    held, alive = [], []
-    hold = Execution.hold
-
-    def watched_hold(self, x):
-        held.append(weakref.ref(x))
-        return hold(self, x)
-
-    def observer(event, fn, *args, **kwargs):
-        if event.endswith("_backward"):
-            alive.append(sum(r() is not None for r in held))
-        return fn(*args, **kwargs)
-
-    monkeypatch.setattr(Execution, "hold", watched_hold)
+    held, alive, observer = watch_holds(monkeypatch)
     spilled = _step(store, tmp_path / "spill", tiles, labels,
                     Execution(64 * 2**20, observer=observer, host_memory=0, spill_dir=tmp_path / "d"))
     assert len(held) == 1 + 4 and alive and max(alive) == 0, (len(held), alive)

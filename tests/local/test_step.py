@@ -1,14 +1,12 @@
 """The local step over a host budget: a module's input and output leave RAM for its backward."""
 
-import weakref
-
 import jax
 import numpy as np
 from flax import nnx
 
 from bigjax.layers import Execution
 from bigjax.local import make_optimizers, train_step
-from tests.local.helpers import LABEL, X, tiny_network
+from tests.local.helpers import LABEL, X, tiny_network, watch_holds
 
 
 def _step(ex):
@@ -24,19 +22,7 @@ def test_a_modules_input_and_output_are_not_in_ram_during_its_backward_when_they
     output, each module's output) are dead whenever a backward kernel runs: they wait on disk
     (``Execution.hold``), not in RAM beside the budget. The step's losses and parameters are the
     in-RAM step's bit for bit."""
-    held, alive = [], []
-    hold = Execution.hold
-
-    def watched_hold(self, x):
-        held.append(weakref.ref(x))
-        return hold(self, x)
-
-    def observer(event, fn, *args, **kwargs):
-        if event.endswith("_backward"):
-            alive.append(sum(r() is not None for r in held))
-        return fn(*args, **kwargs)
-
-    monkeypatch.setattr(Execution, "hold", watched_hold)
+    held, alive, observer = watch_holds(monkeypatch)
     spilled = _step(Execution(200_000, observer=observer, host_memory=0, spill_dir=tmp_path))
     assert len(held) == 3 and alive and max(alive) == 0  # the stem's output and two modules'
     in_ram = _step(Execution(200_000))
