@@ -149,13 +149,12 @@ def module_loss(model: steps.MILClassifier, path, x_prev, labels, positions, i: 
 def _module_grad(model, path, x_prev, labels, positions, i, patch):
     """Module i's loss, output and gradient (``held_grad``): with an ``Execution``, its input read
     back for the forward only and its output held by the store through the backward."""
-    ex = getattr(path, "execution", None)
 
-    def loss_fn(m):
-        x_in = x_prev if ex is None else ex.take(x_prev)
+    def loss_fn(m, x_in):
         return module_loss(m, path, x_in, labels, positions, i, patch)
 
-    return held_grad(model, module_params(model.encoder, i), loss_fn, ex)
+    return held_grad(model, module_params(model.encoder, i), loss_fn, x_prev,
+                     getattr(path, "execution", None))
 
 
 @nnx.jit(static_argnames=("i", "patch"))

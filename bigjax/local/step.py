@@ -128,13 +128,11 @@ def module_grad(module: LocalModule, path, x_prev, label, positions, *, patch: i
 def _module_grad(module, path, x_prev, label, positions, patch, alpha, bn_train):
     """The module's loss, output and gradient (``held_grad``): its input read back for the forward
     only (``Execution.take``), its output held by the path's store through the backward."""
-    ex = getattr(path, "execution", None)
 
-    def loss_fn(m):
-        x_in = x_prev if ex is None else ex.take(x_prev)
+    def loss_fn(m, x_in):
         return m.loss(path, x_in, label, positions, patch=patch, alpha=alpha, bn_train=bn_train)
 
-    return held_grad(module, nnx.Param, loss_fn, ex)
+    return held_grad(module, nnx.Param, loss_fn, x_prev, getattr(path, "execution", None))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "patch", "alpha", "bn_train"))
