@@ -34,7 +34,11 @@ and compression would cost CPU the kernels need), on tensorstore's ``file`` driv
 band of one image: a band read is one contiguous file read, and a conv's backward reads its bands with
 their halos from one or two chunks. Writes are tensorstore futures started in the forward and waited on
 only when too many bytes are in flight (``PENDING_BYTES``); in a conv's backward the next band's read
-is started before the current band's kernels run (``bands``).
+is started before the current band's kernels run (``bands``). Neither copies more than it must: a
+write reads its band from the activation's own buffer, and a read lands in a 64-byte aligned buffer
+that the host device adopts as the band's array (tensorstore's own output array is misaligned for
+XLA, which then copied it: one fresh buffer and one pass more per byte read; docs/benchmarks.md,
+tenth session).
 
 Lifetime: the arrays live in ``<spill_dir>/bigjax-spill-<pid>/``; an array's files are removed once
 the last op backward that reads it ``release``s its handle (as the backward goes, like ``Kept``), or
@@ -64,6 +68,7 @@ import numpy as np
 import tensorstore as ts
 
 from bigjax.layers import pages
+from bigjax.layers.bands import aligned_empty
 
 __all__ = ["SpillStore", "Spilled", "Kept", "SpillStats", "from_store", "keep_in_ram", "release",
            "restore", "bands", "hold", "take", "IN_FLIGHT", "PENDING_BYTES", "CHUNK_BYTES"]
@@ -393,11 +398,13 @@ def take(ex, v):
 
 
 def _start_write(nbytes, store, i, r, band):
-    return store[i:i + 1, r:r + band.shape[1]].write(band)
+    # the band is a view of an immutable JAX buffer, alive while tensorstore holds it: written
+    # from where it is, not first copied into a chunk buffer of tensorstore's
+    return store[i:i + 1, r:r + band.shape[1]].write(band, can_reference_source_data_indefinitely=True)
 
 
-def _start_read(nbytes, view):
-    return view.read()
+def _start_read(nbytes, view, out):
+    return ts.array(out, copy=False, write=True).write(view)
 
 
 def read_start(ex, v: Spilled, n0=0, n1=None, r0=0, r1=None):
@@ -413,13 +420,17 @@ def read_start(ex, v: Spilled, n0=0, n1=None, r0=0, r1=None):
     r1 = v.shape[1] if r1 is None else r1
     nbytes = (n1 - n0) * (r1 - r0) * int(np.prod(v.shape[2:])) * v.dtype.itemsize
     event, wait = ("spill_read", "spill_wait") if v.path is not None else ("input_read", "input_wait")
-    return ex.call(event, _start_read, nbytes, v.store[n0:n1, r0:r1]), v.dtype, wait
+    view = v.store[n0:n1, r0:r1]
+    out = aligned_empty(view.shape, v.dtype)
+    return ex.call(event, _start_read, nbytes, view, out), out, wait
 
 
 def read_finish(ex, started) -> jax.Array:
-    """The band whose read ``read_start`` started, on the host device."""
-    future, dtype, wait = started
-    return ex.to_host(ex.call(wait, future.result).astype(dtype, copy=False))
+    """The band whose read ``read_start`` started, on the host device: the buffer it was read into,
+    which the host device adopts without a copy (64-byte aligned)."""
+    future, out, wait = started
+    ex.call(wait, future.result)
+    return ex.to_host(out)
 
 
 def bands(ex, v, ranges, take):

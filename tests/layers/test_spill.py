@@ -166,3 +166,25 @@ def test_a_held_activation_taken_where_the_budget_has_room_again_comes_back_to_r
     taken = ex.take(held)
     assert held.removed and ex.spill.resident == x.nbytes and ex.keep(taken).get() is taken
     assert np.array_equal(jax.device_get(taken), jax.device_get(x))
+
+
+def test_a_band_read_back_is_the_buffer_it_was_read_into(tmp_path, monkeypatch):
+    """A spilled band is read into a buffer of the engine's own that the host device adopts as the
+    band's array, uncopied (tensorstore's own output array is misaligned for XLA, which copied it),
+    in float32 and bfloat16, from the spill store and from a caller's store of another dtype."""
+    import tensorstore as ts
+
+    from bigjax.layers import spill
+
+    into = []
+    start = spill._start_read
+    monkeypatch.setattr(spill, "_start_read", lambda *a: into.append(a[-1]) or start(*a))
+    ex = EX.replace(host_memory=0, spill_dir=tmp_path)
+    x = _data(h=23, w=17)[0]
+    slide = ts.array(np.arange(23 * 17 * 5, dtype=np.uint8).reshape(23, 17, 5))
+    for v, want in [(ex.hold(x), x), (ex.hold(x.astype(jnp.bfloat16)), x.astype(jnp.bfloat16)),
+                    (spill.from_store(slide, np.float32), slide.read().result()[None])]:
+        band = spill.read_finish(ex, spill.read_start(ex, v, 1 if v.shape[0] > 1 else 0, None, 3, 20))
+        assert band.unsafe_buffer_pointer() == into[-1].ctypes.data
+        assert band.dtype == v.dtype and band.devices() == {ex.host}
+        assert np.array_equal(jax.device_get(band), np.asarray(want)[-1:, 3:20].astype(v.dtype))
