@@ -34,11 +34,10 @@ and compression would cost CPU the kernels need), on tensorstore's ``file`` driv
 band of one image: a band read is one contiguous file read, and a conv's backward reads its bands with
 their halos from one or two chunks. Writes are tensorstore futures started in the forward and waited on
 only when too many bytes are in flight (``PENDING_BYTES``); in a conv's backward the next band's read
-is started before the current band's kernels run (``bands``). Neither copies more than it must: a
-write reads its band from the activation's own buffer, and a read lands in a 64-byte aligned buffer
-that the host device adopts as the band's array (tensorstore's own output array is misaligned for
-XLA, which then copied it: one fresh buffer and one pass more per byte read; docs/benchmarks.md,
-tenth session).
+is started before the current band's kernels run (``bands``). A read lands in a 64-byte aligned buffer
+that the host device adopts as the band's array: tensorstore's own output array is misaligned for
+XLA, which copied it, one fresh buffer and one pass more per byte read (docs/benchmarks.md, tenth
+session).
 
 Lifetime: the arrays live in ``<spill_dir>/bigjax-spill-<pid>/``; an array's files are removed once
 the last op backward that reads it ``release``s its handle (as the backward goes, like ``Kept``), or
@@ -398,9 +397,10 @@ def take(ex, v):
 
 
 def _start_write(nbytes, store, i, r, band):
-    # the band is a view of an immutable JAX buffer, alive while tensorstore holds it: written
-    # from where it is, not first copied into a chunk buffer of tensorstore's
-    return store[i:i + 1, r:r + band.shape[1]].write(band, can_reference_source_data_indefinitely=True)
+    # copied into tensorstore's chunk buffer: written from the activation's own buffer instead
+    # (``can_reference_source_data_indefinitely``), 0.5 GiB of a 1 GiB activation stayed resident
+    # after its writes and every reference of ours had gone (docs/benchmarks.md, tenth session)
+    return store[i:i + 1, r:r + band.shape[1]].write(band)
 
 
 def _start_read(nbytes, view, out):
