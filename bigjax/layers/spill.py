@@ -397,9 +397,10 @@ def take(ex, v):
 
 
 def _start_write(nbytes, store, i, r, band):
-    # copied into tensorstore's chunk buffer: written from the activation's own buffer instead
-    # (``can_reference_source_data_indefinitely``), 0.5 GiB of a 1 GiB activation stayed resident
-    # after its writes and every reference of ours had gone (docs/benchmarks.md, tenth session)
+    # tensorstore copies the band into a chunk buffer of its own; asked to write from the
+    # activation's buffer instead (``can_reference_source_data_indefinitely``), it kept 0.5 GiB of
+    # a 1 GiB activation resident after its writes and every reference of ours had gone, out of
+    # the budget's sight (docs/benchmarks.md, tenth session)
     return store[i:i + 1, r:r + band.shape[1]].write(band)
 
 
