@@ -417,13 +417,10 @@ def read_start(ex, v: Spilled, n0=0, n1=None, r0=0, r1=None):
                            "it from the spill store after its last reader released it")
     if v._pending:
         ex.call("spill_wait", v.written)
-    n1 = v.shape[0] if n1 is None else n1
-    r1 = v.shape[1] if r1 is None else r1
-    nbytes = (n1 - n0) * (r1 - r0) * int(np.prod(v.shape[2:])) * v.dtype.itemsize
     event, wait = ("spill_read", "spill_wait") if v.path is not None else ("input_read", "input_wait")
     view = v.store[n0:n1, r0:r1]
     out = aligned_empty(view.shape, v.dtype)
-    return ex.call(event, _start_read, nbytes, view, out), out, wait
+    return ex.call(event, _start_read, out.nbytes, view, out), out, wait
 
 
 def read_finish(ex, started) -> jax.Array:
