@@ -8,12 +8,14 @@ Backward, likewise two passes, one per op: the affine pass gives ``dx = g * a`` 
 ``db = Σ g`` reduced on the device, the statistics pass gives the part that flows through the batch
 mean and variance, ``(dmean + 2 dvar (x - mean)) / M``; JAX adds the two input gradients and carries
 ``da, db`` back to ``scale, bias, mean, var`` through the fold. Each op is exact on its own, so the
-composition equals the in-memory BatchNorm's gradient.
+composition equals the in-memory BatchNorm's gradient. A backward reads its residual input band by
+band, from RAM or from the spill store (``spill.bands``), never whole.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -47,11 +49,16 @@ def _plan(x, ex, in_buffers, out_buffers):
 
 
 def _to_compute_bands(ex, in_buffers, out_buffers, x, *more):
-    """Yield each partition of host array ``x`` (and same-shaped ``more``) as device bands."""
-    for p in _plan(x, ex, in_buffers, out_buffers):
+    """Yield each partition of ``x`` (a host array, or a residual ``Execution.keep`` gave: cut from
+    RAM or read from the spill store one band ahead, ``spill.bands``) and of the same-shaped host
+    arrays ``more``, as device bands."""
+    plan = _plan(x, ex, in_buffers, out_buffers)
+    take = functools.partial(ex.call, "take_band", take_band)
+    xs = spill.bands(ex, x, [(p.n0, p.n1, p.r0, p.r1) for p in plan], take)
+    for p in plan:
         ex.window.admit(ex)
-        yield p, *(ex.to_compute(ex.call("take_band", take_band, v, p.n0, p.n1, p.r0, p.r1))
-                   for v in (x, *more))
+        yield p, ex.to_compute(next(xs)), *(ex.to_compute(take(v, p.n0, p.n1, p.r0, p.r1))
+                                            for v in more)
 
 
 def _to_host(ex, p, band):
@@ -94,13 +101,12 @@ _moments_pull = jax.jit(moments.moments_cotangent)
 
 def _moments_bwd(ex, res, cts):
     saved, mean = res
-    x = ex.restore(saved)
-    spill.release(saved)  # ``x`` holds the array until this backward returns
     g_mean, g_var = map(ex.to_compute, cts)
-    count = ex.to_compute(np.float32(x.size // x.shape[-1]))
-    return (_join(ex, [_to_host(ex, p, ex.call("batch_norm", _moments_pull, xb, mean, g_mean, g_var,
-                                               count))
-                       for p, xb in _to_compute_bands(ex, 2, 0, x)]),)
+    count = ex.to_compute(np.float32(math.prod(saved.shape[:-1])))
+    bands = [_to_host(ex, p, ex.call("batch_norm", _moments_pull, xb, mean, g_mean, g_var, count))
+             for p, xb in _to_compute_bands(ex, 2, 0, saved)]
+    spill.release(saved)
+    return (_join(ex, bands),)
 
 
 _moments.defvjp(_moments_fwd, _moments_bwd)
@@ -139,13 +145,12 @@ def _affine_fwd(ex, x, a, b):
 
 def _affine_bwd(ex, res, g):
     saved, a = res
-    x = ex.restore(saved)
-    spill.release(saved)  # ``x`` holds the array until this backward returns
     acc, bands = zeros_like((a, a)), []
-    for p, xb, gb in _to_compute_bands(ex, 2, 1, x, ex.to_host(g)):
+    for p, xb, gb in _to_compute_bands(ex, 2, 1, saved, ex.to_host(g)):
         acc, dx = ex.call("batch_norm", _affine_pull, acc, xb, gb, a)
         bands.append(_to_host(ex, p, dx))
         del xb, gb, dx
+    spill.release(saved)
     return (_join(ex, bands), *acc)
 
 

@@ -300,10 +300,12 @@ class Execution:
         return jax.device_put(x, self.compute)
 
     def to_device_of(self, x, like) -> jax.Array:
-        """Put ``x`` where ``like`` lives (numpy counts as the compute device), e.g. a cotangent."""
-        if isinstance(like, jax.Array):
-            event = "to_host" if like.devices() == {self.host} else "to_compute"
-            return self.call(event, jax.device_put, x, like.sharding)
+        """Put ``x`` where ``like`` (an array, or anything with an array's ``sharding``) lives
+        (numpy counts as the compute device), e.g. a cotangent."""
+        sharding = getattr(like, "sharding", None)
+        if sharding is not None:
+            event = "to_host" if sharding.device_set == {self.host} else "to_compute"
+            return self.call(event, jax.device_put, x, sharding)
         return self.to_compute(x)
 
     def crossing_bytes(self, event: str, x) -> int:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from bigjax.layers import host
+from bigjax.layers.spill import SpillStats
 from tests.layers.helpers import EX, grad, rel_err, weighted_sum_loss
 
 RNG = np.random.default_rng(0)
@@ -109,13 +110,81 @@ def test_a_row_wise_backward_runs_in_row_bands(spilled, tmp_path):
     assert (len(reads) >= 12 and max(reads) < X.nbytes // 2) if spilled else not reads
 
 
-def test_max_pool_pullback_groups_grow_until_their_temporaries_fit_the_budget():
-    x = EX.to_host(X)
-    assert host._groups(8, (x,), 2**30) == 8  # the least, whatever the budget
-    assert host._groups(8, (x,), X.nbytes // 4) == 4 * host.POOL_PULL  # (5 channels: one a group)
-    tiny = EX.replace(max_partition_bytes=X.nbytes // 4)
-    weights = EX.to_compute(RNG.normal(size=(2, 19, 15, 5)).astype(np.float32))
-    got = grad(weighted_sum_loss(functools.partial(host.max_pool, execution=tiny), weights))(x)
-    plain = jax.jit(lambda x: _pool(x, 3, 2, 1))
-    want = grad(weighted_sum_loss(plain, weights))(jax.device_put(X, EX.compute))
-    assert rel_err(got, want) < 1e-6 and got.devices() == {EX.host}
+POOLS = {"resnet": (3, 2, 1), "2x2": (2, 2, 0), "wide": (5, 3, 2)}
+
+
+@pytest.mark.parametrize("pool", sorted(POOLS))
+@pytest.mark.parametrize("spilled", [False, True])
+def test_a_pooling_backward_runs_in_row_bands_with_the_rows_its_windows_read(pool, spilled,
+                                                                            tmp_path):
+    """A budget of a few rows: the folded-BatchNorm-ReLU-max-pool pullback runs band by band, each
+    band reading the rows its windows reach (cut from RAM, or spill reads none of which spans the
+    residual), and its input cotangent is the whole-array pullback's bit for bit (every window
+    reaching a row lies in the row's band); a, b summed over the bands, to round-off. 37 rows: the
+    2x2 pool reads no window of the last row, whose cotangent is zero."""
+    window, stride, padding = POOLS[pool]
+    events = []
+
+    def observer(event, fn, *args, **kwargs):
+        if event in ("host_backward", "spill_read"):
+            events.append((event, args[0] if event == "spill_read" else None))
+        return fn(*args, **kwargs)
+    ex = EX.replace(max_partition_bytes=host.POOL_PULL * 8 * 29 * 5 * 4, observer=observer)
+    if spilled:
+        ex = ex.replace(host_memory=0, spill_dir=tmp_path)
+    x = jax.device_put(X, ex.host)
+    a, b = (jax.device_put(v, ex.compute) for v in (A, B))
+
+    def plain(x, a, b):
+        return _pool(jax.nn.relu(x * a + b), window, stride, padding)
+    weights = jax.device_put(RNG.normal(size=jax.eval_shape(plain, X, A, B).shape).astype(np.float32), ex.host)
+
+    def big(x, a, b):
+        return jnp.sum(host.affine_relu_max_pool(x, a, b, window=window, stride=stride,
+                                                 padding=padding, execution=ex) * weights)
+    got = grad(big, (0, 1, 2))(x, a, b)
+    want = grad(jax.jit(lambda x, a, b: jnp.sum(plain(x, a, b) * weights)), (0, 1, 2))(
+        *(jax.device_put(v, ex.host) for v in (X, A, B)))
+    assert sum(e == "host_backward" for e, _ in events) >= 4
+    assert np.array_equal(jax.device_get(got[0]), jax.device_get(want[0]))
+    assert rel_err(got[1:], want[1:]) < 1e-5
+    assert got[0].devices() == {ex.host} and got[1].devices() == {ex.compute}
+    if pool == "2x2":
+        assert not np.any(jax.device_get(got[0])[:, -1]) and np.any(jax.device_get(got[0])[:, -2])
+    reads = [n for e, n in events if e == "spill_read"]
+    assert (len(reads) >= 4 and max(reads) < X.nbytes // 2) if spilled else not reads
+
+
+@pytest.mark.parametrize("h", [1, 2, 7, 37])
+@pytest.mark.parametrize("pool", sorted(POOLS))
+def test_a_row_band_reads_exactly_the_rows_of_the_windows_that_reach_it(h, pool):
+    """``Rows.band`` against brute force: the output rows whose window (padding included) meets
+    the band, the input rows they read, and the padding rows that make up the rest."""
+    window, stride, padding = POOLS[pool]
+    rows = host.Rows(window, stride, padding)
+    for r0 in range(h):
+        for r1 in range(r0 + 1, h + 1):
+            reach = [o for o in range(rows.outputs(h))
+                     if o * stride - padding < r1 and o * stride - padding + window > r0]
+            (o0, o1), (z0, z1), (top, bottom) = rows.band(r0, r1, h)
+            if not reach:
+                assert o0 >= o1
+                continue
+            assert (o0, o1) == (reach[0], reach[-1] + 1)
+            first, last = o0 * stride - padding, (o1 - 1) * stride - padding + window
+            assert (z0, z1, top, bottom) == (max(0, first), min(h, last), max(0, -first),
+                                             max(0, last - h))
+
+
+def test_the_global_average_pool_keeps_nothing_of_its_input(tmp_path):
+    """Its pullback is its transpose, which needs only the input's shape: with every residual to be
+    spilled it writes nothing to the store, and its gradient is the mean's."""
+    stats = SpillStats()
+    ex = EX.replace(host_memory=0, spill_dir=tmp_path, observer=stats)
+    weights = ex.to_compute(RNG.normal(size=(2, 5)).astype(np.float32))
+    got = grad(weighted_sum_loss(functools.partial(host.global_avg_pool, execution=ex), weights))(
+        ex.to_host(X))
+    want = grad(weighted_sum_loss(jax.jit(lambda x: x.mean(axis=(1, 2))), weights))(
+        jax.device_put(X, ex.compute))
+    assert stats.writes == 0 and stats.reads == 0
+    assert rel_err(got, want) < 1e-6 and got.devices() == {ex.host}
