@@ -111,7 +111,10 @@ class Execution:
         double-buffers its loops unless it is 0.
       engine: "eager" streams each partition from Python (copies, band kernels, joins); "compiled"
         runs each pass of a conv as one XLA program that loops over the same partitions in the
-        compute device's host memory (``compiled``). The same results, to float round-off.
+        compute device's host memory (``compiled``). The same results, to float round-off. A
+        compiled pass reads its spilled residuals whole (its one program takes whole arrays), where
+        the eager ops read them in bands of a partition: with ``host_memory`` the compiled engine's
+        peak is a pass's arrays above the budget (the CLIs refuse the pair).
       whole_blocks: run a residual block as one device program (``whole``) where XLA's account of
         its forward and backward fits ``max_partition_bytes``; False streams every block op by op.
       host_dtype: the dtype big activations (and their cotangents) are kept in between ops, e.g.

@@ -166,6 +166,10 @@ class TrainConfig:
             _at_least("device_memory", self.device_memory, 1)
         object.__setattr__(self, "host_memory", parse_host_memory(self.host_memory))
         spill_options(self.host_memory, self.spill_dir, self.workdir)  # spill_dir alone is refused
+        if self.big_engine != "eager" and self.host_memory is not None:
+            raise ValueError(f"--big_engine={self.big_engine} with --host_memory: a compiled pass "
+                             "reads its activations whole, which a host budget cannot hold; "
+                             "--big_engine=eager reads spilled ones band by band")
         if self.big_stages != AUTO and (not isinstance(self.big_stages, int)
                                         or not 0 <= self.big_stages <= 4):
             raise ValueError(f"--big_stages={self.big_stages}: must be in 0..4 or auto")

@@ -26,6 +26,7 @@ def _config(**fields):
     (dict(host_dtype="bfloat16", arch="vit_small_patch16_224"), r"for the Big ResNets, not --arch=vit"),
     (dict(big_engine="fast"), r"--big_engine=fast: choose one of eager, compiled"),
     (dict(big_engine="compiled", arch="vit_small_patch16_224"), r"ResNets' convolutions, not --arch=vit"),
+    (dict(big_engine="compiled", host_memory="8GiB"), r"--big_engine=compiled with --host_memory: a "),
 ])
 def test_bad_run_settings_are_refused(fields, message):
     with pytest.raises(ValueError, match=message):
