@@ -43,6 +43,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tensorstore as ts
 from jax.sharding import SingleDeviceSharding
 
 from bigjax.layers import spill
@@ -225,6 +226,15 @@ class Execution:
         if self.host_dtype is None or x.dtype == self.host_dtype:
             return x
         return x.astype(self.host_dtype)
+
+    def input(self, x, dtype):
+        """A Big model's input as its first layer reads it: a tensorstore array (the slide) behind a
+        handle whose bands that layer reads (``spill.from_store``), converted to ``host_dtype`` or
+        else ``dtype`` (the model's) as they are read; an array in host memory, in ``host_dtype``
+        (``stored``). The one rule for every model, so a slide fed either way gives one result."""
+        if isinstance(x, ts.TensorStore):
+            return spill.from_store(x, self.host_dtype or dtype)
+        return self.to_host(self.stored(x))
 
     def to_host(self, x) -> jax.Array:
         """Commit ``x`` (numpy or JAX) to the host device; a no-op when it is already there.

@@ -26,21 +26,21 @@ from bigjax.layers import spill
 from bigjax.layers.bands import aligned_empty, take_band
 from bigjax.layers.execution import Execution, ensure_eager
 
-__all__ = ["host_op", "Rows", "ROW_WISE", "relu", "add", "max_pool", "global_avg_pool", "affine_relu",
+__all__ = ["host_op", "Pool", "relu", "add", "max_pool", "global_avg_pool", "affine_relu",
            "affine_add_relu", "affine_relu_max_pool", "max_pool_plain", "affine_relu_plain"]
 
 
 @dataclass(frozen=True)
-class Rows:
-    """How a host op's output rows read its 4-D arguments' rows: output row ``o`` reads input rows
-    ``[o*stride - padding, o*stride - padding + window)`` (the op's own padding outside the image),
-    and its pullback keeps ``temporaries`` times a band of its inputs alive (XLA's temporaries and
-    the band's cotangent). ``ROW_WISE`` (a row reads its own row) or a pooling window."""
+class Pool:
+    """A max-pool after a row-wise op: output row ``o`` reads input rows ``[o*stride - padding,
+    o*stride - padding + window)``, -inf padding outside the image (as ``max_pool_plain``)."""
 
-    window: int = 1
-    stride: int = 1
-    padding: int = 0
-    temporaries: int = 2
+    window: int = 3
+    stride: int = 2
+    padding: int = 1
+
+    def __call__(self, v, pad_rows=None):
+        return max_pool_plain(v, self.window, self.stride, self.padding, pad_rows)
 
     def outputs(self, h: int) -> int:
         return (h + 2 * self.padding - self.window) // self.stride + 1
@@ -55,24 +55,20 @@ class Rows:
         return (o0, o1), (z0, z1), (max(0, p - o0 * s), max(0, (o1 - 1) * s - p + w - h))
 
 
-ROW_WISE = Rows()
-
-
-def host_op(fn: Callable, name: str, rows: Rows | None = None) -> Callable:
-    """Make the pure array function ``fn`` a custom_vjp op that runs jitted on the host device.
+def host_op(fn: Callable, name: str, pool: Pool | None = None) -> Callable:
+    """Make the row-wise array function ``fn``, then ``pool`` if given, a custom_vjp op that runs
+    jitted on the host device, its VJP too, in row bands (``_row_band_pull``).
 
     Args:
-      fn: a function of arrays only, differentiable by JAX (static settings bound with partial).
+      fn: a function of arrays only, differentiable by JAX (static settings bound with partial),
+        row-wise: its 4-D arguments share their shape, the others are per-channel vectors, and a row
+        of its result reads the same row of each 4-D argument.
       name: the op's name, for errors.
-      rows: how ``fn``'s output rows read its 4-D arguments (every one of the same shape, the other
-        arguments per-channel vectors); its VJP then runs in row bands (``_row_band_pull``). A
-        pooling window's ``fn`` takes ``pad_rows`` (a band's top and bottom padding, as
-        ``max_pool_plain``). None: the VJP of the whole arrays at once.
+      pool: a max-pool applied to ``fn``'s result (the ResNet stem's), or None.
     Returns:
-      ``op(*arrays, execution=...)`` returning ``fn``'s result in the execution's host memory; its
-      VJP runs on the host too.
+      ``op(*arrays, execution=...)`` returning the result in the execution's host memory.
     """
-    forward = jax.jit(fn)
+    forward = jax.jit(fn if pool is None else lambda *args: pool(fn(*args)))
 
     def run(ex, args):
         ensure_eager(name, args)
@@ -86,12 +82,7 @@ def host_op(fn: Callable, name: str, rows: Rows | None = None) -> Callable:
         return run(ex, args), tuple(map(ex.keep, args))
 
     def apply_bwd(ex, saved, g):
-        if rows is not None:
-            return _row_band_pull(ex, fn, rows, saved, g)
-        args = ex.restore(saved)
-        spill.release(saved)  # ``args`` holds the arrays until this backward returns
-        cts = ex.call("host_backward", _pull(fn), tuple(map(ex.to_host, args)), ex.to_host(g))
-        return tuple(ex.to_device_of(ct, arg) for ct, arg in zip(cts, args))
+        return _row_band_pull(ex, fn, pool, saved, g)
 
     apply.defvjp(apply_fwd, apply_bwd)
 
@@ -102,58 +93,62 @@ def host_op(fn: Callable, name: str, rows: Rows | None = None) -> Callable:
     return op
 
 
-def _row_band_pull(ex, fn, rows: Rows, saved, g):
-    """The VJP of a row-local op in bands of its input rows (``_row_bands``). For a band, the output
-    rows whose windows reach into it are pulled back through the input rows those windows read (cut
-    from RAM, or read from the spill store one band ahead, ``spill.bands``), and the band's own rows
-    of the cotangents are kept: every window reaching a row is in the row's band, so its cotangent
+def _row_band_pull(ex, fn, pool: Pool | None, saved, g):
+    """The VJP of ``fn`` (then ``pool``) in bands of its input rows (``_row_bands``). For a band, the
+    output rows whose windows reach into it are pulled back through the input rows those windows
+    read (cut from RAM, or read from the spill store one band ahead, ``spill.bands``) to the band's
+    own rows (``_pull``): every window reaching a row is in the row's band, so the row's cotangent
     is whole there, added in the whole pullback's order (no overlap-add, as in the streamed stem,
     ``layers.stem``). The cotangents go into preallocated host arrays; the per-channel ones, of the
-    band's own rows (``_pull``), are summed over the bands. The backward then holds ``g``, the
-    cotangents and one band, not every residual restored whole beside XLA's temporaries (issue 21,
-    goal 1). One band (a small activation) is the whole-array VJP."""
+    band's own rows, are summed over the bands. The backward then holds ``g``, the cotangents and
+    one band, not every residual restored whole beside XLA's temporaries (issue 21, goal 1)."""
     g = ex.to_host(g)
     rowed = [i for i, v in enumerate(saved) if len(v.shape) == 4]
     n = saved[rowed[0]].shape[0]
-    bands = _row_bands(ex, rows, [saved[i] for i in rowed], g)
+    bands = _row_bands(ex, pool, [saved[i] for i in rowed], g)
     take = functools.partial(ex.call, "take_band", take_band)
-    reads = [(0, n, *z) for _, _, o, z, _ in bands if o[0] < o[1]]
-    residuals = {i: spill.bands(ex, saved[i], reads, take) for i in rowed}
+    residuals = {i: spill.bands(ex, saved[i], [(0, n, *z) for *_, z, _ in bands], take)
+                 for i in rowed}
     vectors = {i: ex.to_host(v) for i, v in enumerate(saved) if i not in residuals}
     cts = {i: aligned_empty(saved[i].shape, saved[i].dtype) for i in rowed}
     sums = {}
-    for r0, r1, (o0, o1), (z0, z1), pad in bands:
-        lo, hi = (max(r0, z0), min(r1, z1)) if o0 < o1 else (r1, r1)
-        for i in cts:  # rows no window reads (a window narrower than its stride) get nothing
-            cts[i][:, r0:lo] = cts[i][:, hi:r1] = 0
-        if lo == hi:
-            continue
+    for (lo, hi), (o0, o1), (z0, z1), pad in bands:
         args = tuple(ex.to_host(next(residuals[i])) if i in residuals else vectors[i]
                      for i in range(len(saved)))
-        pull = _pull(fn) if rows == ROW_WISE else _pull(fn, pad, (lo - z0, hi - z0))
-        part = ex.call("host_backward", pull, args, take(g, 0, n, o0, o1))
+        part = ex.call("host_backward", _pull(fn, pool, pad, (lo - z0, hi - z0)), args,
+                       take(g, 0, n, o0, o1))
         for i, ct in enumerate(part):
             if i in cts:
-                cts[i][:, lo:hi] = np.asarray(ct)[:, lo - z0:hi - z0]
+                cts[i][:, lo:hi] = np.asarray(ct)
             else:
                 sums[i] = ct if i not in sums else sums[i] + ct
         del args, part
     del residuals
+    edges = [0, *(r for own, *_ in bands for r in own), saved[rowed[0]].shape[1]]
+    for start, end in zip(edges[::2], edges[1::2]):  # rows no window reads (a window narrower
+        for ct in cts.values():                       # than its stride): nothing flows back
+            ct[:, start:end] = 0
     spill.release(saved)
     return tuple(ex.to_host(cts[i]) if i in cts else ex.to_device_of(sums[i], saved[i])
                  for i in range(len(saved)))
 
 
-def _row_bands(ex, rows: Rows, residuals, g):
-    """Bands of input rows ``(r0, r1, output rows, input rows read, padding)`` (``Rows.band``), each
-    at most ``max_partition_bytes`` with its rows of ``g`` and ``rows.temporaries`` times its rows of
-    the ``residuals``."""
+def _row_bands(ex, pool: Pool | None, residuals, g):
+    """Bands ``(own rows, output rows, input rows read, padding)`` (``Pool.band``; row-wise, all
+    three the band's rows), each at most ``max_partition_bytes`` with its rows of ``g``, of the
+    ``residuals`` and of the pullback's temporaries; together they own every row a window reads."""
     h = residuals[0].shape[1]
-    row_bytes = g.nbytes // g.shape[1] // rows.stride + sum(rows.temporaries * v.nbytes // h
-                                                             for v in residuals)
+    stride, temporaries = (1, 2) if pool is None else (pool.stride, POOL_PULL + 1)
+    row_bytes = g.nbytes // g.shape[1] // stride + sum(temporaries * v.nbytes // h
+                                                        for v in residuals)
     step = max(1, min(h, ex.max_partition_bytes // max(1, row_bytes)))
-    return [(r0, min(h, r0 + step), *rows.band(r0, min(h, r0 + step), h))
-            for r0 in range(0, h, step)]
+    bands = []
+    for r0 in range(0, h, step):
+        r1 = min(h, r0 + step)
+        (o0, o1), (z0, z1), pad = pool.band(r0, r1, h) if pool else ((r0, r1), (r0, r1), None)
+        if o0 < o1:
+            bands.append(((max(r0, z0), min(r1, z1)), (o0, o1), (z0, z1), pad))
+    return bands
 
 
 # XLA:CPU's max-pool pullback (select_and_scatter) keeps ~7x its input in temporaries
@@ -161,19 +156,18 @@ POOL_PULL = 7
 
 
 @functools.cache
-def _pull(fn, pad_rows=None, own=None):
-    """``fn``'s pullback, jitted. With ``pad_rows`` (a window's op, on one band of rows): its
-    per-channel arguments' cotangents count the band's ``own`` rows [start, end) only, the rows it
-    reads beyond them through windows it shares with its neighbours being theirs."""
-    if pad_rows is None:
+def _pull(fn, pool=None, pad_rows=None, own=None):
+    """``fn``'s pullback, jitted; with a ``pool``, over a band of rows with ``pad_rows``, pulled
+    back through the pool to its result's ``own`` rows [start, end), then through ``fn`` from those
+    rows alone, so the per-channel arguments' cotangents count the band's own rows only."""
+    if pool is None:
         return jax.jit(lambda args, g: jax.vjp(fn, *args)[1](g))
 
-    def band(*args):
-        rows = jnp.arange(next(a.shape[1] for a in args if a.ndim == 4))[None, :, None, None]
-        mine = (rows >= own[0]) & (rows < own[1])
-        return fn(*(a if a.ndim == 4 else jnp.where(mine, a, lax.stop_gradient(a)) for a in args),
-                  pad_rows=pad_rows)
-    return jax.jit(lambda args, g: jax.vjp(band, *args)[1](g))
+    def pull(args, g):
+        ct, = jax.vjp(functools.partial(pool, pad_rows=pad_rows), fn(*args))[1](g)
+        mine = tuple(a[:, own[0]:own[1]] if a.ndim == 4 else a for a in args)
+        return jax.vjp(fn, *mine)[1](ct[:, own[0]:own[1]])
+    return jax.jit(pull)
 
 
 def max_pool_plain(x, window=3, stride=2, padding=1, pad_rows=None):
@@ -204,11 +198,11 @@ def _global_avg_pool(x):
     return jnp.mean(x, axis=(1, 2), dtype=jnp.promote_types(x.dtype, jnp.float32))
 
 
-relu = host_op(jax.nn.relu, "relu", ROW_WISE)
-add = host_op(jnp.add, "add", ROW_WISE)
-affine_relu = host_op(affine_relu_plain, "affine_relu", ROW_WISE)
-_affine_add_relu_op = host_op(_affine_add_relu, "affine_add_relu", ROW_WISE)
-_affine2_add_relu_op = host_op(_affine2_add_relu, "affine_add_relu", ROW_WISE)
+relu = host_op(jax.nn.relu, "relu")
+add = host_op(jnp.add, "add")
+affine_relu = host_op(affine_relu_plain, "affine_relu")
+_affine_add_relu_op = host_op(_affine_add_relu, "affine_add_relu")
+_affine2_add_relu_op = host_op(_affine2_add_relu, "affine_add_relu")
 
 
 def affine_add_relu(x, a, b, shortcut, shortcut_a=None, shortcut_b=None, *, execution: Execution):
@@ -221,14 +215,15 @@ def affine_add_relu(x, a, b, shortcut, shortcut_a=None, shortcut_b=None, *, exec
 
 @functools.cache
 def _max_pool_op(window, stride, padding, affine):
-    pool = functools.partial(max_pool_plain, window=window, stride=stride, padding=padding)
-    fn = (lambda x, a, b, pad_rows=None: pool(affine_relu_plain(x, a, b), pad_rows=pad_rows)) \
-        if affine else pool
-    # in row bands whose pullback temporaries fit a partition, as the channel groups before them
-    # did (the stem's peak at 1024^2 ~0.4 GiB below the pullback at once, docs/benchmarks.md,
-    # issue 21); a spilled input is read band by band
-    return host_op(fn, "affine_relu_max_pool" if affine else "max_pool",
-                   Rows(window, stride, padding, temporaries=POOL_PULL + 1))
+    # its pullback in row bands whose temporaries fit a partition, as the channel groups before
+    # them did (the stem's peak at 1024^2 ~0.4 GiB below the pullback at once, docs/benchmarks.md,
+    # issue 21); a spilled input read band by band
+    return host_op(affine_relu_plain if affine else _identity,
+                   "affine_relu_max_pool" if affine else "max_pool", Pool(window, stride, padding))
+
+
+def _identity(x):
+    return x
 
 
 def max_pool(x, *, window=3, stride=2, padding=1, execution: Execution):

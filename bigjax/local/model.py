@@ -24,7 +24,6 @@ import optax
 import tensorstore as ts
 from flax import nnx
 
-from bigjax.layers import spill
 from bigjax.local.heads import GatedAttentionHead, aux_head, final_head
 from bigjax.local.rfr import RFRDecoder, rfr_patches, sample_patches
 from bigjax.local.split import (PIECE_CHANNELS, PIECE_STRIDES, cut_pieces, module_pieces,
@@ -117,13 +116,11 @@ class LocalNetwork(nnx.Module):
         """x_0: the frozen stem (running BatchNorm statistics), behind a stop_gradient. On a Big path
         ``x`` may be a tensorstore array (``data.slide_array``), whose bands the stem's conv reads."""
         ex = getattr(path, "execution", None)
-        if isinstance(x, ts.TensorStore):
-            if ex is None:
-                raise ValueError("a tensorstore input needs a Big path (an Execution); in memory, "
-                                 "read the slide whole")
-            x = spill.from_store(x, ex.host_dtype or self.conv1.kernel.get_value().dtype)
-        elif ex is not None:
-            x = ex.to_host(x)
+        if ex is not None:
+            x = ex.input(x, self.conv1.kernel.get_value().dtype)
+        elif isinstance(x, ts.TensorStore):
+            raise ValueError("a tensorstore input needs a Big path (an Execution); in memory, "
+                             "read the slide whole")
         return jax.lax.stop_gradient(stem(path, x, self.conv1, self.bn1, False))
 
     def sample(self, rng: np.random.Generator, x_shape) -> list:

@@ -19,10 +19,9 @@ from typing import Mapping
 
 import jax.numpy as jnp
 import numpy as np
-import tensorstore as ts
 from flax import nnx
 
-from bigjax.layers import host, spill
+from bigjax.layers import host
 from bigjax.layers.execution import Execution
 from bigjax.layers.modules import BigBatchNorm, BigConv
 from bigjax.models.resnet_paths import Fused, InMemory, Separate, stem
@@ -186,10 +185,7 @@ class BigResNet(ResNet):
             raise ValueError("host_dtype (narrow host activations) needs the fused path; the "
                              "separate ops compute in their activations' dtype")
         path = Fused(ex) if self.fused else Separate(ex)
-        if isinstance(x, ts.TensorStore):  # the slide: the stem's conv reads its bands from it
-            x = spill.from_store(x, ex.host_dtype or self.conv1.kernel.get_value().dtype)
-        else:
-            x = ex.to_host(ex.stored(x))
+        x = ex.input(x, self.conv1.kernel.get_value().dtype)  # a slide's store: read in bands
         x = self.stages(path, self.stem(path, x, train), 0, self.big_stages, train)
         if self.big_stages == 4:
             return ex.to_compute(host.global_avg_pool(x, execution=ex))

@@ -158,10 +158,10 @@ def test_a_pooling_backward_runs_in_row_bands_with_the_rows_its_windows_read(poo
 @pytest.mark.parametrize("h", [1, 2, 7, 37])
 @pytest.mark.parametrize("pool", sorted(POOLS))
 def test_a_row_band_reads_exactly_the_rows_of_the_windows_that_reach_it(h, pool):
-    """``Rows.band`` against brute force: the output rows whose window (padding included) meets
+    """``Pool.band`` against brute force: the output rows whose window (padding included) meets
     the band, the input rows they read, and the padding rows that make up the rest."""
     window, stride, padding = POOLS[pool]
-    rows = host.Rows(window, stride, padding)
+    rows = host.Pool(window, stride, padding)
     for r0 in range(h):
         for r1 in range(r0 + 1, h + 1):
             reach = [o for o in range(rows.outputs(h))

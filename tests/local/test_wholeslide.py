@@ -116,11 +116,13 @@ def test_a_20x_epoch_over_a_tiny_host_budget_spills_and_says_so(tmp_path):
     assert not left  # the store is removed after each step
 
 
-@pytest.mark.parametrize("spilled", [False, True])
-def test_a_step_from_the_slide_store_is_the_step_from_the_slide_read_whole(tmp_path, spilled):
+@pytest.mark.parametrize("spilled,host_dtype", [(False, None), (True, None), (False, "bfloat16")])
+def test_a_step_from_the_slide_store_is_the_step_from_the_slide_read_whole(tmp_path, spilled,
+                                                                           host_dtype):
     """The run's input (a tensorstore array the stem reads band by band) against the same slide read
     whole into host memory: one train step of a two-module network, losses and parameters bit for bit,
-    op by op in RAM and with the streamed stem over a host budget that spills."""
+    op by op in RAM, with the streamed stem over a host budget that spills, and with bfloat16 host
+    activations (both inputs rounded to them: ``Execution.input``)."""
     import jax
     from flax import nnx
 
@@ -141,7 +143,7 @@ def test_a_step_from_the_slide_store_is_the_step_from_the_slide_read_whole(tmp_p
 
     for x in (as_array(image, IMAGENET, (True, False)), read_whole(image, IMAGENET, (True, False))):
         net = tiny_network(2)
-        ex = Execution(200_000, observer=observer, **options)
+        ex = Execution(200_000, observer=observer, host_dtype=host_dtype, **options)
         losses = train_step(net, make_optimizers(net, lr_backbone=1e-3, lr_heads=1e-3), x, 1,
                             np.random.default_rng(0), execution=ex)
         runs.append(([float(v) for v in losses], jax.tree.leaves(nnx.state(net, nnx.Param))))
