@@ -45,6 +45,7 @@ class HostStep:
     spilled: int = 0  # bytes written to the spill store (0: nothing spilled)
     read: int = 0  # bytes read back from it
     cpu_s: float = 0.0  # the process's CPU seconds in the step (over the cores: the step alone)
+    largest_read: int = 0  # bytes of the largest band read back from the spill store
 
     @property
     def ratio(self) -> float:
@@ -80,15 +81,16 @@ def measure_host_step(side: int, budget: int = 64 * 2**20, host_dtype: str | Non
                       host_memory: int | None = None, spill_dir: str | None = None,
                       engine: str = "eager", whole_blocks: bool = True,
                       mmap_threshold: bool = False, stream_stem: bool | None = None,
-                      depth: int = 18) -> HostStep:
+                      depth: int = 18, fused: bool = True) -> HostStep:
     """Peak-RSS rise of one all-big ResNet-``depth`` train step on a 1 x side x side x 3 image
     (``mmap_threshold``: freed buffers returned to the OS, ``pages.return_freed_buffers``, which a
-    ``host_memory`` setting does anyway; ``stream_stem``: ``Execution.stream_stem``), its seconds
-    and CPU seconds; a first step at the same shape compiles the kernels beforehand."""
+    ``host_memory`` setting does anyway; ``stream_stem``: ``Execution.stream_stem``; ``fused``
+    False: the paper's separate ops), its seconds and CPU seconds; a first step at the same shape
+    compiles the kernels beforehand."""
     if mmap_threshold:
         return_freed_buffers()
     shape = (1, side, side, 3)
-    x, big, _, loss = step_setup(depth, shape)
+    x, big, _, loss = step_setup(depth, shape, fused=fused)
     _, ex = executions(budget, 1, host_dtype, engine, whole_blocks)
     stats = SpillStats()
     ex = ex.replace(host_memory=host_memory, spill_dir=spill_dir, observer=stats,
@@ -107,7 +109,7 @@ def measure_host_step(side: int, budget: int = 64 * 2**20, host_dtype: str | Non
     itemsize = np.dtype(host_dtype or np.float32).itemsize
     return HostStep(side, host_dtype or "float32", budget, host_memory,
                     stored_once_bytes(big, shape, itemsize), rise, seconds, stats.written,
-                    stats.read, cpu / len(os.sched_getaffinity(0)))
+                    stats.read, cpu / len(os.sched_getaffinity(0)), stats.largest_read)
 
 
 @dataclass
@@ -218,16 +220,20 @@ def main(argv=None) -> None:
                    help="return freed buffers to the OS (implied by --host_memory)")
     p.add_argument("--stream_stem", choices=["auto", "on", "off"], default="auto",
                    help="the stem streamed in row bands (auto: with --host_memory or bfloat16)")
+    p.add_argument("--separate", action="store_true",
+                   help="the paper's separate ops (conv, two-pass BatchNorm, ReLU) for the fused path")
     a = p.parse_args(argv)
     dtype = None if a.host_dtype == "float32" else a.host_dtype
-    print("side  dtype     stored GiB  RSS rise GiB  ratio  step s  spilled GiB  read GiB")
+    print("side  dtype     stored GiB  RSS rise GiB  ratio  step s  spilled GiB  read GiB  "
+          "largest read MiB")
     for side in map(int, a.sides.split(",")):
         r = measure_host_step(side, a.budget, dtype, a.host_memory, a.spill_dir, a.engine,
                               not a.no_whole_blocks, a.mmap_threshold,
-                              {"auto": None, "on": True, "off": False}[a.stream_stem])
+                              {"auto": None, "on": True, "off": False}[a.stream_stem],
+                              fused=not a.separate)
         print(f"{side:>5} {r.host_dtype:<9} {_gib(r.stored_once):>10} {_gib(r.rss_rise):>13} "
-              f"{r.ratio:>6.2f} {r.step_s:>7.1f} {_gib(r.spilled):>12} {_gib(r.read):>9}",
-              flush=True)
+              f"{r.ratio:>6.2f} {r.step_s:>7.1f} {_gib(r.spilled):>12} {_gib(r.read):>9} "
+              f"{r.largest_read / 2**20:>17.1f}", flush=True)
         print("  " + str(asdict(r)), file=sys.stderr)
 
 

@@ -452,15 +452,16 @@ def bands(ex, v, ranges, take):
 class SpillStats:
     """An observer adding up one engine's spill traffic: bytes and bands written and read.
 
-    ``written``/``read`` are bytes, ``writes``/``reads`` band counts since creation or ``reset``;
-    it passes every event on (``inner``, e.g. another observer, or runs it)."""
+    ``written``/``read`` are bytes, ``writes``/``reads`` band counts, ``largest_read`` the bytes of
+    the largest band read, since creation or ``reset``; it passes every event on (``inner``, e.g.
+    another observer, or runs it)."""
 
     def __init__(self, inner=None):
         self.inner = inner
         self.reset()
 
     def reset(self) -> None:
-        self.written = self.read = self.writes = self.reads = 0
+        self.written = self.read = self.writes = self.reads = self.largest_read = 0
 
     def __call__(self, event, fn, *args, **kwargs):
         if event == "spill_write":
@@ -469,6 +470,7 @@ class SpillStats:
         elif event == "spill_read":
             self.read += args[0]
             self.reads += 1
+            self.largest_read = max(self.largest_read, args[0])
         if self.inner is not None:
             return self.inner(event, fn, *args, **kwargs)
         return fn(*args, **kwargs)

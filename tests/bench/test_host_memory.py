@@ -25,10 +25,12 @@ def test_stored_once_is_the_input_plus_every_conv_output(depth, shape):
     assert stored_once_bytes(model, shape, 2) == 2 * (np.prod(shape) + sum(outputs))
 
 
-def test_a_spilled_step_is_measured(tmp_path):
-    r = measure_host_step(64, host_memory=0, spill_dir=str(tmp_path))
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_spilled_step_is_measured(tmp_path, fused):
+    r = measure_host_step(64, host_memory=0, spill_dir=str(tmp_path), fused=fused)
     assert r.spilled >= r.stored_once  # all of it on disk (and the block outputs besides)
     assert r.read >= r.spilled and r.rss_rise > 0 and r.step_s > 0
+    assert 0 < r.largest_read < r.stored_once  # a band, the largest activation at most
 
 
 def test_the_disk_probe_writes_a_new_array_each_time_and_leaves_no_file(tmp_path):
