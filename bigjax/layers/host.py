@@ -115,8 +115,8 @@ def _row_band_pull(ex, fn, pool: Pool | None, saved, g):
     for (lo, hi), (o0, o1), (z0, z1), pad in bands:
         args = tuple(ex.to_host(next(residuals[i])) if i in residuals else vectors[i]
                      for i in range(len(saved)))
-        part = ex.call("host_backward", _pull(fn, pool, pad, (lo - z0, hi - z0)), args,
-                       take(g, 0, n, o0, o1))
+        pull = _pull(fn) if pool is None else _pull(fn, pool, pad, (lo - z0, hi - z0))
+        part = ex.call("host_backward", pull, args, take(g, 0, n, o0, o1))
         for i, ct in enumerate(part):
             if i in cts:
                 cts[i][:, lo:hi] = np.asarray(ct)
