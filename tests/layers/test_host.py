@@ -137,7 +137,8 @@ def test_a_pooling_backward_runs_in_row_bands_with_the_rows_its_windows_read(poo
 
     def plain(x, a, b):
         return _pool(jax.nn.relu(x * a + b), window, stride, padding)
-    weights = jax.device_put(RNG.normal(size=jax.eval_shape(plain, X, A, B).shape).astype(np.float32), ex.host)
+    shape = jax.eval_shape(plain, X, A, B).shape
+    weights = jax.device_put(RNG.normal(size=shape).astype(np.float32), ex.host)
 
     def big(x, a, b):
         return jnp.sum(host.affine_relu_max_pool(x, a, b, window=window, stride=stride,
