@@ -54,7 +54,7 @@ def _to_compute_bands(ex, in_buffers, out_buffers, x, *more):
     arrays ``more``, as device bands."""
     plan = _plan(x, ex, in_buffers, out_buffers)
     take = functools.partial(ex.call, "take_band", take_band)
-    xs = spill.bands(ex, x, [(p.n0, p.n1, p.r0, p.r1) for p in plan], take)
+    xs = spill.bands(ex, x, [(p.n0, p.n1, p.r0, p.r1) for p in plan])
     for p in plan:
         ex.window.admit(ex)
         yield p, ex.to_compute(next(xs)), *(ex.to_compute(take(v, p.n0, p.n1, p.r0, p.r1))

@@ -168,18 +168,13 @@ def _band(ex, v, n0, n1, r0, r1):
     return ex.to_compute(ex.call("take_band", take_band, v, n0, n1, r0, r1))
 
 
-def _take(ex):
-    return lambda v, *rows: ex.call("take_band", take_band, v, *rows)
-
-
 def _residual_bands(spec, plan, x, y):
     """Iterators over the backward's input bands (with halos) and, with statistics, output bands of
     the residuals ``x``, ``y``, in host memory: cut from RAM, or read from the spill store one band
     ahead (``spill.bands``)."""
     ex = spec.ex
-    xs = spill.bands(ex, x, [(p.n0, p.n1, p.i0, p.i1) for p in plan], _take(ex))
-    ys = spill.bands(ex, y, [(p.n0, p.n1, p.r0, p.r1) for p in plan], _take(ex)) if spec.stats \
-        else None
+    xs = spill.bands(ex, x, [(p.n0, p.n1, p.i0, p.i1) for p in plan])
+    ys = spill.bands(ex, y, [(p.n0, p.n1, p.r0, p.r1) for p in plan]) if spec.stats else None
     return xs, ys
 
 
@@ -191,7 +186,7 @@ def _forward(spec, x, kernel, bias, a, b):
         return _compiled_forward(spec, ex.restore(x), kernel, bias, a, b)
     bands, acc = [], None
     plan = _plan(spec, x, kernel, a, backward=False)
-    xs = spill.bands(ex, x, [(p.n0, p.n1, p.i0, p.i1) for p in plan], _take(ex))
+    xs = spill.bands(ex, x, [(p.n0, p.n1, p.i0, p.i1) for p in plan])
     for p in plan:
         ex.window.admit(ex)
         xb = ex.to_compute(next(xs))

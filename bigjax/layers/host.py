@@ -107,8 +107,7 @@ def _row_band_pull(ex, fn, pool: Pool | None, saved, g):
     n = saved[rowed[0]].shape[0]
     bands = _row_bands(ex, pool, [saved[i] for i in rowed], g)
     take = functools.partial(ex.call, "take_band", take_band)
-    residuals = {i: spill.bands(ex, saved[i], [(0, n, *z) for *_, z, _ in bands], take)
-                 for i in rowed}
+    residuals = {i: spill.bands(ex, saved[i], [(0, n, *z) for *_, z, _ in bands]) for i in rowed}
     vectors = {i: ex.to_host(v) for i, v in enumerate(saved) if i not in residuals}
     cts = {i: aligned_empty(saved[i].shape, saved[i].dtype) for i in rowed}
     sums = {}

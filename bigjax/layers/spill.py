@@ -67,7 +67,7 @@ import numpy as np
 import tensorstore as ts
 
 from bigjax.layers import pages
-from bigjax.layers.bands import aligned_empty
+from bigjax.layers.bands import aligned_empty, take_band
 
 __all__ = ["SpillStore", "Spilled", "Kept", "SpillStats", "from_store", "keep_in_ram", "release",
            "restore", "bands", "hold", "take", "IN_FLIGHT", "PENDING_BYTES", "CHUNK_BYTES"]
@@ -431,16 +431,16 @@ def read_finish(ex, started) -> jax.Array:
     return ex.to_host(out)
 
 
-def bands(ex, v, ranges, take):
+def bands(ex, v, ranges):
     """Yield band ``(n0, n1, r0, r1)`` of host activation ``v`` for each of ``ranges``, in host memory.
 
     A spilled ``v`` is read from disk with the next band's read started before the current band is
-    yielded (its kernels then overlap the read); an array in RAM is cut by ``take`` (as before)."""
+    yielded (its kernels then overlap the read); an array in RAM is cut (``take_band``)."""
     if isinstance(v, Kept):
         v = v.get()
     if not isinstance(v, Spilled):
         for rng in ranges:
-            yield take(v, *rng)
+            yield ex.call("take_band", take_band, v, *rng)
         return
     ahead = None
     for k, rng in enumerate(ranges):

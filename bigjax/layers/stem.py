@@ -173,8 +173,7 @@ def _place(spec, x, *params):
 
 def _input_bands(ex, x, bands):
     """The input rows each of ``bands`` (``_Band`` or ``Partition``) reads, one band read ahead."""
-    take = functools.partial(ex.call, "take_band", take_band)
-    return spill.bands(ex, x, [(b.n0, b.n1, b.i0, b.i1) for b in bands], take)
+    return spill.bands(ex, x, [(b.n0, b.n1, b.i0, b.i1) for b in bands])
 
 
 def _count(spec, x) -> int:
