@@ -45,14 +45,22 @@ class Pool:
     def outputs(self, h: int) -> int:
         return (h + 2 * self.padding - self.window) // self.stride + 1
 
-    def band(self, r0: int, r1: int, h: int):
-        """For input rows [r0, r1) of ``h``: the output rows [o0, o1) whose windows reach into them,
-        the input rows [z0, z1) those windows read and the (top, bottom) padding rows they add."""
+    def reaching(self, r0: int, r1: int, h: int) -> tuple[int, int]:
+        """The output rows [o0, o1) whose windows reach into input rows [r0, r1) of ``h``."""
         w, s, p = self.window, self.stride, self.padding
-        o0 = max(0, -(-(r0 + p - w + 1) // s))
-        o1 = min(self.outputs(h), (r1 - 1 + p) // s + 1)
-        z0, z1 = max(0, o0 * s - p), min(h, (o1 - 1) * s - p + w)
-        return (o0, o1), (z0, z1), (max(0, p - o0 * s), max(0, (o1 - 1) * s - p + w - h))
+        return max(0, -(-(r0 + p - w + 1) // s)), min(self.outputs(h), (r1 - 1 + p) // s + 1)
+
+    def reads(self, o0: int, o1: int, h: int):
+        """The input rows [z0, z1) of ``h`` that output rows [o0, o1) read, and the (top, bottom)
+        padding rows they add."""
+        lo, hi = o0 * self.stride - self.padding, (o1 - 1) * self.stride - self.padding + self.window
+        return (max(0, lo), min(h, hi)), (max(0, -lo), max(0, hi - h))
+
+    def band(self, r0: int, r1: int, h: int):
+        """For input rows [r0, r1) of ``h``: the output rows whose windows reach into them
+        (``reaching``), the input rows those read and the padding they add (``reads``)."""
+        o = self.reaching(r0, r1, h)
+        return (o, *self.reads(*o, h))
 
 
 def host_op(fn: Callable, name: str, pool: Pool | None = None) -> Callable:

@@ -37,7 +37,7 @@ from bigjax.layers import moments, spill
 from bigjax.layers.bands import aligned_empty, take_band
 from bigjax.layers.conv import conv2d, kernel_grad
 from bigjax.layers.execution import Execution, ensure_eager, zeros_like
-from bigjax.layers.host import POOL_PULL, affine_relu_plain, max_pool_plain
+from bigjax.layers.host import POOL_PULL, Pool, affine_relu_plain, max_pool_plain
 from bigjax.layers.plan import ConvGeometry, Footprint, Partition, plan_partitions
 
 __all__ = ["stem_moments", "stem_pool", "POOL"]
@@ -70,28 +70,23 @@ class _Band:
     pool_pad: tuple[int, int]
 
 
-def _pooled_size(h: int) -> int:
-    k, s, p = POOL
-    return (h + 2 * p - k) // s + 1
+_POOL = Pool(*POOL)
 
 
 def _band(geom, shape, n0, n1, r0, r1, o0, o1) -> _Band:
     """The band computing pooled rows [o0, o1) (and owning conv rows [r0, r1)) of an input of
     ``shape``: the conv rows their windows read, and the input rows those read."""
     h_in, h = shape[1], geom.out_size(*shape[1:3])[0]
-    k, s, p = POOL
-    lo, hi = o0 * s - p, (o1 - 1) * s - p + k
-    z0, z1 = max(lo, 0), min(hi, h)
+    (z0, z1), pool_pad = _POOL.reads(o0, o1, h)
     i0, i1 = geom.input_rows(z0, z1)
     c0, c1 = max(i0, 0), min(i1, h_in)
-    return _Band(n0, n1, z0, z1, r0, r1, c0, c1, (c0 - i0, i1 - c1), o0, o1,
-                 (max(0, -lo), max(0, hi - h)))
+    return _Band(n0, n1, z0, z1, r0, r1, c0, c1, (c0 - i0, i1 - c1), o0, o1, pool_pad)
 
 
 def _forward_bands(geom, shape, plan: list[Partition]) -> list[_Band]:
     """Bands of pooled rows: each pooled row goes to the partition holding its window's centre row."""
     k, s, p = POOL
-    oh = _pooled_size(geom.out_size(*shape[1:3])[0])
+    oh = _POOL.outputs(geom.out_size(*shape[1:3])[0])
     first = [0 if q.r0 == 0 else min(oh, max(0, math.ceil((q.r0 + p - k // 2) / s))) for q in plan]
     bands = []
     for q, o0, nxt in zip(plan, first, [*first[1:], None]):
@@ -103,10 +98,8 @@ def _forward_bands(geom, shape, plan: list[Partition]) -> list[_Band]:
 
 def _backward_bands(geom, shape, plan: list[Partition]) -> list[_Band]:
     """Bands owning the plan's conv rows, with every pooled row whose window reads one of them."""
-    k, s, p = POOL
-    oh = _pooled_size(geom.out_size(*shape[1:3])[0])
-    return [_band(geom, shape, q.n0, q.n1, q.r0, q.r1, max(0, math.ceil((q.r0 + p - k + 1) / s)),
-                  min(oh, (q.r1 - 1 + p) // s + 1)) for q in plan]
+    h = geom.out_size(*shape[1:3])[0]
+    return [_band(geom, shape, q.n0, q.n1, q.r0, q.r1, *_POOL.reaching(q.r0, q.r1, h)) for q in plan]
 
 
 def _pool(v, pool_pad):
@@ -233,7 +226,7 @@ def _pooled(spec, x, kernel, a, b):
 def _pool_forward(spec, x, kernel, a, b):
     ex = spec.ex
     h, w = spec.geom.out_size(*x.shape[1:3])
-    out = aligned_empty((x.shape[0], _pooled_size(h), _pooled_size(w), kernel.shape[-1]), x.dtype)
+    out = aligned_empty((x.shape[0], _POOL.outputs(h), _POOL.outputs(w), kernel.shape[-1]), x.dtype)
     bands = _forward_bands(spec.geom, x.shape, _plan(spec, x, kernel))
     xs = _input_bands(ex, x, bands)
     for band in bands:
