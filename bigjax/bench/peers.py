@@ -41,6 +41,8 @@ def remat_forward(model: ResNet, x):
 class Named:
     """``InMemory`` with every output named ``ACTIVATION``, so a checkpoint policy can pick it."""
 
+    fork = staticmethod(InMemory.fork)
+
     @staticmethod
     def conv_bn(x, conv, bn, train):
         return checkpoint_name(InMemory.conv_bn(x, conv, bn, train), ACTIVATION)

@@ -26,7 +26,7 @@ from bigjax.layers import spill
 from bigjax.layers.bands import aligned_empty, take_band
 from bigjax.layers.execution import Execution, ensure_eager
 
-__all__ = ["host_op", "Pool", "relu", "add", "max_pool", "global_avg_pool", "affine_relu",
+__all__ = ["host_op", "Pool", "relu", "add", "fork", "max_pool", "global_avg_pool", "affine_relu",
            "affine_add_relu", "affine_relu_max_pool", "max_pool_plain", "affine_relu_plain"]
 
 
@@ -284,3 +284,31 @@ def global_avg_pool(x, *, execution: Execution):
     the input's shape, so the input is kept neither in RAM nor in the spill store for the backward
     (at 16,384² a ResNet's last activation is 0.5 GiB of float32)."""
     return _global_avg_pool_op(execution, x)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fork_op(ex, x):
+    return x, x
+
+
+def _fork_fwd(ex, x):
+    return (x, x), None
+
+
+def _fork_bwd(ex, _, cts):
+    return (ex.call("host_backward", _add_on_host, *map(ex.to_host, cts)),)
+
+
+_fork_op.defvjp(_fork_fwd, _fork_bwd)
+_add_on_host = jax.jit(jnp.add)
+
+
+def fork(x, *, execution: Execution):
+    """``(x, x)``: a residual block's input, read by its first conv and by its shortcut, whose two
+    cotangents this op's pullback adds. Left to JAX, the addition happens in its backward pass,
+    whose loop keeps the last op's cotangents (``cts_out`` in ``jax._src.interpreters.ad.
+    backward_pass3``) until the next op's pullback returns: the partial cotangent that was added
+    stayed alive through the next block's add-and-ReLU pullback, a fourth activation of its size
+    beside the incoming cotangent and the two it makes (docs/benchmarks.md, twelfth session). Here
+    the last op's cotangent is the sum itself. The sum is JAX's (``a + b`` commutes bit for bit)."""
+    return _fork_op(execution, x)

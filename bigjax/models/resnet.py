@@ -51,9 +51,10 @@ class BasicBlock(nnx.Module):
         self.downsample = _downsample(cin, planes, stride, rngs)
 
     def __call__(self, path, x, train):
+        x, skip = path.fork(x)
         h = path.relu(path.conv_bn(x, self.conv1, self.bn1, train))
         h = path.conv_bn(h, self.conv2, self.bn2, train)
-        return path.add_relu(h, _shortcut(self, path, x, train))
+        return path.add_relu(h, _shortcut(self, path, skip, train))
 
 
 class Bottleneck(nnx.Module):
@@ -68,10 +69,11 @@ class Bottleneck(nnx.Module):
         self.downsample = _downsample(cin, planes * 4, stride, rngs)
 
     def __call__(self, path, x, train):
+        x, skip = path.fork(x)
         h = path.relu(path.conv_bn(x, self.conv1, self.bn1, train))
         h = path.relu(path.conv_bn(h, self.conv2, self.bn2, train))
         h = path.conv_bn(h, self.conv3, self.bn3, train)
-        return path.add_relu(h, _shortcut(self, path, x, train))
+        return path.add_relu(h, _shortcut(self, path, skip, train))
 
 
 def _shortcut(block, path, x, train):

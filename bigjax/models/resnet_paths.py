@@ -1,8 +1,9 @@
 """Three ways to run the same ResNet layers: in memory, Big-Layers as in the paper, Big-Layers fused.
 
 A residual block is written once (``resnet.BasicBlock``/``Bottleneck``) against the small interface
-below: ``conv_bn`` (a conv and its BatchNorm), ``relu``, ``add_relu`` (the block's end) and ``stem_pool``
-(ReLU + max-pool after the stem). A path may add ``whole`` to run a block, or the stem, as one
+below: ``fork`` (a block's input, to its first conv and its shortcut), ``conv_bn`` (a conv and its
+BatchNorm), ``relu``, ``add_relu`` (the block's end) and ``stem_pool`` (ReLU + max-pool after the
+stem). A path may add ``whole`` to run a block, or the stem, as one
 program where it can, and ``streamed_stem`` to run the stem in row bands that never hold its conv
 output (``Fused`` has both; ``stem`` picks). Each path implements it:
 
@@ -49,6 +50,10 @@ class InMemory:
     """Plain layers on the compute device (jittable)."""
 
     @staticmethod
+    def fork(x):
+        return x, x
+
+    @staticmethod
     def conv_bn(x, conv, bn, train):
         return bn.plain(conv.plain(x), train=train)
 
@@ -70,6 +75,9 @@ class Separate:
     """The paper's Big-Layers: each op streams its own activation; ReLU and add on the host."""
 
     execution: Execution
+
+    def fork(self, x):
+        return host.fork(x, execution=self.execution)
 
     def conv_bn(self, x, conv, bn, train):
         ex = self.execution
@@ -115,6 +123,9 @@ class Fused:
         if not self.execution.whole_blocks:
             return None
         return run_whole(module, x, _in_memory, (("ops", ops), ("train", train)), self.execution)
+
+    def fork(self, x):
+        return host.fork(x, execution=self.execution)
 
     def conv_bn(self, x, conv, bn, train):
         ex = self.execution

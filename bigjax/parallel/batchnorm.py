@@ -1,11 +1,12 @@
 """BatchNorm over the shards of a slide, inside ``shard_map``: synchronised or per-shard statistics.
 
-``ShardedInMemory`` is the in-memory block interface of ``bigjax.models.resnet_paths`` (``conv_bn``,
-``relu``, ``add_relu``, ``stem_pool``) for one shard of the encoder mesh. Its BatchNorm takes moments
-over the shard's *real* tiles only (padding is masked out) and, with ``axis`` set, sums them over the
-mesh axis (``lax.psum``), so every shard normalises with the statistics of the whole slide — exactly
-one device's BatchNorm over all tiles (synchronised BatchNorm). With ``axis=None`` each shard uses its
-own statistics, as Campanella et al. do with one DDP rank per shard.
+``ShardedInMemory`` is the in-memory block interface of ``bigjax.models.resnet_paths`` (``fork``,
+``conv_bn``, ``relu``, ``add_relu``, ``stem_pool``) for one shard of the encoder mesh. Its BatchNorm
+takes moments over the shard's *real* tiles only (padding is masked out) and, with ``axis`` set,
+sums them over the mesh axis (``lax.psum``), so every shard normalises with the statistics of the
+whole slide — exactly one device's BatchNorm over all tiles (synchronised BatchNorm). With
+``axis=None`` each shard uses its own statistics, as Campanella et al. do with one DDP rank per
+shard.
 
 Moments are two-pass (mean, then the mean squared deviation from it) in at least float32 whatever the
 compute dtype, as mixed-precision training keeps BatchNorm in float32 (float64 parameters, as the
@@ -104,6 +105,7 @@ class ShardedInMemory:
         _update_running(bn, mean, var, count, self.sync)
         return out
 
+    fork = staticmethod(InMemory.fork)
     relu = staticmethod(InMemory.relu)
     add_relu = staticmethod(InMemory.add_relu)
     stem_pool = staticmethod(InMemory.stem_pool)

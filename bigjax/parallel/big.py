@@ -80,6 +80,10 @@ class Lockstep:
 
     executions: tuple[Execution, ...]
 
+    def fork(self, xs):
+        forks = [Fused(ex).fork(x) for x, ex in zip(xs, self.executions)]
+        return tuple(x for x, _ in forks), tuple(skip for _, skip in forks)
+
     def conv_bn(self, xs, conv, bn, train):
         parts = [_conv_stats(x, conv, ex) for x, ex in zip(xs, self.executions)]
         lead = self.executions[0]

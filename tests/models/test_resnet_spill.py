@@ -104,6 +104,41 @@ def test_a_spilled_step_reads_its_activations_back_in_bands_of_a_partition(tmp_p
     assert max(reads) <= ram.max_partition_bytes
 
 
+def test_no_partial_cotangent_outlives_the_sum_of_a_blocks_two_branches(tmp_path):
+    """A block's input feeds its first conv and its shortcut; its cotangent is the sum of the two
+    (``host.fork``). Left to JAX's backward pass, the partial added last stayed alive through the
+    next op's pullback (the loop's ``cts_out``): a fourth activation at a spilled step's peak. With
+    every activation spilled and read back in bands of a partition, no host op's backward sees two
+    whole arrays of stage 1's activation made by the backward, besides its own arguments: the
+    incoming cotangent alone (the in-memory tail keeps its input, made by the forward). The fused
+    path: in the paper's separate ops a block's middle ReLU is a host op, whose backward rightly
+    sees the shortcut's cotangent waiting for the main branch's. The step equals the step in RAM."""
+    x = np.random.default_rng(0).normal(size=(1, 769, 43, 3)).astype(np.float32)
+    model = BigResNet(18, big_stages=1, rngs=nnx.Rngs(2))
+    activation = (1, 193, 11, 64)  # larger than a partition: no band is whole
+    forward, seen = set(), []
+
+    def whole(exclude):
+        return sum(a.shape == activation and id(a) not in exclude for a in jax.live_arrays())
+
+    def observer(event, fn, *args, **kwargs):
+        if event == "host_backward":
+            seen.append(whole(forward | {id(a) for a in jax.tree.leaves(args)}))
+        return fn(*args, **kwargs)
+
+    def loss(m, x, ex):
+        y = m(x, train=True, execution=ex)
+        forward.update(id(a) for a in jax.live_arrays() if a.shape == activation)
+        return jnp.sum(y)
+    ram = Execution(400_000, whole_blocks=False, stream_stem=True)
+    spilled = ram.replace(host_memory=0, spill_dir=tmp_path, observer=observer)
+    x = jax.device_put(x, ram.host)
+    _identical(nnx.value_and_grad(loss)(nnx.clone(model), x, ram),
+               nnx.value_and_grad(loss)(nnx.clone(model), x, spilled))
+    assert np.prod(activation) * 4 > ram.max_partition_bytes
+    assert len(seen) > 10 and max(seen) == 1
+
+
 def test_a_budget_between_keeps_some_in_ram_and_the_result_is_the_same(tmp_path):
     """A host budget that holds some activations: those stay in RAM, the rest spill, same results;
     an activation saved by two ops (a conv's output, then the host op's input) is written once."""
