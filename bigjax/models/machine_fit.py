@@ -23,10 +23,12 @@ kernel throughput in FLOP/s and the host's bandwidth for memory-bound passes, bo
 * with a host budget H: the residuals the engine keeps (``RESIDUALS`` × activation bytes: the conv
   outputs and the block outputs) beyond H, less the room H keeps for ``spill.IN_FLIGHT`` activations
   as large as the largest (``Footprint.largest_bytes``), are written once in the forward and read
-  ``READS`` times in the backward; host RAM used = H, or ``ALIVE_SPILLED`` activations as large as
-  the largest where that is more, + the partitions in flight. A budget or a narrow ``host_dtype``
-  streams the stem (``Execution.stream_stem``): its conv output is neither kept nor held, and its
-  conv runs ``STEM_PASSES`` more times;
+  ``READS`` times in the backward; host RAM used = H, or the ``IN_FLIGHT`` activations as large as
+  the largest where that is more (what a step spilling every residual holds: 3.5x the largest with
+  the partitions and parameter gradients, measured at 4096²; docs/benchmarks.md, twelfth session),
+  + the partitions in flight. A budget or a narrow ``host_dtype`` streams the stem
+  (``Execution.stream_stem``): its conv output is neither kept nor held, and its conv runs
+  ``STEM_PASSES`` more times;
 * host time: the engine's memory-bound work on the host (the host ops: folded BatchNorm, ReLU, add,
   pooling, forward and backward; band slicing and joining; the copies between memory spaces) moves
   ``HOST_PASSES`` × the activations stored once through host memory;
@@ -56,7 +58,7 @@ from bigjax.models.resnet import ResNet
 from bigjax.units import parse_bytes, parse_rate
 
 __all__ = ["Footprint", "Machine", "Prediction", "footprint", "predict", "largest_side",
-           "largest_spilled_side", "ALIVE_SPILLED", "SERVER", "THIS_MACHINE", "ANCHOR_SIDES"]
+           "largest_spilled_side", "SERVER", "THIS_MACHINE", "ANCHOR_SIDES"]
 
 ARCHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50}
 HOST_DTYPES = {"float32": 4, "bfloat16": 2}
@@ -82,9 +84,6 @@ HOST_PASSES = 33.0
 STEM_PASSES = 4  # the streamed stem's extra conv passes: 2 recomputations, 1 forward, 1 kernel gradient
 PROCESS_BYTES = 1 * 2**30  # Python, JAX, the compiled kernels, parameters: the process before a step
 PARTITIONS_IN_FLIGHT = 2  # Execution(prefetch=1): the band being computed and the next one
-# activations as large as the largest alive at once with every residual spilled: one more than the
-# room (3.9-4.0 measured at 4096² and 16,384², ResNet-18; docs/benchmarks.md, eighth session)
-ALIVE_SPILLED = IN_FLIGHT + 1
 ANCHOR_SIDES = (16_384, 65_536, 75_000)  # StreamingCNN/prostate; StreamingCLAM; HMS2
 
 
@@ -262,7 +261,7 @@ def predict(fp: Footprint, machine: Machine, host_budget: int | None = None,
     flops = fp.train_flops + (STEM_PASSES * fp.stem_flops if streams else 0)
     read = int(READS * written)
     working = PARTITIONS_IN_FLIGHT * machine.partition_budget
-    host = min(need, max(host_budget, ALIVE_SPILLED * largest)) + working if written else need
+    host = min(need, max(host_budget, room)) + working if written else need
     return Prediction(in_ram_bytes=need + PROCESS_BYTES, host_bytes=host + PROCESS_BYTES,
                       disk_written=written, disk_read=read,
                       kernel_s=flops / machine.kernel_throughput,
@@ -284,10 +283,10 @@ def largest_side(arch: str, ram: int, host_dtype: str = "float32", copies: float
 def largest_spilled_side(arch: str, machine: Machine, host_dtype: str = "float32",
                          reference: int = 4096) -> int:
     """The largest square side a step spilling every residual fits in ``machine``'s RAM: the
-    activations alive (``ALIVE_SPILLED`` × the largest, whole cotangents no budget spills) beside
+    activations alive (``IN_FLIGHT`` × the largest, whole cotangents no budget spills) beside
     the process and the partitions in flight; the disk is not bounded."""
     fp = footprint(arch, reference, host_dtype)
-    per_pixel = ALIVE_SPILLED * fp.largest_bytes / reference**2
+    per_pixel = IN_FLIGHT * fp.largest_bytes / reference**2
     return int(math.sqrt(max(machine.free_memory, 0) / per_pixel))
 
 
