@@ -1,4 +1,5 @@
-"""Host ops between big layers: ReLU, max-pool, residual add, global average pool, folded BatchNorm.
+"""Host ops between big layers: ReLU, max-pool, residual add, global average pool, folded BatchNorm,
+and the fork of a residual block's input (``fork``).
 
 The "Big-Layers" paper runs ReLU, max-pooling and residual additions on the host. Each op here is a
 ``jax.custom_vjp`` whose forward and backward are functions jitted on the host device of the
@@ -244,8 +245,9 @@ def affine_relu_max_pool(x, a, b, *, window=3, stride=2, padding=1, execution: E
 
 
 class _Like:
-    """What the global average pool's pullback needs of its input: shape, dtype and placement. A
-    pytree node with no children (as ``spill.Spilled``), so the residual holds no array."""
+    """What the global average pool's (and the fork's) pullback needs of its input: shape, dtype and
+    placement. A pytree node with no children (as ``spill.Spilled``), so the residual holds no
+    array."""
 
     def __init__(self, x):
         self.shape, self.dtype = x.shape, x.dtype
@@ -292,11 +294,12 @@ def _fork_op(ex, x):
 
 
 def _fork_fwd(ex, x):
-    return (x, x), None
+    return (x, x), _Like(x)
 
 
-def _fork_bwd(ex, _, cts):
-    return (ex.call("host_backward", _add_on_host, *map(ex.to_host, cts)),)
+def _fork_bwd(ex, like, cts):
+    ct = ex.call("host_backward", _add_on_host, *map(ex.to_host, cts))
+    return (ex.to_device_of(ct, like),)
 
 
 _fork_op.defvjp(_fork_fwd, _fork_bwd)

@@ -3,9 +3,9 @@
 A residual block is written once (``resnet.BasicBlock``/``Bottleneck``) against the small interface
 below: ``fork`` (a block's input, to its first conv and its shortcut), ``conv_bn`` (a conv and its
 BatchNorm), ``relu``, ``add_relu`` (the block's end) and ``stem_pool`` (ReLU + max-pool after the
-stem). A path may add ``whole`` to run a block, or the stem, as one
-program where it can, and ``streamed_stem`` to run the stem in row bands that never hold its conv
-output (``Fused`` has both; ``stem`` picks). Each path implements it:
+stem). A path may add ``whole`` to run a block, or the stem, as one program where it can, and
+``streamed_stem`` to run the stem in row bands that never hold its conv output (``Fused`` has both;
+``stem`` picks). Each path implements it:
 
 * ``InMemory`` — plain Flax on the compute device, jittable: the tail after the big stages and the
   in-memory twin.

@@ -66,6 +66,24 @@ def test_fan_out_of_a_host_array_sums_both_cotangents():
     assert rel_err(dx, (X > 0) + 1.0) < 1e-6
 
 
+def test_a_fork_gives_its_input_twice_and_its_cotangent_is_the_sum_jax_would_make():
+    """``host.fork``: both outputs are the input itself (no copy); the input's cotangent is the sum of
+    the two branches' bit for bit as JAX adds a fan-out, on the host where the input lives."""
+    w = RNG.normal(size=X.shape).astype(np.float32)
+    x, on_host = EX.to_host(X), EX.to_host(w)
+
+    def loss(x, split):
+        a, b = split(x)
+        return jnp.sum(to_compute_sum(host.add(host.relu(a, execution=EX), b * on_host,
+                                               execution=EX)))
+    a, b = host.fork(x, execution=EX)
+    assert a is x and b is x
+    dx = grad(loss)(x, functools.partial(host.fork, execution=EX))
+    assert dx.devices() == {EX.host}
+    assert np.array_equal(dx, grad(loss)(x, lambda x: (x, x)))
+    assert rel_err(dx, (X > 0) + w) < 1e-6
+
+
 def to_compute_sum(y):
     return jax.device_put(y, EX.compute)
 
