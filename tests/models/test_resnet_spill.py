@@ -116,19 +116,18 @@ def test_no_partial_cotangent_outlives_the_sum_of_a_blocks_two_branches(tmp_path
     x = np.random.default_rng(0).normal(size=(1, 769, 43, 3)).astype(np.float32)
     model = BigResNet(18, big_stages=1, rngs=nnx.Rngs(2))
     activation = (1, 193, 11, 64)  # larger than a partition: no band is whole
-    forward, seen = set(), []
-
-    def whole(exclude):
-        return sum(a.shape == activation and id(a) not in exclude for a in jax.live_arrays())
+    forward, seen = {}, []  # the spilled forward's arrays, held so that no new array reuses an id
 
     def observer(event, fn, *args, **kwargs):
         if event == "host_backward":
-            seen.append(whole(forward | {id(a) for a in jax.tree.leaves(args)}))
+            own = forward.keys() | {id(a) for a in jax.tree.leaves(args)}
+            seen.append(sum(a.shape == activation and id(a) not in own for a in jax.live_arrays()))
         return fn(*args, **kwargs)
 
     def loss(m, x, ex):
         y = m(x, train=True, execution=ex)
-        forward.update(id(a) for a in jax.live_arrays() if a.shape == activation)
+        if ex is spilled:
+            forward.update((id(a), a) for a in jax.live_arrays() if a.shape == activation)
         return jnp.sum(y)
     ram = Execution(400_000, whole_blocks=False, stream_stem=True)
     spilled = ram.replace(host_memory=0, spill_dir=tmp_path, observer=observer)
