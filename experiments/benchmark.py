@@ -9,7 +9,10 @@
 
 Per input: the Big step and its jitted twin (median seconds, ratio), the bytes each way, the achieved
 GB/s, the floor (bytes / measured copy bandwidth), the orchestration share of a profiled step
-(everything but kernels), and the device peak (GPU). ``--profile`` prints the breakdown.
+(everything but kernels), and the device peak (GPU). ``--profile`` prints the breakdown. With
+``--host_memory``: the spilled step's time, peak-RSS rise, disk bytes, achieved disk GB/s, the spill
+store's probed write / read GB/s (best of three, through the page cache), the disk floor at those
+speeds, the kernels' seconds and the step's ratio to max(kernels, floor).
     python -m experiments.benchmark --sweep --out=runs/sweep   # step time vs side, fits, plot
     python -m experiments.benchmark --sweep --gpu-scale        # sides 4,096 ... 32,768 (a GPU)
     python -m experiments.benchmark --sweep --quick            # sides 128 ... 256, 3 configs, 1 rep
@@ -147,14 +150,15 @@ def main(argv=None) -> None:
 def _spilled(cfg: Config) -> None:
     """Per shape: a spilled step's time and peak RSS, its disk bytes against the disk floor."""
     print(f"{'input':>14} {'step s':>7} {'RSS GiB':>8} {'wrote GiB':>9} {'read GiB':>8} "
-          f"{'disk peak':>9} {'disk GB/s':>9} {'floor s':>7} {'kernel s':>8} {'ratio':>6}")
+          f"{'disk peak':>9} {'disk GB/s':>9} {'probe w/r GB/s':>14} {'floor s':>7} {'kernel s':>8} "
+          f"{'ratio':>6}")
     for shape in cfg.shapes:
         for engine in cfg.engines:
             t = benchmark_spilled(shape, cfg.host_memory, cfg.spill_dir, cfg.budget,
                                   cfg.host_dtype, engine, warmup=cfg.warmup > 0)
             print(f"{'x'.join(map(str, shape)):>14} {t.step_s:>7.1f} {t.peak_rss / 2**30:>8.2f} "
                   f"{t.written / 2**30:>9.2f} {t.read / 2**30:>8.2f} {t.disk_peak / 2**30:>9.2f} "
-                  f"{t.disk_s / 1e9:>9.2f} "
+                  f"{t.disk_s / 1e9:>9.2f} {f'{t.disk_write / 1e9:.2f} / {t.disk_read / 1e9:.2f}':>14} "
                   f"{t.floor_s:>7.2f} {t.kernel_s:>8.1f} {t.ratio:>6.2f}", flush=True)
             if cfg.out:
                 with open(cfg.out, "a") as f:

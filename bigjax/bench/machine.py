@@ -55,10 +55,15 @@ def _median_seconds(fn, args, repeats: int) -> float:
     return median_seconds(lambda: fn(*args), repeats, clock)
 
 
-def measure_step(depth: int, side: int, budget: int = 64 * 2**20, host_dtype: str = "float32") -> dict:
+def measure_step(depth: int, side: int, budget: int = 64 * 2**20, host_dtype: str = "float32",
+                 host_memory: int | None = None, spill_dir: str | None = None) -> dict:
     """One all-big training step of ResNet-``depth`` on a ``side``² image, measured
-    (``host_memory.measure_host_step``): ``{"rss_rise"}`` (the peak resident set's rise over the
-    resident set before the step, VmHWM - VmRSS, bytes), ``{"seconds"}`` and ``{"cpu_seconds"}`` (the
-    process's CPU time over the cores: on a shared machine, what the step would take alone)."""
-    r = measure_host_step(side, budget, None if host_dtype == "float32" else host_dtype, depth=depth)
-    return {"seconds": r.step_s, "cpu_seconds": r.cpu_s, "rss_rise": r.rss_rise}
+    (``host_memory.measure_host_step``; ``host_memory`` bytes of activations kept, the rest spilled
+    to ``spill_dir``): ``{"rss_rise"}`` (the peak resident set's rise over the resident set before
+    the step, VmHWM - VmRSS, bytes), ``{"seconds"}``, ``{"cpu_seconds"}`` (the process's CPU time
+    over the cores: on a shared machine, what the step would take alone), ``{"written"}`` and
+    ``{"read"}`` (spill-store bytes)."""
+    r = measure_host_step(side, budget, None if host_dtype == "float32" else host_dtype,
+                          host_memory=host_memory, spill_dir=spill_dir, depth=depth)
+    return {"seconds": r.step_s, "cpu_seconds": r.cpu_s, "rss_rise": r.rss_rise,
+            "written": r.spilled, "read": r.read}

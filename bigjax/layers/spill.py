@@ -312,8 +312,9 @@ class SpillStore:
         """The largest activation yet: say once if the room for it in flight outgrows the budget."""
         room = IN_FLIGHT * nbytes
         if 0 < self.host_memory < room and IN_FLIGHT * self.largest <= self.host_memory:
-            # "at least": larger ones may follow, and with every activation spilled the step held
-            # 3.9-4.0 of its largest (4096², 16,384²; docs/benchmarks.md, eighth session)
+            # "at least": larger ones may follow, and with every activation spilled a step's peak-RSS
+            # rise was 3.5 and 2.9 of its largest, partitions and parameter gradients included
+            # (4096², 16,384²; docs/benchmarks.md, twelfth and thirteenth sessions)
             log.warning("host_memory=%.2f GiB is below the room for %d activations of %.2f GiB in "
                         "flight: every activation spills, and the step holds at least %.2f GiB of "
                         "them", self.host_memory / 2**30, IN_FLIGHT, nbytes / 2**30, room / 2**30)

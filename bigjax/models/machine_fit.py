@@ -26,7 +26,9 @@ kernel throughput in FLOP/s and the host's bandwidth for memory-bound passes, bo
   ``READS`` times in the backward; host RAM used = H, or the ``IN_FLIGHT`` activations as large as
   the largest where that is more (what a step spilling every residual holds: 3.5x the largest with
   the partitions and parameter gradients, measured at 4096²; docs/benchmarks.md, twelfth session),
-  + the partitions in flight. A budget or a narrow ``host_dtype`` streams the stem
+  + the partitions in flight (two of the run's ``--max_partition_bytes``). Both add the process, and the
+  image where the run holds it whole in RAM (``Machine.input_in_ram``, float32; a run that reads its
+  slide in bands holds none of it). A budget or a narrow ``host_dtype`` streams the stem
   (``Execution.stream_stem``): its conv output is neither kept nor held, and its conv runs
   ``STEM_PASSES`` more times;
 * host time: the engine's memory-bound work on the host (the host ops: folded BatchNorm, ReLU, add,
@@ -48,19 +50,14 @@ import math
 import os
 from dataclasses import dataclass, replace
 
-import jax
-import jax.numpy as jnp
-from flax import nnx
-
 from bigjax.bench.machine import measure_host_bandwidth, measure_step, measure_throughput
 from bigjax.layers.spill import IN_FLIGHT
-from bigjax.models.resnet import ResNet
+from bigjax.models.conv_shapes import ARCHS, conv_shapes
 from bigjax.units import parse_bytes, parse_rate
 
 __all__ = ["Footprint", "Machine", "Prediction", "footprint", "predict", "largest_side",
            "largest_spilled_side", "SERVER", "THIS_MACHINE", "ANCHOR_SIDES"]
 
-ARCHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50}
 HOST_DTYPES = {"float32": 4, "bfloat16": 2}
 # the engine's peak-RSS rise over the activations stored once, residuals freed as the backward goes
 # (``spill.Kept``): 1.66 at 1024², 1.39 at 2048² (ResNet-18, float32, `python -m bigjax.bench.host_memory
@@ -100,10 +97,15 @@ class Machine:
     bus: float | None = None  # host <-> device; None: the host is the compute device (no bus)
     host_bandwidth: float | None = None  # bytes/s of host memory-bound passes; None: not counted
     activation_budget: int | None = None  # --host_memory of the run; None: all RAM the step may take
+    partition_bytes: int | None = None  # --max_partition_bytes of the run; None: ``partition_budget``'s
+    input_in_ram: bool = False  # the run holds its image whole in RAM (float32), not read from a slide
 
     @property
     def partition_budget(self) -> int:
-        """The partition budget the run would use: an eighth of the device (``resnet_fit``'s headroom)."""
+        """The run's partition budget; by default an eighth of the device (``resnet_fit``'s headroom),
+        at most 1 GiB."""
+        if self.partition_bytes is not None:
+            return self.partition_bytes
         return min(self.device_memory // 8, 2**30)
 
     @property
@@ -123,9 +125,11 @@ class Machine:
 SERVER = Machine("GPU server", 80 * 10**9, 512 * 10**9, 6e9, 3e9, 100e12, bus=25e9, host_bandwidth=40e9)
 # this 2-core machine: 24 GB RAM, disk 1.9 GB/s read / 1.4 GB/s write (dd, direct I/O), CPU kernels
 # at 137.7 GFLOP/s and host passes at 8.2 GB/s (``--measure`` on the quiet AMD EPYC, 2026-12-05, in CPU
-# time over the 2 cores), the issue's --host_memory=8GiB
+# time over the 2 cores); the run is the issue's benchmark: ``python -m experiments.benchmark
+# --host_memory=8GiB --max_partition_bytes=64MiB``, its image whole in RAM
 THIS_MACHINE = Machine("this machine (2-core CPU)", 24 * 10**9, 24 * 10**9, 1.9e9, 1.4e9, 137.7e9,
-                       host_bandwidth=8.2e9, activation_budget=8 * 2**30)
+                       host_bandwidth=8.2e9, activation_budget=8 * 2**30,
+                       partition_bytes=64 * 2**20, input_in_ram=True)
 
 
 @dataclass(frozen=True)
@@ -142,6 +146,7 @@ class Footprint:
     stem_bytes: int = 0  # the stem conv's output (in ``activation_bytes``)
     stem_flops: int = 0  # one pass of the stem conv
     largest_bytes: int = 0  # the largest activation but the stem conv's output: the input or a conv's
+    image_bytes: int = 0  # the image in float32, as a run holding it whole in RAM holds it
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,7 @@ class Prediction:
     disk_s: float
     host_s: float = 0.0  # the host's memory-bound passes
     host_computes: bool = False  # kernels run on the host's cores too: their times add
+    base_bytes: int = PROCESS_BYTES  # before the step: the process, and the image held in RAM
 
     def _terms(self) -> list[tuple[str, float]]:
         if self.host_computes:
@@ -172,58 +178,6 @@ class Prediction:
     @property
     def bound(self) -> str:
         return max(self._terms(), key=lambda t: t[1])[0]
-
-
-def conv_shapes(arch: str, side: int) -> list[tuple[tuple, tuple, tuple, int]]:
-    """(input shape, output shape, kernel shape HWIO, multiply-adds) of every conv of ``arch`` on one
-    ``side``² RGB image, in the order the forward runs them: read from the jaxpr of the model's forward (abstract
-    shapes, nothing computed, any side)."""
-    graph, state = nnx.split(_model(arch))
-
-    def forward(state, x):
-        return nnx.merge(graph, state)(x, train=False)
-
-    jaxpr = jax.make_jaxpr(forward)(state, jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32))
-    return [_conv(e) for e in _equations(jaxpr.jaxpr) if e.primitive.name == "conv_general_dilated"]
-
-
-def _conv(eqn) -> tuple[tuple, tuple, tuple, int]:
-    """(input, output, kernel shape, multiply-adds) of one NHWC/HWIO conv; the multiply-adds count
-    only the kernel taps that land inside the input (not on its zero padding), as XLA does."""
-    x, y, k = (tuple(v.aval.shape) for v in (eqn.invars[0], eqn.outvars[0], eqn.invars[1]))
-    p = eqn.params
-    taps = [_valid_taps(x[1 + d], y[1 + d], k[d], p["window_strides"][d], p["rhs_dilation"][d],
-                        p["padding"][d][0]) for d in (0, 1)]
-    return x, y, k, y[0] * taps[0] * taps[1] * k[2] * k[3] // p["feature_group_count"]
-
-
-def _valid_taps(n_in: int, n_out: int, k: int, stride: int, dilation: int, pad: int) -> int:
-    """Pairs (output position, kernel tap) along one axis whose input index is inside the input."""
-    total = 0
-    for j in range(k):
-        offset = j * dilation - pad  # input index = o * stride + offset
-        first = max(0, -(offset // stride) if offset < 0 else 0)
-        last = min(n_out - 1, (n_in - 1 - offset) // stride)
-        total += max(0, last - first + 1)
-    return total
-
-
-def _equations(jaxpr):
-    """Every equation of ``jaxpr`` and of the jaxprs inside it (jit, custom_vjp, ...), in order."""
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    yield from _equations(inner)
-
-
-def _model(arch: str) -> ResNet:
-    """The architecture's ResNet with abstract parameters (shapes only: no initialisation runs)."""
-    if arch not in ARCHS:
-        raise ValueError(f"--arch={arch}: choose one of {', '.join(ARCHS)}")
-    return nnx.eval_shape(lambda: ResNet(ARCHS[arch], rngs=nnx.Rngs(0)))
 
 
 def footprint(arch: str, side: int, host_dtype: str = "float32") -> Footprint:
@@ -243,7 +197,7 @@ def footprint(arch: str, side: int, host_dtype: str = "float32") -> Footprint:
                      train_flops=3 * forward - 2 * macs[0],  # no input gradient for the image
                      bus_bytes=size * (3 * sum(ins) + 2 * sum(outs)),
                      stem_bytes=size * outs[0], stem_flops=2 * macs[0],
-                     largest_bytes=size * max([ins[0]] + outs[1:]))
+                     largest_bytes=size * max([ins[0]] + outs[1:]), image_bytes=4 * ins[0])
 
 
 def predict(fp: Footprint, machine: Machine, host_budget: int | None = None,
@@ -262,7 +216,8 @@ def predict(fp: Footprint, machine: Machine, host_budget: int | None = None,
     read = int(READS * written)
     working = PARTITIONS_IN_FLIGHT * machine.partition_budget
     host = min(need, max(host_budget, room)) + working if written else need
-    return Prediction(in_ram_bytes=need + PROCESS_BYTES, host_bytes=host + PROCESS_BYTES,
+    base = PROCESS_BYTES + _held_image(fp, machine)
+    return Prediction(in_ram_bytes=need + base, host_bytes=host + base, base_bytes=base,
                       disk_written=written, disk_read=read,
                       kernel_s=flops / machine.kernel_throughput,
                       bus_s=0.0 if machine.bus is None else fp.bus_bytes / machine.bus,
@@ -272,12 +227,13 @@ def predict(fp: Footprint, machine: Machine, host_budget: int | None = None,
                       host_computes=machine.bus is None)
 
 
-def largest_side(arch: str, ram: int, host_dtype: str = "float32", copies: float = COPIES,
+def largest_side(arch: str, machine: Machine, host_dtype: str = "float32", copies: float = COPIES,
                  reference: int = 4096) -> int:
-    """The largest square side whose in-RAM step fits ``ram`` bytes (activations scale with area)."""
+    """The largest square side whose in-RAM step fits ``machine``'s RAM (activations, and an image
+    held in RAM, scale with area)."""
     fp = footprint(arch, reference, host_dtype)
-    per_pixel = copies * fp.activation_bytes / reference**2
-    return int(math.sqrt(max(ram - PROCESS_BYTES, 0) / per_pixel))
+    per_pixel = (copies * fp.activation_bytes + _held_image(fp, machine)) / reference**2
+    return int(math.sqrt(max(machine.host_memory - PROCESS_BYTES, 0) / per_pixel))
 
 
 def largest_spilled_side(arch: str, machine: Machine, host_dtype: str = "float32",
@@ -286,8 +242,13 @@ def largest_spilled_side(arch: str, machine: Machine, host_dtype: str = "float32
     activations alive (``IN_FLIGHT`` × the largest, whole cotangents no budget spills) beside
     the process and the partitions in flight; the disk is not bounded."""
     fp = footprint(arch, reference, host_dtype)
-    per_pixel = IN_FLIGHT * fp.largest_bytes / reference**2
+    per_pixel = (IN_FLIGHT * fp.largest_bytes + _held_image(fp, machine)) / reference**2
     return int(math.sqrt(max(machine.free_memory, 0) / per_pixel))
+
+
+def _held_image(fp: Footprint, machine: Machine) -> int:
+    """The bytes of ``fp``'s image that ``machine``'s run holds in RAM beside the step."""
+    return fp.image_bytes if machine.input_in_ram else 0
 
 
 def table(machines: list[Machine], arch: str, sides, host_dtype: str, copies: float) -> list[str]:
@@ -325,7 +286,8 @@ def main(argv=None) -> int:
     given = [a.device_memory, a.host_memory, a.disk_read, a.disk_write, throughput]
     if all(v is not None for v in given):
         machines = [Machine("given", *given[:2], *given[2:], bus=a.bus, host_bandwidth=bandwidth,
-                            activation_budget=a.budget)]
+                            activation_budget=a.budget, partition_bytes=a.max_partition_bytes,
+                            input_in_ram=a.input_in_ram)]
     else:
         machines = [SERVER, here]
     sides = a.side or ANCHOR_SIDES
@@ -333,25 +295,29 @@ def main(argv=None) -> int:
           "ratio); step = max(kernels, host passes, bus, disk floor), kernels + host passes on a CPU")
     print("\n".join(table(machines, a.arch, sides, a.host_dtype, copies)))
     for m in machines:
-        side = largest_side(a.arch, m.host_memory, a.host_dtype, copies)
+        side = largest_side(a.arch, m, a.host_dtype, copies)
         spilled = largest_spilled_side(a.arch, m, a.host_dtype)
         print(f"{m.name}: largest side in RAM {side:,}²; spilled {spilled:,}² (its cotangents whole)")
     return 0
 
 
 def _check(a, here: Machine, copies: float) -> int:
-    """Predicted vs measured peak-RSS rise and step time of all-big steps at ``--check``'s sides."""
+    """Predicted vs measured peak-RSS rise, disk bytes and step time of all-big steps at
+    ``--check``'s sides: in RAM, or with ``--budget`` bytes kept and the rest spilled to
+    ``--spill_dir``."""
     cores = len(os.sched_getaffinity(0))
     print(f"| side | activations once (MiB) | RSS rise predicted / measured (MiB) | ratio measured | "
-          f"step predicted: kernels + host passes (s) | measured (s) | CPU s / {cores} cores |\n"
-          "|---|---|---|---|---|---|---|")
+          f"spilled predicted / measured (MiB) | step predicted: kernels + host passes (s) | "
+          f"measured (s) | CPU s / {cores} cores |\n" + "|---" * 8 + "|")
     for side in a.check:
         fp = footprint(a.arch, side, a.host_dtype)
-        p, m = predict(fp, here, None, copies), measure_step(ARCHS[a.arch], side,
-                                                                 host_dtype=a.host_dtype)
-        mib = lambda n: f"{n / 2**20:,.0f}"  # noqa: E731
-        print(f"| {side:,}² | {mib(fp.activation_bytes)} | {mib(p.in_ram_bytes - PROCESS_BYTES)} / "
+        p = predict(fp, here, a.budget, copies)
+        m = measure_step(ARCHS[a.arch], side, host_dtype=a.host_dtype, host_memory=a.budget,
+                         spill_dir=a.spill_dir)
+        mib = lambda n: f"{n / 2**20:,.1f}"  # noqa: E731
+        print(f"| {side:,}² | {mib(fp.activation_bytes)} | {mib(p.host_bytes - p.base_bytes)} / "
               f"{mib(m['rss_rise'])} | {m['rss_rise'] / fp.activation_bytes:.2f} | "
+              f"{mib(p.disk_written)} / {mib(m['written'])} | "
               f"{p.kernel_s:.2f} + {p.host_s:.2f} = {p.step_s:.2f} | {m['seconds']:.2f} | "
               f"{m['cpu_seconds']:.2f} |", flush=True)
     return 0
@@ -366,6 +332,11 @@ def _flags(argv) -> argparse.Namespace:
     p.add_argument("--host_memory", type=_size("host_memory"), help="host RAM, e.g. 512GB")
     p.add_argument("--budget", type=_size("budget"), help="host RAM for activations (the run's "
                                                           "--host_memory; default: what RAM leaves)")
+    p.add_argument("--max_partition_bytes", type=_size("max_partition_bytes"),
+                   help="the run's partition budget, e.g. 64MiB (default: an eighth of the device, "
+                        "at most 1 GiB)")
+    p.add_argument("--input_in_ram", action="store_true",
+                   help="the run holds its image whole in RAM in float32 (default: read from a slide)")
     p.add_argument("--disk_read", type=_rate("disk_read"), help="e.g. 3GB/s")
     p.add_argument("--disk_write", type=_rate("disk_write"), help="e.g. 2GB/s")
     p.add_argument("--bus", type=_rate("bus"), help="host<->device, e.g. 25GB/s (default: none, a CPU)")
@@ -377,8 +348,12 @@ def _flags(argv) -> argparse.Namespace:
     p.add_argument("--copies", type=float, default=COPIES,
                    help=f"the engine's peak RSS over the activations stored once (default {COPIES})")
     p.add_argument("--check", type=_sides, help="measure all-big steps at these sides here (<= 2048 "
-                                                "stays under 4 GiB)")
-    return p.parse_args(argv)
+                                                "stays under 4 GiB; with --budget, spilled)")
+    p.add_argument("--spill_dir", help="with --check and --budget: the spill store's directory")
+    a = p.parse_args(argv)
+    if a.check and (a.budget is None) != (a.spill_dir is None):
+        p.error("--check with --budget needs --spill_dir (and --spill_dir needs --budget)")
+    return a
 
 
 def _sides(text: str) -> tuple[int, ...]:

@@ -59,6 +59,10 @@ def test_experiments_benchmark_prints_the_spilled_step(tmp_path, capsys):
           "--max_partition_bytes=20MiB", "--warmup=0"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:2] == ["input", "step"] and lines[1].split()[0] == "1x64x64x3"
+    header, row = lines[0].split(), lines[1].split()
+    assert "probe" in header and len(row) == 13  # the probe's write / read speeds: "w / r"
+    write, read = float(row[7]), float(row[9])
+    assert write > 0 and read > 0 and row[8] == "/"
 
 
 _BOUND = textwrap.dedent("""

@@ -64,13 +64,6 @@ def test_flops_match_xla_cost_analysis_within_3_percent(arch, depth):
     assert fp.train_flops <= train_xla <= 1.03 * fp.train_flops
 
 
-def test_valid_taps_count_the_kernel_positions_inside_the_input():
-    for n_in, k, stride, pad in [(67, 7, 2, 3), (5, 3, 1, 1), (8, 3, 2, 1), (2, 3, 2, 1), (9, 1, 2, 0)]:
-        n_out = (n_in + 2 * pad - k) // stride + 1
-        brute = sum(0 <= o * stride + j - pad < n_in for o in range(n_out) for j in range(k))
-        assert machine_fit._valid_taps(n_in, n_out, k, stride, 1, pad) == brute
-
-
 def test_prediction_in_ram_and_over_a_host_budget():
     fp = Footprint("resnet18", 1024, "float32", activation_bytes=10 * 2**30, forward_flops=10**12,
                    train_flops=3 * 10**12, bus_bytes=50 * 2**30, largest_bytes=2**30)
@@ -127,10 +120,26 @@ def replace_bus(machine, bus):
 
 
 def test_largest_side_in_ram_fits_and_one_percent_more_does_not():
-    ram = 24 * 10**9
-    side = machine_fit.largest_side("resnet18", ram)
-    need = lambda s: predict(footprint("resnet18", s), machine_fit.THIS_MACHINE).in_ram_bytes  # noqa: E731
-    assert need(side) <= ram * 1.01 and need(int(side * 1.02)) > ram
+    m = machine_fit.THIS_MACHINE
+    side = machine_fit.largest_side("resnet18", m)
+    need = lambda s: predict(footprint("resnet18", s), m).in_ram_bytes  # noqa: E731
+    assert need(side) <= m.host_memory * 1.01 and need(int(side * 1.02)) > m.host_memory
+
+
+def test_the_runs_partition_budget_and_an_image_held_in_ram_count_in_its_host_ram():
+    fp = footprint("resnet18", 1024)
+    assert fp.image_bytes == 1024 * 1024 * 3 * 4  # float32 RGB, whatever the host dtype
+    m = Machine("m", 8 * 2**30, 64 * 2**30, disk_read=2e9, disk_write=1e9, kernel_throughput=1e12)
+    run = dataclasses.replace(m, partition_bytes=64 * 2**20, input_in_ram=True)
+    assert (m.partition_budget, run.partition_budget) == (2**30, 64 * 2**20)
+    fewer_partition_bytes = machine_fit.PARTITIONS_IN_FLIGHT * (2**30 - 64 * 2**20)
+    spilled, held = predict(fp, m, 0), predict(fp, run, 0)
+    assert held.host_bytes - spilled.host_bytes == fp.image_bytes - fewer_partition_bytes
+    assert held.base_bytes == machine_fit.PROCESS_BYTES + fp.image_bytes
+    assert predict(fp, run).in_ram_bytes - predict(fp, m).in_ram_bytes == fp.image_bytes
+    from_a_slide = dataclasses.replace(run, input_in_ram=False)  # the image held leaves less room
+    assert (machine_fit.largest_spilled_side("resnet18", run)
+            < machine_fit.largest_spilled_side("resnet18", from_a_slide))
 
 
 def test_the_table_has_the_anchors_rows_on_both_machines(capsys):
@@ -144,7 +153,7 @@ def test_the_table_has_the_anchors_rows_on_both_machines(capsys):
 def test_one_given_machine_and_bad_flags(capsys):
     argv = ["--side", "16384", "--arch", "resnet34", "--host_dtype", "bfloat16", "--device_memory", "80GB",
             "--host_memory", "512GB", "--disk_read", "3GB/s", "--disk_write", "2GB/s",
-            "--kernel_throughput", "1e14"]
+            "--kernel_throughput", "1e14", "--max_partition_bytes", "64MiB", "--input_in_ram"]
     assert machine_fit.main(argv) == 0
     rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| given")]
     assert len(rows) == 1 and "16,384²" in rows[0]
@@ -153,6 +162,21 @@ def test_one_given_machine_and_bad_flags(capsys):
             machine_fit.main(bad)
     with pytest.raises(ValueError, match="--side=8: a ResNet needs at least 32 px"):
         footprint("resnet18", 8)
+
+
+def test_check_measures_steps_here_against_the_prediction_in_ram_and_spilled(tmp_path, capsys):
+    """``--check`` (the README's command): a step in RAM spills nothing; with ``--budget 0`` every
+    residual is written, as predicted, and the store leaves no file."""
+    assert machine_fit.main(["--check", "96"]) == 0
+    assert machine_fit.main(["--check", "96", "--budget", "0", "--spill_dir", str(tmp_path)]) == 0
+    rows = [r.split("|") for r in capsys.readouterr().out.splitlines() if r.startswith("| 96²")]
+    (in_ram, spilled), mib = rows, lambda cell: [float(v) for v in cell.split("/")]  # noqa: E731
+    assert mib(in_ram[5]) == [0.0, 0.0] and mib(in_ram[3])[1] > 0
+    predicted, written = mib(spilled[5])
+    assert written > 0 and 0.5 < predicted / written < 2  # RESIDUALS, fitted at 8192²-16,384²
+    assert not [f for f in tmp_path.rglob("*") if f.is_file()]
+    with pytest.raises(SystemExit):
+        machine_fit.main(["--check", "96", "--budget", "1GiB"])  # where would it spill?
 
 
 def test_largest_spilled_side_fits_its_cotangents_and_two_percent_more_does_not():
