@@ -105,8 +105,8 @@ def test_each_backward_removes_the_files_it_read_last(tmp_path):
 def test_the_budget_keeps_room_for_three_activations_in_flight(tmp_path, caplog):
     """An activation stays in RAM only while the kept ones, it and room for ``IN_FLIGHT`` (3)
     activations as large as the largest yet fit ``host_memory``: the cotangents of a residual
-    block's backward, which no residual counts. A budget below that room spills everything, once
-    said in the log."""
+    block's backward, which no residual counts. A budget below that room spills everything, said
+    in the log, and said again with the figure of a larger activation that follows."""
     from bigjax.layers.spill import IN_FLIGHT, SpillStore
 
     assert IN_FLIGHT == 3
@@ -124,6 +124,11 @@ def test_the_budget_keeps_room_for_three_activations_in_flight(tmp_path, caplog)
     assert all(isinstance(k, Spilled) for k in kept)
     warnings = [r.getMessage() for r in caplog.records if r.name == "bigjax.layers.spill"]
     assert len(warnings) == 1 and "below the room for 3 activations" in warnings[0]
+    with caplog.at_level("WARNING", "bigjax.layers.spill"):
+        store.keep(EX, jax.device_put(np.ones((1, 16, 8, 4), np.float32), EX.host))  # twice the size
+        store.keep(EX, xs[0])  # not larger: nothing new to say
+    warnings = [r for r in caplog.records if r.name == "bigjax.layers.spill"]
+    assert [r.args[2] for r in warnings] == [size / 2**30, 2 * size / 2**30]  # the largest, in GiB
 
 
 def test_a_held_activation_is_written_once_and_its_copy_kept_for_the_ops_that_keep_it(tmp_path):
