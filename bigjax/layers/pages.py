@@ -10,9 +10,9 @@ step from 39.8 s to 57.6 s for a 13 % lower peak. With transparent huge pages on
 
 glibc asks for them when started with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, where the kernel's
 THP mode is ``madvise`` (its default). A tunable is read when the process starts, so a running process
-cannot set it: a CLI whose command line sets ``--host_memory`` restarts itself, once, with it
-(``restart_with_huge_pages``, from ``errors.run_cli``), and a spill store made any other way logs the
-advice once per process (``advise_huge_pages``).
+cannot set it: a CLI whose command line sets ``--host_memory`` or ``--spill_dir`` restarts itself,
+once, with it (``restart_with_huge_pages``, from ``errors.run_cli``), and a spill store made any
+other way logs the advice once per process (``advise_huge_pages``).
 """
 
 from __future__ import annotations
@@ -75,9 +75,11 @@ def advise_huge_pages() -> None:
 def restart_with_huge_pages(argv, environ=os.environ, execve=os.execve,
                             thp_mode: str | os.PathLike = THP_MODE) -> None:
     """Replace this process by the same command under ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` when
-    ``argv`` (the process's own command line) sets ``--host_memory`` and ``huge_pages_hint`` applies;
-    else return. The restarted process has the tunable, so it does not restart again."""
-    if not any(a.startswith("--host_memory") for a in argv) or huge_pages_hint(environ, thp_mode) is None:
+    ``argv`` (the process's own command line) sets ``--host_memory`` or ``--spill_dir`` (a budget by
+    another name: ``machine_fit --check --budget``) and ``huge_pages_hint`` applies; else return. The
+    restarted process has the tunable, so it does not restart again."""
+    budgeted = any(a.startswith(("--host_memory", "--spill_dir")) for a in argv)
+    if not budgeted or huge_pages_hint(environ, thp_mode) is None:
         return
     tunables = ":".join(filter(None, (environ.get("GLIBC_TUNABLES"), HUGE_PAGES)))
     sys.stdout.flush()

@@ -44,6 +44,7 @@ def test_freed_buffers_are_returned_on_glibc():
     (["--host_memory=8GiB"], None, "glibc.malloc.hugetlb=1"),
     (["--host_memory", "auto"], "glibc.malloc.check=0", "glibc.malloc.check=0:glibc.malloc.hugetlb=1"),
     (["--host_memory=8GiB"], "glibc.malloc.hugetlb=1", None),  # the restarted process itself
+    (["--check", "96", "--budget", "0", "--spill_dir", "D"], None, "glibc.malloc.hugetlb=1"),
     (["--epochs=1"], None, None),  # no host budget: nothing to gain
 ])
 def test_a_command_line_with_a_host_budget_restarts_once_with_huge_pages(tmp_path, argv, tunables,
