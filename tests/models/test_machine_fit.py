@@ -170,7 +170,8 @@ def test_check_measures_steps_here_against_the_prediction_in_ram_and_spilled(tmp
     assert machine_fit.main(["--check", "96"]) == 0
     assert machine_fit.main(["--check", "96", "--budget", "0", "--spill_dir", str(tmp_path)]) == 0
     rows = [r.split("|") for r in capsys.readouterr().out.splitlines() if r.startswith("| 96²")]
-    (in_ram, spilled), mib = rows, lambda cell: [float(v) for v in cell.split("/")]  # noqa: E731
+    in_ram, spilled = rows
+    mib = lambda cell: [float(v) for v in cell.split("/")]  # noqa: E731  "predicted / measured"
     assert mib(in_ram[5]) == [0.0, 0.0] and mib(in_ram[3])[1] > 0
     predicted, written = mib(spilled[5])
     assert written > 0 and 0.5 < predicted / written < 2  # RESIDUALS, fitted at 8192²-16,384²
