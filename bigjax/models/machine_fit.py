@@ -351,8 +351,8 @@ def _flags(argv) -> argparse.Namespace:
                                                 "stays under 4 GiB; with --budget, spilled)")
     p.add_argument("--spill_dir", help="with --check and --budget: the spill store's directory")
     a = p.parse_args(argv)
-    if a.check and (a.budget is None) != (a.spill_dir is None):
-        p.error("--check with --budget needs --spill_dir (and --spill_dir needs --budget)")
+    if a.check and (a.budget is None) != (a.spill_dir is None):  # one `error:` line (run_cli)
+        raise ValueError("--check with --budget needs --spill_dir (and --spill_dir needs --budget)")
     return a
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from bigjax.errors import run_cli
 from bigjax.layers.execution import Execution
 from bigjax.models import machine_fit
 from bigjax.models.machine_fit import Footprint, Machine, footprint, predict
@@ -176,8 +177,10 @@ def test_check_measures_steps_here_against_the_prediction_in_ram_and_spilled(tmp
     predicted, written = mib(spilled[5])
     assert written > 0 and 0.5 < predicted / written < 2  # RESIDUALS, fitted at 8192²-16,384²
     assert not [f for f in tmp_path.rglob("*") if f.is_file()]
-    with pytest.raises(SystemExit):
-        machine_fit.main(["--check", "96", "--budget", "1GiB"])  # where would it spill?
+    capsys.readouterr()
+    assert run_cli(machine_fit.main, ["--check", "96", "--budget", "1GiB"]) == 2  # where to spill?
+    assert capsys.readouterr().err.splitlines() == [
+        "error: --check with --budget needs --spill_dir (and --spill_dir needs --budget)"]
 
 
 def test_largest_spilled_side_fits_its_cotangents_and_two_percent_more_does_not():
