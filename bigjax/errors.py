@@ -8,22 +8,32 @@ Which exceptions are the user's: ``UserError`` and its subclasses wherever raise
 ``FileNotFoundError``, ``FileExistsError`` and ``KeyError`` raised by bigjax's (or the CLI's) own
 validation, i.e. when the innermost frame of the traceback is bigjax code (or the CLI's module); and a full disk (``ENOSPC``)
 anywhere in the exception's chain. A ``ValueError`` from inside numpy or JAX is a bug and keeps its
-traceback.
+traceback. A flag argparse refuses (an unknown one, a bad value) is one such line too: every CLI builds
+its flags with this module's ``ArgumentParser``.
 """
 
 from __future__ import annotations
 
+import argparse
 import errno
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 
-__all__ = ["UserError", "Diverged", "Interrupted", "disk_full", "run_cli", "EXIT_USAGE", "EXIT_FAILED",
-           "EXIT_INTERRUPTED"]
+__all__ = ["ArgumentParser", "UserError", "Diverged", "Interrupted", "disk_full", "run_cli", "EXIT_USAGE",
+           "EXIT_FAILED", "EXIT_INTERRUPTED"]
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 VALIDATION_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
 OWN_PACKAGES = ("bigjax", "experiments")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose refusals are one ``error: …`` line and exit status 2, as the CLIs'
+    other errors, without argparse's usage block (``--help`` still prints it)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"error: {' '.join(message.split())} (--help lists the flags)\n")
 
 
 class UserError(Exception):

@@ -31,7 +31,7 @@ from bigjax.bench.host_memory import benchmark_spilled
 from bigjax.bench.report import write_sweep
 from bigjax.bench.step import benchmark_step
 from bigjax.bench.sweep import CONFIGS, SweepConfig, run_sweep
-from bigjax.errors import run_cli
+from bigjax.errors import ArgumentParser, run_cli
 from bigjax.layers.execution import ENGINES
 from experiments.flags import byte_size
 
@@ -57,7 +57,7 @@ class Config:
 
 
 def parse(argv=None) -> Config:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small inputs instead of the targets")
     p.add_argument("--shapes", type=_shapes,
                    help="NxHxWxC inputs instead, comma-separated (e.g. 1x4096x4096x3,1x8192x8192x3)")

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from bigjax.errors import ArgumentParser
 from bigjax.train import modes
 from bigjax.units import parse_bytes
 from experiments.presets import Preset
@@ -30,7 +31,7 @@ PRESET_FIELDS = ("tile_size",)
 
 def training_flags(doc: str) -> argparse.ArgumentParser:
     """The flags of every experiment (model, optimiser, schedule, run control); all default None."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", help="tile store to use/create (default <workdir>/store)")
     p.add_argument("--workdir", help="run folder (default: the preset's, runs/<task>...)")
     p.add_argument("--encoder", choices=modes.names(), help="encoder mode (default big)")

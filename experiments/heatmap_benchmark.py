@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bigjax.errors import ArgumentParser
+
 TILE = 256
 DOWNSAMPLES = (1, 4, 16)
 
@@ -77,7 +79,7 @@ def _hwm_mib() -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/heatmap_bench")
     p.add_argument("--side_px", type=int, default=100_000)
     p.add_argument("--measure_only", action="store_true", help=argparse.SUPPRESS)

@@ -25,14 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-from bigjax.errors import run_cli
+from bigjax.errors import ArgumentParser, run_cli
 from bigjax.logs import quiet_libraries
 
 ENCODERS = ("big", "frozen", "precomputed", "local")
 
 
 def parse_flags(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default="runs/localisation", help="study folder (data, store, runs)")
     p.add_argument("--phase", choices=["all", "train", "measure"], default="all")
     p.add_argument("--encoders", nargs="+", default=list(ENCODERS), choices=ENCODERS)

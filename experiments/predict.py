@@ -26,7 +26,7 @@ from pathlib import Path
 from bigjax.data import layouts
 from bigjax.data.manifest import NO_LABEL, read_manifest, select
 from bigjax.data.masks import mask_path, providers
-from bigjax.errors import UserError, run_cli
+from bigjax.errors import ArgumentParser, run_cli, UserError
 from bigjax.logs import quiet_libraries
 from bigjax.train.interrupt import stop_on_interrupt
 from bigjax.train.predict import PredictOptions, class_names, predict, read_config
@@ -37,7 +37,7 @@ POSITIVE_GRADE = 3  # experiments.camelyon's binary labels of generated slides: 
 
 
 def parse_flags(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="the trained run (config.json, checkpoints/)")
     given = p.add_mutually_exclusive_group()
     given.add_argument("--data_dir", help="a PANDA-layout folder (train.csv, train_images/), or a folder of slides")

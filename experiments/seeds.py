@@ -10,12 +10,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from bigjax.errors import run_cli
+from bigjax.errors import ArgumentParser, run_cli
 from bigjax.train.seeds import collect, seed_table
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("root", help="folder holding <name>_s<seed>/results.json run folders")
     p.add_argument("--metric", default="qwk", choices=["qwk", "accuracy", "auc"])
     a = p.parse_args(argv)

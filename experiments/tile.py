@@ -22,7 +22,7 @@ from bigjax.data.manifest import read_manifest
 from bigjax.data.store import TileStore
 from bigjax.data.synthetic import make_panda_like
 from bigjax.data.tiling import TilingConfig, tile_dataset
-from bigjax.errors import run_cli
+from bigjax.errors import ArgumentParser, run_cli
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +46,7 @@ class Config:
 
 def parse_flags(argv=None) -> Config:
     """Command-line flags -> Config."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="tile store folder")
     p.add_argument("--layout", default="panda", choices=["panda", "camelyon", "csv", "synthetic"])
     p.add_argument("--data_dir", help="PANDA folder (train.csv, train_images/); for synthetic, where to generate it")

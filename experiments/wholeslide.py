@@ -35,7 +35,7 @@ from pathlib import Path
 
 from bigjax.data import layouts
 from bigjax.data.synthetic import make_panda_like
-from bigjax.errors import run_cli
+from bigjax.errors import ArgumentParser, run_cli
 from bigjax.local.wholeslide import WholeSlideConfig, train_wholeslide
 from bigjax.logs import quiet_libraries
 from bigjax.metrics import format_metric
@@ -55,7 +55,7 @@ REGION_SCALE = 8.0
 
 
 def parse_flags(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="runs/wholeslide", help="run folder (default runs/wholeslide)")
     p.add_argument("--data_dir", help="PANDA folder (train.csv, train_images/); omit to generate slides")
     p.add_argument("--splits_csv", help="PANDA split CSV (image_id, split); default seeded 80:10:10")

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from bigjax.errors import Diverged, Interrupted, UserError, run_cli
+from bigjax.errors import ArgumentParser, Diverged, Interrupted, UserError, run_cli
 
 
 def raising(error):
@@ -93,6 +93,17 @@ def test_exit_statuses_of_normal_ends(capsys):
     parser.add_argument("--epochs", type=int)
     assert run_cli(lambda argv: parser.parse_args(argv) and 0, ["--epochs=x"]) == 2
     assert "invalid int value" in capsys.readouterr().err
+
+
+def test_a_refused_flag_is_one_line_without_the_usage_block(capsys):
+    parser = ArgumentParser(prog="panda")
+    parser.add_argument("--epochs", type=int)
+    assert run_cli(lambda argv: parser.parse_args(argv) and 0, ["--epochs=x"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: argument --epochs: invalid int value: 'x' (--help lists the flags)"]
+    with pytest.raises(SystemExit) as stop:
+        parser.parse_args(["--help"])
+    assert stop.value.code == 0 and "usage: panda" in capsys.readouterr().out
 
 
 def test_a_cli_with_a_bad_layout_prints_one_line(tmp_path):

@@ -171,3 +171,15 @@ def test_readme_command_runs_with_tiny_flags(command, data, tmp_path):
         assert tiny.expect[len("stdout:"):] in done.stdout and done.stdout.strip(), done.stdout[-2000:]
     else:
         assert (tmp_path / tiny.expect).exists(), sorted(p.name for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("module", sorted({c.split()[2] for c in readme_commands() if c.startswith("python -m")}))
+def test_every_readme_cli_refuses_a_flag_in_one_line(module, tmp_path):
+    """A mistyped flag is one ``error:`` line and status 2, not argparse's usage block."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-m", module, "--no_such_flag"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.splitlines()
+    assert line.startswith("error: ") and line.endswith(" (--help lists the flags)")
+    assert "--no_such_flag" in line or "are required" in line

@@ -38,6 +38,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 from flax import nnx  # noqa: E402
 
 from bigjax.bench.step import benchmark_step, step_setup  # noqa: E402
+from bigjax.errors import ArgumentParser
 from bigjax.layers.execution import Execution  # noqa: E402
 from bigjax.models.resnet_fit import choose_big_stages  # noqa: E402
 
@@ -137,7 +138,7 @@ def table(rows) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dry-run", dest="dry_run", action="store_true",
                    help="tiny sizes on two CPU devices (compute and host)")
     p.add_argument("--out", default="runs/gpu_check.md", help="where the table is written")

@@ -23,6 +23,7 @@ from flax import nnx
 
 from bigjax.bench.memory import host_peak_bytes, host_rss_bytes, release_host, reset_host_peak
 from bigjax.bench.step import executions, step_setup
+from bigjax.errors import ArgumentParser
 from bigjax.layers.pages import return_freed_buffers
 from bigjax.layers.spill import SpillStats
 from bigjax.models.resnet import ResNet
@@ -208,7 +209,7 @@ def _gib(n) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sides", default="512,1024", help="comma-separated image sides")
     p.add_argument("--host_dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--budget", type=int, default=64 * 2**20, help="max_partition_bytes")

@@ -20,7 +20,7 @@ import jax
 from flax import nnx
 
 from bigjax.bench.step import executions, step_setup
-from bigjax.errors import run_cli
+from bigjax.errors import ArgumentParser, run_cli
 from bigjax.layers.execution import ENGINES
 
 __all__ = ["paired_seconds", "engine_steps"]
@@ -71,7 +71,7 @@ def engine_steps(depth: int, shape: tuple, budget: int, seed: int = 0) -> dict[s
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--shape", default="1x1024x1024x3", type=_shape, help="NxHxWxC input")
     p.add_argument("--depth", type=int, default=18, choices=(18, 34, 50))
     p.add_argument("--budget", type=int, default=32 * 2**20, help="partition budget in bytes")

@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from bigjax.bench.memory import device_buffer_bytes
-from bigjax.errors import run_cli
+from bigjax.errors import ArgumentParser, run_cli
 from bigjax.layers.execution import Execution
 from bigjax.local.model import LocalNetwork, local_resnet34
 from bigjax.local.step import _in_memory_grad, make_optimizers, train_step
@@ -99,7 +99,7 @@ def _big_main(args) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--side", default="1536", type=_ints,
                         help="input side in pixels (1 x side x side); with --big, a list")
     parser.add_argument("--modules", default="1,2,4,8", type=_ints, help="K values; 1 is end-to-end")

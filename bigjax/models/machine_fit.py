@@ -51,6 +51,7 @@ import os
 from dataclasses import dataclass, replace
 
 from bigjax.bench.machine import measure_host_bandwidth, measure_step, measure_throughput
+from bigjax.errors import ArgumentParser
 from bigjax.layers.spill import IN_FLIGHT
 from bigjax.models.conv_shapes import ARCHS, conv_shapes
 from bigjax.units import parse_bytes, parse_rate
@@ -324,24 +325,24 @@ def _check(a, here: Machine, copies: float) -> int:
 
 
 def _flags(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=main.__doc__)
+    p = ArgumentParser(description=main.__doc__)
     p.add_argument("--arch", default="resnet18", choices=tuple(ARCHS))
     p.add_argument("--host_dtype", default="float32", choices=tuple(HOST_DTYPES))
     p.add_argument("--side", type=_sides, help="square sides, comma-separated (default the anchors')")
-    p.add_argument("--device_memory", type=_size("device_memory"), help="e.g. 80GB")
-    p.add_argument("--host_memory", type=_size("host_memory"), help="host RAM, e.g. 512GB")
-    p.add_argument("--budget", type=_size("budget"), help="host RAM for activations (the run's "
+    p.add_argument("--device_memory", type=_value(parse_bytes), help="e.g. 80GB")
+    p.add_argument("--host_memory", type=_value(parse_bytes), help="host RAM, e.g. 512GB")
+    p.add_argument("--budget", type=_value(parse_bytes), help="host RAM for activations (the run's "
                                                           "--host_memory; default: what RAM leaves)")
-    p.add_argument("--max_partition_bytes", type=_size("max_partition_bytes"),
+    p.add_argument("--max_partition_bytes", type=_value(parse_bytes),
                    help="the run's partition budget, e.g. 64MiB (default: an eighth of the device, "
                         "at most 1 GiB)")
     p.add_argument("--input_in_ram", action="store_true",
                    help="the run holds its image whole in RAM in float32 (default: read from a slide)")
-    p.add_argument("--disk_read", type=_rate("disk_read"), help="e.g. 3GB/s")
-    p.add_argument("--disk_write", type=_rate("disk_write"), help="e.g. 2GB/s")
-    p.add_argument("--bus", type=_rate("bus"), help="host<->device, e.g. 25GB/s (default: none, a CPU)")
+    p.add_argument("--disk_read", type=_value(parse_rate), help="e.g. 3GB/s")
+    p.add_argument("--disk_write", type=_value(parse_rate), help="e.g. 2GB/s")
+    p.add_argument("--bus", type=_value(parse_rate), help="host<->device, e.g. 25GB/s (default: none, a CPU)")
     p.add_argument("--kernel_throughput", type=float, help="FLOP/s of the kernels, e.g. 4.4e10")
-    p.add_argument("--host_bandwidth", type=_rate("host_bandwidth"),
+    p.add_argument("--host_bandwidth", type=_value(parse_rate),
                    help="bytes/s of the host's memory-bound passes, e.g. 40GB/s (default: not counted)")
     p.add_argument("--measure", action="store_true",
                    help="measure the kernel throughput and the host's bandwidth here")
@@ -366,22 +367,15 @@ def _sides(text: str) -> tuple[int, ...]:
     return sides
 
 
-def _flag(name: str, parse_value):
-    """An argparse type: ``parse_value``'s ValueError as a one-line error naming the flag."""
+def _value(parse_value):
+    """An argparse type: ``parse_value``'s ValueError (its message says what a value looks like) as
+    argparse's refusal of the flag."""
     def parse(text: str):
         try:
             return parse_value(text)
         except ValueError as e:
-            raise argparse.ArgumentTypeError(f"--{name}={text}: {e}") from None
+            raise argparse.ArgumentTypeError(str(e)) from None
     return parse
-
-
-def _size(name: str):
-    return _flag(name, parse_bytes)
-
-
-def _rate(name: str):
-    return _flag(name, parse_rate)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bigjax.errors import ArgumentParser
 from bigjax.models.resnet import ResNet
 from bigjax.models.resnet_paths import InMemory
 
@@ -155,9 +156,7 @@ def _compiled_step_bytes(model, shape, k) -> int:
 def main(argv=None) -> None:
     """``python -m bigjax.models.resnet_fit --depth 18 --shape 512x256x256x3 --limits 80,24,8``:
     what ``auto`` picks for each device limit (GiB), one logged reason a line."""
-    import argparse
-
-    p = argparse.ArgumentParser(description=main.__doc__)
+    p = ArgumentParser(description=main.__doc__)
     p.add_argument("--depth", type=int, default=18, choices=(18, 34, 50))
     p.add_argument("--shape", default="512x256x256x3", help="NxHxWxC of one step's input")
     p.add_argument("--limits", default="80,24,8", help="device memory limits in GiB, comma-separated")

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bigjax.errors import ArgumentParser
 from bigjax.layers import attention
 from bigjax.layers.execution import DEFAULT_PARTITION_BYTES
 from bigjax.models import vit, vit_big, vit_streamed
@@ -81,7 +82,7 @@ def block_memory(name: str, side: int, dtype: str, budget: int, plain_up_to: int
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="vit_base_patch16_224")
     p.add_argument("--sides", default="224,1024")
     p.add_argument("--dtypes", default="float32,bfloat16")

@@ -18,6 +18,8 @@ import sys
 import threading
 import time
 
+from bigjax.errors import ArgumentParser
+
 __all__ = ["free_port", "launch", "main"]
 
 
@@ -78,8 +80,8 @@ def _wait(procs, timeout) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bigjax.parallel.launch",
-                                     description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m bigjax.parallel.launch",
+                            description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", "--processes", type=int, required=True, help="number of processes")
     parser.add_argument("--timeout", type=float, default=None, help="seconds before stopping all")
     parser.add_argument("module", help="python module to run (as python -m)")

@@ -13,13 +13,12 @@ rows), and the psum of the encoder gradients.
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bigjax.errors import ArgumentParser
 from bigjax.models import mil
 from bigjax.models.resnet import ResNet
 from bigjax.parallel import step
@@ -54,7 +53,7 @@ def step_memory(depth: int, tile: int, tiles: int, dtype, remat: str) -> tuple[i
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--depth", type=int, default=18)
     parser.add_argument("--tile", type=int, default=224)
     parser.add_argument("--tiles", default="2,4", help="two tile counts per device to fit a line")

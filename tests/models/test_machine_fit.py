@@ -158,9 +158,13 @@ def test_one_given_machine_and_bad_flags(capsys):
     assert machine_fit.main(argv) == 0
     rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| given")]
     assert len(rows) == 1 and "16,384²" in rows[0]
-    for bad in (["--disk_read", "fast"], ["--side", "16"], ["--host_memory", "lots"]):
-        with pytest.raises(SystemExit):
+    for bad, said in ((["--disk_read", "fast"], "--disk_read: 'fast' is not a rate in bytes per second"),
+                      (["--side", "16"], "--side: '16': a ResNet needs sides of at least 32 px"),
+                      (["--host_memory", "lots"], "--host_memory: 'lots' is not a size in bytes")):
+        with pytest.raises(SystemExit) as stop:
             machine_fit.main(bad)
+        [line] = capsys.readouterr().err.splitlines()
+        assert stop.value.code == 2 and line.startswith(f"error: argument {said}")
     with pytest.raises(ValueError, match="--side=8: a ResNet needs at least 32 px"):
         footprint("resnet18", 8)
 
