@@ -68,7 +68,7 @@ TINY = {
     "python -m experiments.wholeslide --mpp=0.5 --host_memory=8GiB --spill_dir=/tmp/spill": Tiny(
         "--n_slides=3 --side=192 --epochs=1 --n_boot=5 --modules=1 --no_progress --workers=1 --head_kernel=1",
         "log:run: spilled [0-9.]+ GiB written, [0-9.]+ GiB read, [0-9.]+ GB/s achieved, [0-9.]+ s waited on "
-        "the disk; peak RSS [0-9.]+ GiB"),
+        "the disk; peak RSS [0-9.]+ GiB training, [0-9.]+ GiB evaluation"),
     "python -m bigjax.models.machine_fit": Tiny("--side 64", "stdout:"),
     "python -m experiments.predict --workdir=runs/panda": Tiny(
         "--no_progress --heatmap_side=128 --top_k=2 --out={workdir}/pred", "pred/predictions.csv"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import gc
@@ -12,7 +13,7 @@ import jax
 
 __all__ = ["compiled_bytes", "device_buffer_bytes", "device_peak_bytes", "device_limit_bytes",
            "host_ram_bytes", "host_available_bytes", "reset_host_peak", "host_peak_bytes",
-           "host_rss_bytes", "release_host", "predicted_host_bytes"]
+           "host_rss_bytes", "PhasePeaks", "release_host", "predicted_host_bytes"]
 
 # float32 values a training step keeps per input pixel (conv, BatchNorm and ReLU outputs of every layer,
 # counted from the architectures: ResNet-18 ≈ 50 conv-output values per pixel, x3)
@@ -68,6 +69,25 @@ def reset_host_peak() -> None:
 def host_peak_bytes() -> int | None:
     """Peak resident set size since the last ``reset_host_peak`` (Linux ``VmHWM``)."""
     return _proc_kib("/proc/self/status", "VmHWM:")
+
+
+class PhasePeaks:
+    """The process's peak resident set (VmHWM) apart for named phases of a run: the count restarts
+    before each phase (``reset_host_peak``) and is read after it; ``peaks[name]`` is the largest a
+    phase of that name reached. A whole-slide run's training steps keep their residuals within the
+    host budget, while its evaluation, a forward that keeps none, holds what its blocks make at once,
+    so the two peaks differ (docs/benchmarks.md, fourteenth session)."""
+
+    def __init__(self):
+        self.peaks: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        reset_host_peak()
+        try:
+            yield
+        finally:
+            self.peaks[name] = max(self.peaks.get(name, 0), host_peak_bytes() or 0)
 
 
 def host_rss_bytes() -> int | None:

@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 
 from bigjax import lock
-from bigjax.bench.memory import host_peak_bytes
+from bigjax.bench.memory import PhasePeaks
 from bigjax.data.layouts import SlideEntry
 from bigjax.data.slide_array import SlideImage, as_array, read_whole
 from bigjax.data.tissue_boxes import CACHE_NAME, locate_all
@@ -199,7 +199,7 @@ def train_wholeslide(config: WholeSlideConfig, slides: Sequence[SlideEntry], *, 
                                      decay_at=decay_updates(config.decay_epochs, len(train), config.accum))
         state = TrainingState(workdir, net, nnx.List(optimizers))
         meta = state.start(config, resume)
-        meter = SpillMeter()
+        meter, peaks = SpillMeter(), PhasePeaks()
         execution = None if config.in_memory else Execution(
             config.max_partition_bytes, observer=meter,
             **spill_options(config.host_memory, config.spill_dir, config.workdir))
@@ -211,9 +211,10 @@ def train_wholeslide(config: WholeSlideConfig, slides: Sequence[SlideEntry], *, 
                 slide = train[order[n]]
                 rng = np.random.default_rng([config.seed, epoch, n])  # flips, RFR patches
                 start = time.perf_counter()
-                x = _input(images[slide.slide_id], execution, rng)
-                losses = [float(v) for v in train_step(net, optimizers, x, slide.label, rng,
-                                                       execution=execution)]
+                with peaks.phase("training"):
+                    x = _input(images[slide.slide_id], execution, rng)
+                    losses = [float(v) for v in train_step(net, optimizers, x, slide.label, rng,
+                                                           execution=execution)]
                 meta.update(step=meta["step"] + 1, slide=n + 1, losses=meta["losses"] + [losses])
                 state.log(kind="step", step=meta["step"], epoch=epoch, slide=slide.slide_id,
                           shape=images[slide.slide_id].shape, losses=losses,
@@ -229,21 +230,26 @@ def train_wholeslide(config: WholeSlideConfig, slides: Sequence[SlideEntry], *, 
                     state.save(meta)
                     raise Interrupted(f"stopped after slide {meta['step']}; the checkpoint is in "
                                       f"{state.checkpoints.directory}: continue with --resume")
-            _end_epoch(state, meta, epoch, _classify(net, split["val"], images, execution, config.n_classes),
-                       _host_use(meter.take()))
-        return _final(state, config, split, images, execution, meter)
+            with peaks.phase("evaluation"):
+                val = _classify(net, split["val"], images, execution, config.n_classes)
+            _end_epoch(state, meta, epoch, val, _host_use(meter.take(), peaks))
+        return _final(state, config, split, images, execution, meter, peaks)
 
 
-def _host_use(spill: dict) -> dict:
-    """Bytes spilled (written, read), disk GB/s and the process's peak RSS so far (VmHWM)."""
-    return dict(spill, peak_rss=host_peak_bytes())
+def _host_use(spill: dict, peaks: PhasePeaks) -> dict:
+    """Bytes spilled (written, read), disk GB/s, and the process's peak RSS so far (VmHWM) in the
+    training steps and in evaluation apart (``peak_rss``: the larger)."""
+    phases = {f"peak_rss_{name}": peak for name, peak in peaks.peaks.items()}
+    return dict(spill, peak_rss=max(phases.values(), default=0), **phases)
 
 
 def _host_line(use: dict) -> str:
     gib = lambda n: f"{(n or 0) / 2**30:.2f} GiB"  # noqa: E731
+    peaks = ", ".join(f"{gib(use[f'peak_rss_{phase}'])} {phase}" for phase in ("training", "evaluation")
+                      if f"peak_rss_{phase}" in use)
     return (f"spilled {gib(use['spill_written'])} written, {gib(use['spill_read'])} read, "
             f"{use['disk_gb_s']:.2f} GB/s achieved, {use['spill_wait_s']:.1f} s waited on the "
-            f"disk; peak RSS {gib(use['peak_rss'])}")
+            f"disk; peak RSS {peaks}")
 
 
 def _end_epoch(state: "TrainingState", meta: dict, epoch: int, val: dict, host_use: dict) -> None:
@@ -263,13 +269,14 @@ def _end_epoch(state: "TrainingState", meta: dict, epoch: int, val: dict, host_u
 
 
 def _final(state: "TrainingState", config: WholeSlideConfig, split: dict, images: dict,
-           execution: Execution | None, meter: SpillMeter) -> dict:
+           execution: Execution | None, meter: SpillMeter, peaks: PhasePeaks) -> dict:
     """Restore the best checkpoint, classify val and test (with bootstrap intervals), write results.json
     (with the run's host memory: bytes spilled, disk GB/s, peak RSS)."""
     meta = state.checkpoints.restore_best(state.net)
-    results = {name: _classify_every_head(state.net, split[name], images, execution,
-                                          config.n_classes, config.n_boot)
-               for name in ("val", "test")}
+    with peaks.phase("evaluation"):
+        results = {name: _classify_every_head(state.net, split[name], images, execution,
+                                              config.n_classes, config.n_boot)
+                   for name in ("val", "test")}
     rows = state.rows()
     seconds = [row["seconds"] for row in rows if row["kind"] == "step"]
     results.update(losses=[row for row in rows if row["kind"] == "epoch"][-1]["losses"],
@@ -277,7 +284,7 @@ def _final(state: "TrainingState", config: WholeSlideConfig, split: dict, images
                    seconds_per_slide=float(np.median(seconds)) if seconds else None,
                    largest_slide=max((im.shape for im in images.values()),
                                      key=lambda s: s[0] * s[1]),
-                   config=dataclasses.asdict(config), host_memory=_host_use(meter.total()))
+                   config=dataclasses.asdict(config), host_memory=_host_use(meter.total(), peaks))
     log.info("run: %s", _host_line(results["host_memory"]))
     (Path(config.workdir) / "results.json").write_text(json.dumps(results, indent=1))
     return results

@@ -102,8 +102,11 @@ def test_a_20x_epoch_logs_bytes_spilled_disk_speed_and_peak_rss(tmp_path):
     use = results["host_memory"]
     assert (use["spill_written"], use["spill_read"], use["disk_gb_s"]) == (0, 0, 0.0)  # all in RAM
     assert 0 < use["peak_rss"] < 8 * 2**30
+    assert use["peak_rss"] == max(use["peak_rss_training"], use["peak_rss_evaluation"])
+    assert min(use["peak_rss_training"], use["peak_rss_evaluation"]) > 0
     epoch = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
-    assert epoch["kind"] == "epoch" and {"spill_written", "spill_read", "disk_gb_s", "peak_rss"} <= set(epoch)
+    assert epoch["kind"] == "epoch" and {"spill_written", "spill_read", "disk_gb_s", "peak_rss",
+                                         "peak_rss_training", "peak_rss_evaluation"} <= set(epoch)
 
 
 @pytest.mark.slow  # ~45 s, as above
