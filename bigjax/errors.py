@@ -20,8 +20,8 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
-__all__ = ["ArgumentParser", "UserError", "Diverged", "Interrupted", "disk_full", "run_cli", "EXIT_USAGE",
-           "EXIT_FAILED", "EXIT_INTERRUPTED"]
+__all__ = ["ArgumentParser", "flag_value", "UserError", "Diverged", "Interrupted", "disk_full", "run_cli",
+           "EXIT_USAGE", "EXIT_FAILED", "EXIT_INTERRUPTED"]
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 VALIDATION_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
@@ -34,6 +34,18 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"error: {' '.join(message.split())} (--help lists the flags)\n")
+
+
+def flag_value(parse: Callable[[str], object]) -> Callable[[str], object]:
+    """An argparse ``type`` from a parser that raises ValueError: its message (which says what a value
+    looks like) becomes argparse's refusal of the flag, where argparse would print only "invalid
+    value"."""
+    def parse_flag(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse_flag
 
 
 class UserError(Exception):

@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from bigjax.errors import ArgumentParser
+from bigjax.errors import ArgumentParser, flag_value
 from bigjax.train import modes
 from bigjax.units import parse_bytes
 from experiments.presets import Preset
@@ -95,12 +95,8 @@ def training_flags(doc: str) -> argparse.ArgumentParser:
     return p
 
 
-def byte_size(text: str) -> int:
-    """``268435456``, ``256MiB``, ``8GiB``, ``1.5GB`` -> bytes (``bigjax.units.parse_bytes``)."""
-    try:
-        return parse_bytes(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+# ``268435456``, ``256MiB``, ``8GiB``, ``1.5GB`` -> bytes (``bigjax.units.parse_bytes``)
+byte_size = flag_value(parse_bytes)
 
 
 def _int_or_auto(text: str):

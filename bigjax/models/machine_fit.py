@@ -51,7 +51,7 @@ import os
 from dataclasses import dataclass, replace
 
 from bigjax.bench.machine import measure_host_bandwidth, measure_step, measure_throughput
-from bigjax.errors import ArgumentParser
+from bigjax.errors import ArgumentParser, flag_value
 from bigjax.layers.spill import IN_FLIGHT
 from bigjax.models.conv_shapes import ARCHS, conv_shapes
 from bigjax.units import parse_bytes, parse_rate
@@ -329,20 +329,21 @@ def _flags(argv) -> argparse.Namespace:
     p.add_argument("--arch", default="resnet18", choices=tuple(ARCHS))
     p.add_argument("--host_dtype", default="float32", choices=tuple(HOST_DTYPES))
     p.add_argument("--side", type=_sides, help="square sides, comma-separated (default the anchors')")
-    p.add_argument("--device_memory", type=_value(parse_bytes), help="e.g. 80GB")
-    p.add_argument("--host_memory", type=_value(parse_bytes), help="host RAM, e.g. 512GB")
-    p.add_argument("--budget", type=_value(parse_bytes), help="host RAM for activations (the run's "
+    p.add_argument("--device_memory", type=flag_value(parse_bytes), help="e.g. 80GB")
+    p.add_argument("--host_memory", type=flag_value(parse_bytes), help="host RAM, e.g. 512GB")
+    p.add_argument("--budget", type=flag_value(parse_bytes), help="host RAM for activations (the run's "
                                                           "--host_memory; default: what RAM leaves)")
-    p.add_argument("--max_partition_bytes", type=_value(parse_bytes),
+    p.add_argument("--max_partition_bytes", type=flag_value(parse_bytes),
                    help="the run's partition budget, e.g. 64MiB (default: an eighth of the device, "
                         "at most 1 GiB)")
     p.add_argument("--input_in_ram", action="store_true",
                    help="the run holds its image whole in RAM in float32 (default: read from a slide)")
-    p.add_argument("--disk_read", type=_value(parse_rate), help="e.g. 3GB/s")
-    p.add_argument("--disk_write", type=_value(parse_rate), help="e.g. 2GB/s")
-    p.add_argument("--bus", type=_value(parse_rate), help="host<->device, e.g. 25GB/s (default: none, a CPU)")
+    p.add_argument("--disk_read", type=flag_value(parse_rate), help="e.g. 3GB/s")
+    p.add_argument("--disk_write", type=flag_value(parse_rate), help="e.g. 2GB/s")
+    p.add_argument("--bus", type=flag_value(parse_rate),
+                   help="host<->device, e.g. 25GB/s (default: none, a CPU)")
     p.add_argument("--kernel_throughput", type=float, help="FLOP/s of the kernels, e.g. 4.4e10")
-    p.add_argument("--host_bandwidth", type=_value(parse_rate),
+    p.add_argument("--host_bandwidth", type=flag_value(parse_rate),
                    help="bytes/s of the host's memory-bound passes, e.g. 40GB/s (default: not counted)")
     p.add_argument("--measure", action="store_true",
                    help="measure the kernel throughput and the host's bandwidth here")
@@ -365,17 +366,6 @@ def _sides(text: str) -> tuple[int, ...]:
     if any(s < 32 for s in sides):
         raise argparse.ArgumentTypeError(f"{text!r}: a ResNet needs sides of at least 32 px")
     return sides
-
-
-def _value(parse_value):
-    """An argparse type: ``parse_value``'s ValueError (its message says what a value looks like) as
-    argparse's refusal of the flag."""
-    def parse(text: str):
-        try:
-            return parse_value(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-    return parse
 
 
 if __name__ == "__main__":
